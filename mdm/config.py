@@ -1,0 +1,393 @@
+"""Load and validate ``mdm.toml`` into frozen, typed settings.
+
+Every error names the file and the key (``mdm.toml: site[1].port: expected an integer``); the
+CLI turns :class:`~mdm.errors.ConfigError` into exit code 2.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mdm.errors import ConfigError
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash, 1..16 chars
+RETRIEVE_MODES = ("move", "get")
+
+
+def parse_size(value: object) -> int:
+    """Parse ``"50GiB"``, ``"500 MB"`` or an integer number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 50GiB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected a size such as 50GiB")
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ValueError(f"not a size: {value!r} (examples: 500MB, 50GiB)")
+    unit = (m.group(2) or "B").upper()
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_duration(value: object) -> float:
+    """Parse ``"30s"``, ``"10m"``, ``"8h"`` or a number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError("expected a duration such as 30s")
+    m = _DURATION_RE.match(value)
+    if not m:
+        raise ValueError(f"not a duration: {value!r} (examples: 500ms, 30s, 10m, 8h)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+
+
+@dataclass(frozen=True)
+class BridgeSettings:
+    """``[bridge]``: the bridge's own DICOM application entity."""
+
+    ae_title: str = "MDMBRIDGE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    retrieve: str = "move"
+    timeout: float = 30.0
+    """Deadline, in seconds, for one network exchange (association, C-FIND, one retrieval)."""
+    max_pdu: int = 0
+    """Largest PDU we accept; 0 means unlimited (the largest the peer offers)."""
+    prefetch: bool = True
+    """Fetch the rest of a series in the background after its first read."""
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """``[cache]``: the encrypted local store and the catalog."""
+
+    dir: Path
+    max_bytes: int = 50 * 2**30
+    catalog_ttl: float = 600.0
+    chunk_size: int = 256 * 1024
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """One ``[[site]]``: a PACS of the federation."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    retrieve: str = "move"
+    timeout: float = 30.0
+    max_associations: int = 2
+    query_model: str = "auto"
+    """``study``, ``patient`` or ``auto`` (Patient Root at patient level, Study Root otherwise)."""
+
+
+@dataclass(frozen=True)
+class IdentitySettings:
+    """``[identity]``: how JWTs presented by mounts are verified."""
+
+    issuer: str
+    audience: str
+    public_keys: Path
+    leeway: float = 30.0
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """``[policy]``: the ACL policy directory."""
+
+    dir: Path
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """``[audit]``: the append-only, hash-chained audit log."""
+
+    log: Path
+
+
+@dataclass(frozen=True)
+class KeySettings:
+    """``[keys]``: where scope keys come from (a local keyring file by default)."""
+
+    keyring: Path
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole of ``mdm.toml``, validated."""
+
+    path: Path
+    bridge: BridgeSettings
+    cache: CacheSettings
+    sites: tuple[SiteSettings, ...]
+    keys: KeySettings
+    identity: IdentitySettings | None = None
+    policy: PolicySettings | None = None
+    audit: AuditSettings | None = None
+
+    def site(self, name: str) -> SiteSettings:
+        """The site called ``name`` (KeyError if there is none)."""
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+class _Section:
+    """Typed accessors over one TOML table that name file and key in every error."""
+
+    def __init__(self, path: Path, prefix: str, table: Mapping[str, Any], known: set[str]):
+        self.path = path
+        self.prefix = prefix
+        self.table = table
+        for key in table:
+            if key not in known:
+                raise ConfigError(
+                    path,
+                    self._k(key),
+                    f"unknown key (known keys: {', '.join(sorted(known))})",
+                )
+
+    def _k(self, key: str) -> str:
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def _err(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(self.path, self._k(key), msg)
+
+    def has(self, key: str) -> bool:
+        return key in self.table
+
+    def get_str(self, key: str, default: str | None = None) -> str:
+        if key not in self.table:
+            if default is None:
+                raise self._err(key, "missing (required)")
+            return default
+        v = self.table[key]
+        if not isinstance(v, str) or not v.strip():
+            raise self._err(key, "expected a non-empty string")
+        return str(v)
+
+    def get_int(self, key: str, default: int | None = None, lo: int = 0, hi: int = 2**31) -> int:
+        if key not in self.table:
+            if default is None:
+                raise self._err(key, "missing (required)")
+            return default
+        v = self.table[key]
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self._err(key, "expected an integer")
+        if not lo <= v <= hi:
+            raise self._err(key, f"must be between {lo} and {hi}")
+        return v
+
+    def get_bool(self, key: str, default: bool) -> bool:
+        if key not in self.table:
+            return default
+        v = self.table[key]
+        if not isinstance(v, bool):
+            raise self._err(key, "expected true or false")
+        return v
+
+    def size(self, key: str, default: int) -> int:
+        if key not in self.table:
+            return default
+        try:
+            return parse_size(self.table[key])
+        except ValueError as e:
+            raise self._err(key, str(e)) from None
+
+    def duration(self, key: str, default: float) -> float:
+        if key not in self.table:
+            return default
+        try:
+            d = parse_duration(self.table[key])
+        except ValueError as e:
+            raise self._err(key, str(e)) from None
+        return d
+
+    def path_(self, key: str, default: Path | None = None) -> Path:
+        if key not in self.table:
+            if default is None:
+                raise self._err(key, "missing (required)")
+            return default
+        v = self.table[key]
+        if not isinstance(v, str) or not v:
+            raise self._err(key, "expected a path")
+        p = Path(v).expanduser()
+        return p if p.is_absolute() else (self.path.parent / p)
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        v = self.get_str(key, default)
+        if v not in choices:
+            raise self._err(key, f"must be one of {', '.join(repr(c) for c in choices)}")
+        return v
+
+    def ae(self, key: str, default: str | None = None) -> str:
+        v = self.get_str(key, default)
+        if not _AE_RE.match(v) or not v.strip():
+            raise self._err(key, "an AE title is 1 to 16 printable ASCII characters, no backslash")
+        return v.strip()
+
+    def table_(self, key: str) -> Mapping[str, Any] | None:
+        if key not in self.table:
+            return None
+        v = self.table[key]
+        if not isinstance(v, dict):
+            raise self._err(key, "expected a table")
+        return v
+
+
+_TOP = {"bridge", "cache", "site", "identity", "policy", "audit", "keys"}
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate ``mdm.toml``; raise :class:`ConfigError` naming file and key."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(p, None, "no such file") from None
+    except OSError as e:
+        raise ConfigError(p, None, f"cannot read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(p, None, "not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(p, None, f"TOML syntax error: {e}") from None
+    return config_from_dict(data, p)
+
+
+def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
+    """Validate an already-parsed ``mdm.toml`` (``p`` is used in messages and relative paths)."""
+    top = _Section(p, "", data, _TOP)
+
+    b = _Section(
+        p,
+        "bridge",
+        top.table_("bridge") or {},
+        {"ae_title", "host", "port", "retrieve", "timeout", "max_pdu", "prefetch"},
+    )
+    bridge = BridgeSettings(
+        ae_title=b.ae("ae_title", "MDMBRIDGE"),
+        host=b.get_str("host", "127.0.0.1"),
+        port=b.get_int("port", 11112, 0, 65535),
+        retrieve=b.choice("retrieve", RETRIEVE_MODES, "move"),
+        timeout=b.duration("timeout", 30.0),
+        max_pdu=b.get_int("max_pdu", 0, 0, 2**31),
+        prefetch=b.get_bool("prefetch", True),
+    )
+    if bridge.timeout <= 0:
+        raise ConfigError(p, "bridge.timeout", "must be positive")
+
+    ctab = top.table_("cache")
+    if ctab is None:
+        raise ConfigError(p, "cache", "missing (required: [cache] with dir = ...)")
+    c = _Section(p, "cache", ctab, {"dir", "max_bytes", "catalog_ttl", "chunk_size"})
+    cache = CacheSettings(
+        dir=c.path_("dir"),
+        max_bytes=c.size("max_bytes", 50 * 2**30),
+        catalog_ttl=c.duration("catalog_ttl", 600.0),
+        chunk_size=c.size("chunk_size", 256 * 1024),
+    )
+    if not 4096 <= cache.chunk_size <= 16 * 2**20:
+        raise ConfigError(p, "cache.chunk_size", "must be between 4KiB and 16MiB")
+
+    sites_raw = data.get("site", [])
+    if not isinstance(sites_raw, list) or not all(isinstance(s, dict) for s in sites_raw):
+        raise ConfigError(p, "site", "expected [[site]] tables")
+    sites: list[SiteSettings] = []
+    for i, st in enumerate(sites_raw):
+        s = _Section(
+            p,
+            f"site[{i}]",
+            st,
+            {
+                "name",
+                "ae_title",
+                "host",
+                "port",
+                "retrieve",
+                "timeout",
+                "max_associations",
+                "query_model",
+            },
+        )
+        name = s.get_str("name")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+            raise ConfigError(p, f"site[{i}].name", "use letters, digits, '.', '_' or '-'")
+        if any(x.name == name for x in sites):
+            raise ConfigError(p, f"site[{i}].name", f"duplicate site name {name!r}")
+        sites.append(
+            SiteSettings(
+                name=name,
+                ae_title=s.ae("ae_title"),
+                host=s.get_str("host"),
+                port=s.get_int("port", None, 1, 65535),
+                retrieve=s.choice("retrieve", RETRIEVE_MODES, bridge.retrieve),
+                timeout=s.duration("timeout", bridge.timeout),
+                max_associations=s.get_int("max_associations", 2, 1, 16),
+                query_model=s.choice("query_model", ("auto", "study", "patient"), "auto"),
+            )
+        )
+
+    ktab = top.table_("keys") or {}
+    k = _Section(p, "keys", ktab, {"keyring"})
+    keys = KeySettings(keyring=k.path_("keyring", p.parent / "keyring.json"))
+
+    identity = None
+    itab = top.table_("identity")
+    if itab is not None:
+        i_ = _Section(p, "identity", itab, {"issuer", "audience", "public_keys", "leeway"})
+        identity = IdentitySettings(
+            issuer=i_.get_str("issuer"),
+            audience=i_.get_str("audience"),
+            public_keys=i_.path_("public_keys"),
+            leeway=i_.duration("leeway", 30.0),
+        )
+    policy = None
+    ptab = top.table_("policy")
+    if ptab is not None:
+        pol = _Section(p, "policy", ptab, {"dir"})
+        policy = PolicySettings(dir=pol.path_("dir", p.parent / "acl_policies"))
+    audit = None
+    atab = top.table_("audit")
+    if atab is not None:
+        a = _Section(p, "audit", atab, {"log"})
+        audit = AuditSettings(log=a.path_("log"))
+
+    return Config(
+        path=p,
+        bridge=bridge,
+        cache=cache,
+        sites=tuple(sites),
+        keys=keys,
+        identity=identity,
+        policy=policy,
+        audit=audit,
+    )

@@ -1,0 +1,32 @@
+"""The LMDB environment shared by the catalog and the object store (``cache.dir/index.lmdb``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lmdb
+
+MAP_SIZE = 8 * 2**30  # sparse; LMDB only uses what it writes
+MAX_DBS = 32
+
+
+def open_env(cache_dir: Path, *, readonly: bool = False) -> lmdb.Environment:
+    """Open (creating if needed) the index environment under ``cache_dir``.
+
+    The directory is created with mode 0700: nothing under ``cache.dir`` is for other users.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(cache_dir, 0o700)
+    path = cache_dir / "index.lmdb"
+    return lmdb.open(
+        str(path),
+        map_size=MAP_SIZE,
+        max_dbs=MAX_DBS,
+        subdir=True,
+        readonly=readonly,
+        lock=True,
+        # One writer at a time; readers run in threads of the same process.
+        max_readers=256,
+        mode=0o600,
+    )

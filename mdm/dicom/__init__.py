@@ -1,0 +1,1 @@
+"""DICOM networking: federated C-FIND, C-MOVE/C-GET retrieval and the bridge's storage SCP."""
