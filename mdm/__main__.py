@@ -1,0 +1,5 @@
+"""``python -m mdm``: the ``mdm`` command."""
+
+from mdm.cli import main
+
+main()

@@ -1,0 +1,771 @@
+"""The protocol-neutral core: a virtual tree of the federation, read on demand.
+
+The FUSE adapter (``mdm_fuse``) is a thin layer over :class:`Bridge`; another front end (a
+gateway, WebDAV) could use it the same way. Paths are tuples of names::
+
+    ("studies", StudyUID, SeriesUID, "<SOPInstanceUID>.dcm")
+    ("patients", PatientID, StudyUID, SeriesUID, "<SOPInstanceUID>.dcm")
+    ("sites", SiteName, PatientID, StudyUID, SeriesUID, "<SOPInstanceUID>.dcm")
+    <any directory> + (".metadata.json",)
+
+Every name, listing and open goes through the principal's access decision: what the principal
+may not see does not exist (NotFound); what it may see but not read is AccessDenied.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from pydicom.dataset import Dataset
+
+from mdm.access import AccessLevel, AccessResolver, Decision, LocalAdminResolver, Resource, view_for
+from mdm.catalog import ROOT, Catalog, Level, Record
+from mdm.config import Config
+from mdm.db import open_env
+from mdm.dicom.query import fan_out
+from mdm.dicom.receiver import StorageSCP
+from mdm.dicom.retrieve import Retriever
+from mdm.errors import AccessDenied, MdmError, NotFound, RetrieveError, RetrieveTimeout
+from mdm.fetcher import Fetcher, Target
+from mdm.flight import SingleFlight
+from mdm.identity import Principal
+from mdm.keys import KeyProvider, LocalKeyring
+from mdm.names import is_uid, safe_name, uid_name
+from mdm.store import ObjectInfo, ObjectReader, ObjectRef, ObjectStore
+
+log = logging.getLogger(__name__)
+
+METADATA = ".metadata.json"
+TOP = ("studies", "patients", "sites")
+
+STUDY_KEYS = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "StudyDescription",
+    "AccessionNumber",
+    "ModalitiesInStudy",
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+)
+SERIES_KEYS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "NumberOfSeriesRelatedInstances",
+)
+IMAGE_KEYS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "InstanceNumber",
+)
+UNIQUE = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
+# Attributes that are not PHI: shown in .metadata.json below the identified level.
+NON_PHI = {
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "Modality",
+    "ModalitiesInStudy",
+    "SeriesNumber",
+    "InstanceNumber",
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+    "NumberOfSeriesRelatedInstances",
+    "BodyPartExamined",
+}
+NEGATIVE_TTL = 30.0
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A name in the virtual tree."""
+
+    name: str
+    is_dir: bool
+    size: int = 0
+    exact: bool = True
+    """False while a file's size is not yet known (not cached): serve it with direct I/O."""
+    mtime: float = 0.0
+
+
+@dataclass
+class Node:
+    """A resolved path: which records it designates."""
+
+    kind: str  # root, top, site, patient, study, series, instance, metadata
+    path: tuple[str, ...]
+    site: str | None = None
+    patient: Record | None = None
+    study: Record | None = None
+    series: Record | None = None
+    instance: Record | None = None
+    decision: Decision | None = None
+    of: Node | None = None  # for metadata: the directory it describes
+
+
+@dataclass
+class OpenFile:
+    """An open file: a pinned, decrypting reader, or a small in-memory document."""
+
+    reader: ObjectReader | None = None
+    data: bytes | None = None
+    size: int = 0
+    exact_before: bool = True
+    released: bool = field(default=False)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset+length)`` (fewer at EOF)."""
+        if self.data is not None:
+            return self.data[offset : offset + length]
+        assert self.reader is not None
+        return self.reader.read(offset, length)
+
+    def release(self) -> None:
+        """Unpin the object; idempotent."""
+        if not self.released and self.reader is not None:
+            self.reader.close()
+        self.released = True
+
+
+def _attrs(ds: Dataset, keys: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k in keys:
+        v = ds.get(k)
+        if v is None or v == "":
+            continue
+        if isinstance(v, list | tuple) or type(v).__name__ == "MultiValue":
+            out[k] = "\\".join(str(x) for x in v)
+        else:
+            out[k] = str(v)
+    return out
+
+
+def _query(level: str, keys: Sequence[str], **filters: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for k in keys:
+        setattr(ds, k, filters.get(k, ""))
+    for k, v in filters.items():
+        if k not in keys:
+            setattr(ds, k, v)
+    return ds
+
+
+class Bridge:
+    """The federation as seen by one principal."""
+
+    def __init__(
+        self,
+        config: Config,
+        principal: Principal,
+        *,
+        catalog: Catalog,
+        store: ObjectStore,
+        fetcher: Fetcher,
+        resolver: AccessResolver,
+    ) -> None:
+        self.config = config
+        self.principal = principal
+        self.catalog = catalog
+        self.store = store
+        self.fetcher = fetcher
+        self.resolver = resolver
+        self.started = time.time()
+        self._listings: SingleFlight[None] = SingleFlight()
+        self._negative: dict[tuple[str, str], float] = {}
+
+    # ------------------------------------------------------------------ decisions
+    def decide(self, study: Record, series: Record | None = None) -> Decision:
+        """The principal's access decision on a study (or one of its series)."""
+        attrs = dict(study.attrs)
+        if series is not None and series.attrs.get("Modality"):
+            attrs["Modality"] = series.attrs["Modality"]
+            attrs.pop("ModalitiesInStudy", None)
+        sites = series.sites if series is not None else study.sites
+        res = Resource(
+            sites=frozenset(sites),
+            patient_id=study.parent or attrs.get("PatientID"),
+            study_uid=study.uid,
+            series_uid=series.uid if series else None,
+            trial=attrs.get("ClinicalTrialProtocolID") or None,
+            modalities=frozenset(
+                m
+                for m in (attrs.get("Modality") or attrs.get("ModalitiesInStudy", "")).split("\\")
+                if m
+            ),
+            study_date=attrs.get("StudyDate") or None,
+        )
+        return self.resolver.decide(self.principal, res)
+
+    def _visible(self, d: Decision) -> bool:
+        return d.level >= AccessLevel.METADATA
+
+    # ------------------------------------------------------------------ queries
+    async def _find(
+        self, level: str, identifier: Dataset, sites: Sequence[str] | None = None
+    ) -> list[tuple[str, list[Dataset] | None]]:
+        """Fan a C-FIND out to ``sites`` (all by default); (site, datasets or None on error)."""
+        chosen = [s for s in self.config.sites if sites is None or s.name in sites]
+        if not chosen:
+            return []
+        results = await trio.to_thread.run_sync(
+            lambda: fan_out(chosen, self.config.bridge, level, identifier)
+        )
+        out: list[tuple[str, list[Dataset] | None]] = []
+        for r in results:
+            if r.error is not None:
+                log.warning("C-FIND %s at site %s failed: %s", level, r.site, r.error)
+                out.append((r.site, None))
+            else:
+                out.append((r.site, list(r.datasets)))
+        return out
+
+    def _to_records(self, level: Level, site: str, dss: list[Dataset]) -> list[Record]:
+        recs: list[Record] = []
+        for ds in dss:
+            if level == "STUDY":
+                a = _attrs(ds, STUDY_KEYS)
+                uid, parent = a.get("StudyInstanceUID", ""), a.get("PatientID", "")
+            elif level == "SERIES":
+                a = _attrs(ds, SERIES_KEYS)
+                uid, parent = a.get("SeriesInstanceUID", ""), a.get("StudyInstanceUID", "")
+            else:
+                a = _attrs(ds, IMAGE_KEYS)
+                uid, parent = a.get("SOPInstanceUID", ""), a.get("SeriesInstanceUID", "")
+            if not uid:
+                log.warning("site %s returned a %s answer without its UID; skipped", site, level)
+                continue
+            recs.append(Record(level=level, uid=uid, parent=parent, attrs=a, sites={site: 0.0}))
+        return recs
+
+    def _patients_of(self, studies: list[Record], site: str) -> list[Record]:
+        seen: dict[str, Record] = {}
+        for s in studies:
+            pid = s.parent
+            if pid not in seen:
+                pa = {
+                    k: s.attrs[k]
+                    for k in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex")
+                    if k in s.attrs
+                }
+                seen[pid] = Record(
+                    level="PATIENT", uid=pid, parent=ROOT, attrs=pa, sites={site: 0.0}
+                )
+        return list(seen.values())
+
+    async def _ensure_studies(self) -> None:
+        """The federated study listing (all sites), refreshed after the catalog TTL."""
+        if self.catalog.fresh("studies"):
+            return
+
+        async def run() -> None:
+            answered = 0
+            for site, dss in await self._find("STUDY", _query("STUDY", STUDY_KEYS)):
+                if dss is None:
+                    continue
+                answered += 1
+                recs = self._to_records("STUDY", site, dss)
+                self.catalog.merge(
+                    self._patients_of(recs, site),
+                    replace_site=site,
+                    replace_scope=("PATIENT", ROOT),
+                )
+                self.catalog.merge(recs, replace_site=site, replace_scope=("STUDY", ROOT))
+            if answered:
+                self.catalog.merge([], listed="studies")
+            elif not self.catalog.listed_at("studies"):
+                raise RetrieveError("no site answered the study listing")
+
+        await self._listings.run("studies", run)
+
+    async def _ensure_series(self, study: Record) -> None:
+        key = "series:" + study.uid
+        if self.catalog.fresh(key):
+            return
+
+        async def run() -> None:
+            answered = 0
+            q = _query("SERIES", SERIES_KEYS, StudyInstanceUID=study.uid)
+            for site, dss in await self._find("SERIES", q, list(study.sites) or None):
+                if dss is None:
+                    continue
+                answered += 1
+                recs = [
+                    r for r in self._to_records("SERIES", site, dss) if r.parent in ("", study.uid)
+                ]
+                for r in recs:
+                    r.parent = study.uid
+                self.catalog.merge(recs, replace_site=site, replace_scope=("SERIES", study.uid))
+            if answered:
+                self.catalog.merge([], listed=key)
+            elif not self.catalog.listed_at(key):
+                raise RetrieveError(f"no site answered the series listing of study {study.uid}")
+
+        await self._listings.run(key, run)
+
+    async def _ensure_instances(self, study: Record, series: Record) -> None:
+        key = "images:" + series.uid
+        if self.catalog.fresh(key):
+            return
+
+        async def run() -> None:
+            answered = 0
+            q = _query(
+                "IMAGE", IMAGE_KEYS, StudyInstanceUID=study.uid, SeriesInstanceUID=series.uid
+            )
+            for site, dss in await self._find("IMAGE", q, list(series.sites) or None):
+                if dss is None:
+                    continue
+                answered += 1
+                recs = [
+                    r for r in self._to_records("IMAGE", site, dss) if r.parent in ("", series.uid)
+                ]
+                for r in recs:
+                    r.parent = series.uid
+                self.catalog.merge(recs, replace_site=site, replace_scope=("IMAGE", series.uid))
+            if answered:
+                self.catalog.merge([], listed=key)
+            elif not self.catalog.listed_at(key):
+                raise RetrieveError(f"no site answered the instance listing of series {series.uid}")
+
+        await self._listings.run(key, run)
+
+    def _negative_hit(self, kind: str, name: str) -> bool:
+        t = self._negative.get((kind, name))
+        return t is not None and t > time.monotonic()
+
+    def _remember_missing(self, kind: str, name: str) -> None:
+        if len(self._negative) > 10000:
+            self._negative.clear()
+        self._negative[(kind, name)] = time.monotonic() + NEGATIVE_TTL
+
+    async def study(self, uid: str) -> Record:
+        """The study ``uid``: from the catalog, or a targeted C-FIND if never listed."""
+        rec = self.catalog.get("STUDY", uid)
+        if rec is not None and rec.sites:
+            return rec
+        if not is_uid(uid) or self._negative_hit("study", uid):
+            raise NotFound(uid)
+
+        async def run() -> None:
+            for site, dss in await self._find(
+                "STUDY", _query("STUDY", STUDY_KEYS, StudyInstanceUID=uid)
+            ):
+                if dss:
+                    recs = [r for r in self._to_records("STUDY", site, dss) if r.uid == uid]
+                    self.catalog.merge(self._patients_of(recs, site) + recs)
+
+        await self._listings.run("study:" + uid, run)
+        rec = self.catalog.get("STUDY", uid)
+        if rec is None or not rec.sites:
+            self._remember_missing("study", uid)
+            raise NotFound(uid)
+        return rec
+
+    async def series(self, study: Record, uid: str) -> Record:
+        """Series ``uid`` of ``study`` (lists the study's series if needed)."""
+        rec = self.catalog.get("SERIES", uid)
+        if rec is None or not rec.sites:
+            if not is_uid(uid) or self._negative_hit("series", uid):
+                raise NotFound(uid)
+            await self._ensure_series(study)
+            rec = self.catalog.get("SERIES", uid)
+        if rec is None or rec.parent != study.uid or not rec.sites:
+            self._remember_missing("series", uid)
+            raise NotFound(uid)
+        return rec
+
+    async def instance(self, study: Record, series: Record, uid: str) -> Record:
+        """Instance ``uid`` of ``series``: catalog, or a targeted IMAGE-level C-FIND."""
+        rec = self.catalog.get("IMAGE", uid)
+        if rec is None or not rec.sites:
+            if not is_uid(uid) or self._negative_hit("image", uid):
+                raise NotFound(uid)
+            q = _query(
+                "IMAGE",
+                IMAGE_KEYS,
+                StudyInstanceUID=study.uid,
+                SeriesInstanceUID=series.uid,
+                SOPInstanceUID=uid,
+            )
+
+            async def run() -> None:
+                for site, dss in await self._find("IMAGE", q, list(series.sites) or None):
+                    if dss:
+                        recs = [r for r in self._to_records("IMAGE", site, dss) if r.uid == uid]
+                        for r in recs:
+                            r.parent = series.uid
+                        self.catalog.merge(recs)
+
+            await self._listings.run("image:" + uid, run)
+            rec = self.catalog.get("IMAGE", uid)
+        if rec is None or rec.parent != series.uid or not rec.sites:
+            self._remember_missing("image", uid)
+            raise NotFound(uid)
+        return rec
+
+    # ------------------------------------------------------------------ namespace
+    async def _patients(self, site: str | None) -> list[tuple[str, Record]]:
+        await self._ensure_studies()
+        out = []
+        for p in self.catalog.children("PATIENT", ROOT):
+            if site is not None and site not in p.sites:
+                continue
+            if not p.sites:
+                continue
+            if any(self._visible(self.decide(s)) for s in self._studies_of(p.uid, site)):
+                out.append((safe_name(p.uid), p))
+        return out
+
+    def _studies_of(self, pid: str, site: str | None) -> list[Record]:
+        return [
+            s
+            for s in self.catalog.children("STUDY", pid)
+            if s.sites and (site is None or site in s.sites)
+        ]
+
+    async def _patient(self, name: str, site: str | None) -> Record:
+        if safe_name(name) == name:
+            rec = self.catalog.get("PATIENT", name)
+            if rec is not None and rec.sites and (site is None or site in rec.sites):
+                if any(self._visible(self.decide(s)) for s in self._studies_of(rec.uid, site)):
+                    return rec
+        for n, p in await self._patients(site):
+            if n == name:
+                return p
+        raise NotFound(name)
+
+    async def resolve(self, path: tuple[str, ...]) -> Node:
+        """The node at ``path`` if this principal may see it; NotFound otherwise."""
+        if path and path[-1] == METADATA:
+            parent = await self.resolve(path[:-1])
+            return Node(kind="metadata", path=path, of=parent)
+        n = len(path)
+        if n == 0:
+            return Node(kind="root", path=path)
+        top = path[0]
+        if top not in TOP:
+            raise NotFound(top)
+        if n == 1:
+            return Node(kind="top", path=path)
+        rest = list(path[1:])
+        site: str | None = None
+        patient: Record | None = None
+        if top == "sites":
+            site = rest.pop(0)
+            if site not in {s.name for s in self.config.sites}:
+                raise NotFound(site)
+            if not rest:
+                return Node(kind="site", path=path, site=site)
+        if top in ("patients", "sites"):
+            patient = await self._patient(rest.pop(0), site)
+            if not rest:
+                return Node(kind="patient", path=path, site=site, patient=patient)
+        study = await self.study(rest.pop(0))
+        if patient is not None and study.parent != patient.uid:
+            raise NotFound(study.uid)
+        if site is not None and site not in study.sites:
+            raise NotFound(study.uid)
+        d = self.decide(study)
+        if not self._visible(d):
+            raise NotFound(study.uid)
+        if not rest:
+            return Node(
+                kind="study", path=path, site=site, patient=patient, study=study, decision=d
+            )
+        series = await self.series(study, rest.pop(0))
+        if site is not None and site not in series.sites:
+            raise NotFound(series.uid)
+        d = self.decide(study, series)
+        if not self._visible(d):
+            raise NotFound(series.uid)
+        if not rest:
+            return Node(
+                kind="series",
+                path=path,
+                site=site,
+                patient=patient,
+                study=study,
+                series=series,
+                decision=d,
+            )
+        fname = rest.pop(0)
+        if rest or not fname.endswith(".dcm"):
+            raise NotFound(fname)
+        inst = await self.instance(study, series, fname[: -len(".dcm")])
+        if site is not None and site not in inst.sites:
+            raise NotFound(inst.uid)
+        return Node(
+            kind="instance",
+            path=path,
+            site=site,
+            patient=patient,
+            study=study,
+            series=series,
+            instance=inst,
+            decision=d,
+        )
+
+    def _file_entry(self, name: str, inst: Record) -> Entry:
+        info = self.store.info(ObjectRef(inst.uid))
+        if info is not None:
+            return Entry(name=name, is_dir=False, size=info.size, exact=True, mtime=self.started)
+        return Entry(name=name, is_dir=False, size=0, exact=False, mtime=self.started)
+
+    async def lookup(self, path: tuple[str, ...]) -> Entry:
+        """Attributes of ``path`` (never triggers a retrieval)."""
+        node = await self.resolve(path)
+        name = path[-1] if path else ""
+        if node.kind == "instance":
+            assert node.instance is not None
+            return self._file_entry(name, node.instance)
+        if node.kind == "metadata":
+            return Entry(name=name, is_dir=False, size=len(self.metadata(node)), mtime=self.started)
+        return Entry(name=name, is_dir=True, mtime=self.started)
+
+    async def listdir(self, path: tuple[str, ...]) -> list[Entry]:
+        """The visible entries of the directory at ``path``."""
+        node = await self.resolve(path)
+        t = self.started
+        out: list[Entry] = []
+        if node.kind in ("instance", "metadata"):
+            raise NotFound("not a directory")
+        if node.kind == "root":
+            out = [Entry(n, True, mtime=t) for n in TOP]
+        elif node.kind == "top" and path[0] == "sites":
+            out = [Entry(s.name, True, mtime=t) for s in self.config.sites]
+        elif (node.kind == "top" and path[0] == "patients") or node.kind == "site":
+            out = [Entry(n, True, mtime=t) for n, _ in await self._patients(node.site)]
+        elif node.kind == "top":  # studies
+            await self._ensure_studies()
+            out = [
+                Entry(uid_name(s.uid), True, mtime=t)
+                for s in self.catalog.children("STUDY", ROOT)
+                if s.sites and self._visible(self.decide(s))
+            ]
+        elif node.kind == "patient":
+            assert node.patient is not None
+            out = [
+                Entry(uid_name(s.uid), True, mtime=t)
+                for s in self._studies_of(node.patient.uid, node.site)
+                if self._visible(self.decide(s))
+            ]
+        elif node.kind == "study":
+            assert node.study is not None
+            await self._ensure_series(node.study)
+            out = [
+                Entry(uid_name(s.uid), True, mtime=t)
+                for s in self.catalog.children("SERIES", node.study.uid)
+                if s.sites
+                and (node.site is None or node.site in s.sites)
+                and self._visible(self.decide(node.study, s))
+            ]
+        elif node.kind == "series":
+            assert node.study is not None and node.series is not None
+            await self._ensure_instances(node.study, node.series)
+            out = [
+                self._file_entry(uid_name(i.uid) + ".dcm", i)
+                for i in self.catalog.children("IMAGE", node.series.uid)
+                if i.sites and (node.site is None or node.site in i.sites)
+            ]
+        out.sort(key=lambda e: e.name)
+        meta = await self.lookup((*path, METADATA))
+        return [meta, *out]
+
+    def metadata(self, node: Node) -> bytes:
+        """The ``.metadata.json`` document of a directory node, filtered by access level."""
+        of = node.of
+        assert of is not None
+        doc: dict[str, Any] = {"level": of.kind.upper()}
+        rec = of.instance or of.series or of.study or of.patient
+        if of.kind == "root":
+            doc["sites"] = [s.name for s in self.config.sites]
+            doc["principal"] = self.principal.sub
+        elif of.kind == "site":
+            doc["site"] = of.site
+        elif rec is not None:
+            level = of.decision.level if of.decision else self._patient_level(of)
+            attrs = dict(rec.attrs)
+            if level < AccessLevel.IDENTIFIED:
+                attrs = {k: v for k, v in attrs.items() if k in NON_PHI}
+            doc["attributes"] = dict(sorted(attrs.items()))
+            doc["sites"] = sorted(rec.sites)
+            doc["access"] = level.label
+        return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode()
+
+    def _patient_level(self, node: Node) -> AccessLevel:
+        assert node.patient is not None
+        levels = [self.decide(s).level for s in self._studies_of(node.patient.uid, node.site)]
+        return max(levels, default=AccessLevel.NONE)
+
+    async def open(self, path: tuple[str, ...]) -> OpenFile:
+        """Open a file for reading; retrieves the object first if it is not cached."""
+        node = await self.resolve(path)
+        if node.kind == "metadata":
+            data = self.metadata(node)
+            return OpenFile(data=data, size=len(data))
+        if node.kind != "instance":
+            raise NotFound("not a file")
+        assert node.decision and node.instance and node.series and node.study
+        view = view_for(node.decision.level)
+        if view is None:
+            raise AccessDenied(f"{self.principal.label()} may see but not read {node.instance.uid}")
+        if view != "identified":
+            raise AccessDenied("the de-identified view is not available in this version")
+        exact_before = self.store.info(ObjectRef(node.instance.uid)) is not None
+        info = await self.fetch_instance(node.study, node.series, node.instance, prefer=node.site)
+        reader = self.store.open(info.ref, self.principal)
+        return OpenFile(reader=reader, size=reader.size, exact_before=exact_before)
+
+    def _target(self, study: Record, series: Record, inst: Record, prefer: str | None) -> Target:
+        sites = sorted(inst.sites, key=lambda s: (s != prefer, -inst.sites[s], s))
+        return Target(
+            sop_uid=inst.uid,
+            study_uid=study.uid,
+            series_uid=series.uid,
+            sop_class_uid=inst.attrs.get("SOPClassUID", ""),
+            sites=tuple(sites),
+        )
+
+    async def fetch_instance(
+        self, study: Record, series: Record, inst: Record, prefer: str | None = None
+    ) -> ObjectInfo:
+        """The cached object of ``inst``, retrieved (with its series prefetched) if needed."""
+        info = self.store.info(ObjectRef(inst.uid))
+        if info is not None:
+            return info
+        target = self._target(study, series, inst, prefer)
+        rest = [
+            self._target(study, series, i, prefer)
+            for i in self.catalog.children("IMAGE", series.uid)
+            if i.uid != inst.uid and i.sites
+        ]
+        # The retrieval has its own per-site deadlines; this bound covers fail-over over all
+        # sites so a reader is never stuck.
+        limit = sum(
+            self.config.site(s).timeout
+            for s in target.sites
+            if s in {x.name for x in self.config.sites}
+        )
+        with trio.move_on_after(limit * 2 + 10) as scope:
+            return await self.fetcher.fetch(target, prefetch=rest)
+        assert scope.cancelled_caught
+        raise RetrieveTimeout(
+            f"object {inst.uid}: no site delivered it within {limit * 2 + 10:.0f}s"
+        )
+
+    async def fetch_uids(self, uids: Sequence[str]) -> int:
+        """Warm the cache with whole studies, series or instances named by UID; count objects."""
+        total = 0
+        for uid in uids:
+            targets = await self._targets_for(uid)
+            await self.fetcher.fetch_many(targets)
+            total += len(targets)
+        return total
+
+    async def _targets_for(self, uid: str) -> list[Target]:
+        try:
+            study = await self.study(uid)
+            series_list = [study]
+        except NotFound:
+            study = None
+        if study is not None:
+            d = self.decide(study)
+            if not self._visible(d):
+                raise NotFound(uid)
+            await self._ensure_series(study)
+            out: list[Target] = []
+            for se in self.catalog.children("SERIES", study.uid):
+                if se.sites:
+                    out += await self._series_targets(study, se)
+            return out
+        del series_list
+        # A series or an instance: find it by a targeted query at any site.
+        for level, key in (("SERIES", "SeriesInstanceUID"), ("IMAGE", "SOPInstanceUID")):
+            keys = SERIES_KEYS if level == "SERIES" else IMAGE_KEYS
+            for site, dss in await self._find(level, _query(level, keys, **{key: uid})):
+                for ds in dss or []:
+                    st_uid = str(ds.get("StudyInstanceUID", ""))
+                    if not st_uid:
+                        continue
+                    st = await self.study(st_uid)
+                    if not self._visible(self.decide(st)):
+                        raise NotFound(uid)
+                    if level == "SERIES":
+                        se = await self.series(st, uid)
+                        return await self._series_targets(st, se)
+                    se = await self.series(st, str(ds.get("SeriesInstanceUID", "")))
+                    inst = await self.instance(st, se, uid)
+                    return [self._target(st, se, inst, site)]
+        raise NotFound(uid)
+
+    async def _series_targets(self, study: Record, series: Record) -> list[Target]:
+        await self._ensure_instances(study, series)
+        return [
+            self._target(study, series, i, None)
+            for i in self.catalog.children("IMAGE", series.uid)
+            if i.sites
+        ]
+
+
+@asynccontextmanager
+async def open_bridge(
+    config: Config,
+    principal: Principal,
+    *,
+    keys: KeyProvider | None = None,
+    resolver: AccessResolver | None = None,
+) -> AsyncIterator[Bridge]:
+    """Start the store, the storage SCP and the fetcher; yield a :class:`Bridge`; stop them."""
+    keys = keys or LocalKeyring.load(config.keys.keyring, create=True)
+    resolver = resolver or LocalAdminResolver()
+    env = open_env(config.cache.dir)
+    try:
+        store = ObjectStore(
+            config.cache.dir, env, keys, config.cache.max_bytes, config.cache.chunk_size
+        )
+        report = store.recover()
+        log.info("cache recovered: %s", report)
+        catalog = Catalog(env, keys.secret("catalog"), config.cache.catalog_ttl)
+        scp = StorageSCP(config.bridge, {s.ae_title for s in config.sites})
+        scp.start()
+        retriever = Retriever(config.bridge, scp)
+        try:
+            async with trio.open_nursery() as nursery:
+                fetcher = Fetcher(config, store, retriever, nursery)
+                yield Bridge(
+                    config,
+                    principal,
+                    catalog=catalog,
+                    store=store,
+                    fetcher=fetcher,
+                    resolver=resolver,
+                )
+                nursery.cancel_scope.cancel()
+        finally:
+            await trio.to_thread.run_sync(retriever.close)
+            await trio.to_thread.run_sync(scp.stop)
+    finally:
+        env.close()
+
+
+__all__ = ["Bridge", "Entry", "MdmError", "Node", "OpenFile", "open_bridge"]

@@ -1,0 +1,211 @@
+"""The LMDB catalog of the federated tree: patients, studies, series, instances.
+
+Each record holds the C-FIND attributes needed for listing and ``.metadata.json`` plus the
+sites that hold the object (with the time each site last reported it). Keys are UIDs (not PHI
+under the trust model) except for patients, whose key is a keyed hash of the Patient ID. Every
+value is encrypted with the catalog key (AES-256-GCM, the LMDB key as associated data), so the
+index on disk carries no names, IDs or dates in clear.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import struct
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import lmdb
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from mdm.errors import IntegrityError
+
+Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
+LEVELS: tuple[Level, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+_CODE: dict[str, bytes] = {"PATIENT": b"P", "STUDY": b"S", "SERIES": b"R", "IMAGE": b"I"}
+ROOT = ""
+
+
+@dataclass
+class Record:
+    """One node of the federated tree."""
+
+    level: Level
+    uid: str
+    """StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, or the Patient ID at PATIENT level."""
+    parent: str
+    """The parent's uid ("" for patients; the Patient ID for studies)."""
+    attrs: dict[str, str] = field(default_factory=dict)
+    sites: dict[str, float] = field(default_factory=dict)
+    """Site name -> time the site last reported this object."""
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {"l": self.level, "u": self.uid, "p": self.parent, "a": self.attrs, "s": self.sites},
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Record:
+        d = json.loads(raw)
+        return cls(level=d["l"], uid=d["u"], parent=d["p"], attrs=d["a"], sites=d["s"])
+
+
+class Catalog:
+    """Encrypted catalog over a named database of the shared LMDB environment."""
+
+    def __init__(self, env: lmdb.Environment, secret: bytes, ttl: float) -> None:
+        self.env = env
+        self.ttl = ttl
+        self._db = env.open_db(b"catalog")
+        self._aead = AESGCM(hashlib.sha256(b"mdm-catalog-enc\0" + secret).digest())
+        self._mac_key = hashlib.sha256(b"mdm-catalog-mac\0" + secret).digest()
+
+    # -- keys ---------------------------------------------------------------------------
+    def _id(self, level: str, uid: str) -> bytes:
+        if level == "PATIENT":
+            return hmac.new(self._mac_key, uid.encode(), hashlib.sha256).hexdigest()[:32].encode()
+        return uid.encode()
+
+    def _parent_level(self, level: str) -> str | None:
+        i = LEVELS.index(level)  # type: ignore[arg-type]
+        return LEVELS[i - 1] if i > 0 else None
+
+    def _rec_key(self, level: str, uid: str) -> bytes:
+        return b"r" + _CODE[level] + self._id(level, uid)
+
+    def _child_prefix(self, level: str, parent: str) -> bytes:
+        plevel = self._parent_level(level)
+        pid = self._id(plevel, parent) if plevel and parent else b""
+        return b"c" + _CODE[level] + pid + b"\0"
+
+    def _listed_key(self, what: str) -> bytes:
+        return b"t" + hmac.new(self._mac_key, what.encode(), hashlib.sha256).digest()[:16]
+
+    # -- encryption ---------------------------------------------------------------------
+    def _seal(self, key: bytes, rec: Record) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, rec.to_json(), key)
+
+    def _unseal(self, key: bytes, raw: bytes) -> Record:
+        try:
+            return Record.from_json(self._aead.decrypt(raw[:12], raw[12:], key))
+        except Exception as e:  # InvalidTag, JSON errors: the index was tampered with
+            raise IntegrityError("catalog record failed authentication") from e
+
+    # -- reads --------------------------------------------------------------------------
+    def get(self, level: Level, uid: str) -> Record | None:
+        """The record of ``uid`` at ``level``, or None."""
+        key = self._rec_key(level, uid)
+        with self.env.begin(db=self._db) as txn:
+            raw = txn.get(key)
+        return self._unseal(key, bytes(raw)) if raw is not None else None
+
+    def children(self, level: Level, parent: str) -> list[Record]:
+        """Records at ``level`` under ``parent`` ("" for all patients / all studies)."""
+        prefix = self._child_prefix(level, parent)
+        out: list[Record] = []
+        with self.env.begin(db=self._db) as txn:
+            cur = txn.cursor()
+            keys: list[bytes] = []
+            if cur.set_range(prefix):
+                for k in cur.iternext(values=False):
+                    kb = bytes(k)
+                    if not kb.startswith(prefix):
+                        break
+                    keys.append(kb[len(prefix) :])
+            for cid in keys:
+                rk = b"r" + _CODE[level] + cid
+                raw = txn.get(rk)
+                if raw is not None:
+                    out.append(self._unseal(rk, bytes(raw)))
+        return out
+
+    def listed_at(self, what: str) -> float:
+        """When the listing named ``what`` last completed (0 if never)."""
+        with self.env.begin(db=self._db) as txn:
+            raw = txn.get(self._listed_key(what))
+        return struct.unpack("<d", raw)[0] if raw else 0.0
+
+    def fresh(self, what: str) -> bool:
+        """True if the listing ``what`` completed within the TTL."""
+        return time.time() - self.listed_at(what) < self.ttl
+
+    # -- writes -------------------------------------------------------------------------
+    def merge(
+        self,
+        records: Iterable[Record],
+        *,
+        replace_site: str | None = None,
+        replace_scope: tuple[Level, str] | None = None,
+        listed: str | None = None,
+    ) -> None:
+        """Add or update records; their ``sites`` are merged with what is known.
+
+        With ``replace_site`` and ``replace_scope`` = (level, parent), the given records are all
+        the children of ``parent`` at ``level`` held by that site: children of that parent
+        that the site no longer reports lose the site. ``listed`` marks a listing as fresh.
+        """
+        now = time.time()
+        recs = list(records)
+        seen = {r.uid for r in recs}
+        with self.env.begin(db=self._db, write=True) as txn:
+            for r in recs:
+                self._put(txn, r, now)
+            if replace_site and replace_scope:
+                level, parent = replace_scope
+                prefix = self._child_prefix(level, parent)
+                cur = txn.cursor()
+                stale: list[bytes] = []
+                if cur.set_range(prefix):
+                    for k in cur.iternext(values=False):
+                        kb = bytes(k)
+                        if not kb.startswith(prefix):
+                            break
+                        stale.append(kb[len(prefix) :])
+                for cid in stale:
+                    rk = b"r" + _CODE[level] + cid
+                    raw = txn.get(rk)
+                    if raw is None:
+                        continue
+                    old = self._unseal(rk, bytes(raw))
+                    if old.uid not in seen and replace_site in old.sites:
+                        del old.sites[replace_site]
+                        txn.put(rk, self._seal(rk, old))
+            if listed:
+                txn.put(self._listed_key(listed), struct.pack("<d", now))
+
+    def _put(self, txn: lmdb.Transaction, r: Record, now: float) -> None:
+        rk = self._rec_key(r.level, r.uid)
+        raw = txn.get(rk)
+        if raw is not None:
+            old = self._unseal(rk, bytes(raw))
+            sites = dict(old.sites)
+            attrs = dict(old.attrs)
+            attrs.update({k: v for k, v in r.attrs.items() if v != ""})
+            parent = r.parent or old.parent
+        else:
+            sites, attrs, parent = {}, dict(r.attrs), r.parent
+        for s in r.sites:
+            sites[s] = now
+        new = Record(level=r.level, uid=r.uid, parent=parent, attrs=attrs, sites=sites)
+        txn.put(rk, self._seal(rk, new))
+        txn.put(self._child_prefix(r.level, parent) + self._id(r.level, r.uid), b"")
+        if r.level == "STUDY":
+            # All studies, whatever their patient: the /studies listing.
+            txn.put(self._child_prefix("STUDY", ROOT) + self._id("STUDY", r.uid), b"")
+
+    def set_attr(self, level: Level, uid: str, values: Mapping[str, str]) -> None:
+        """Update attributes of one existing record (e.g. the exact size once cached)."""
+        rk = self._rec_key(level, uid)
+        with self.env.begin(db=self._db, write=True) as txn:
+            raw = txn.get(rk)
+            if raw is None:
+                return
+            rec = self._unseal(rk, bytes(raw))
+            rec.attrs.update(values)
+            txn.put(rk, self._seal(rk, rec))

@@ -1,0 +1,460 @@
+"""The ``mdm`` command: mount, query, fetch and manage the cache.
+
+User errors (:class:`~mdm.errors.UserError`) are printed as one line without a traceback and
+exit with their documented code (2 for configuration errors).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from mdm.config import Config, load_config
+from mdm.errors import MdmError, UserError
+from mdm.identity import LOCAL_ADMIN, Principal
+
+log = logging.getLogger("mdm")
+F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_CONFIG = "mdm.toml"
+
+
+def _setup_logging(level: str, log_file: Path | None = None) -> None:
+    handler: logging.Handler
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # pynetdicom is chatty at INFO (every association); keep its warnings only.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+
+
+def config_option(f: F) -> F:
+    """``--config FILE`` (default ``./mdm.toml`` or ``$MDM_CONFIG``)."""
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(path_type=Path),
+        default=lambda: os.environ.get("MDM_CONFIG", DEFAULT_CONFIG),
+        show_default="mdm.toml or $MDM_CONFIG",
+        help="The bridge configuration file.",
+    )(f)
+
+
+def _load(config_path: Path) -> Config:
+    return load_config(config_path)
+
+
+def _principal(config: Config, token_file: Path | None) -> Principal:
+    """The principal a command runs as (the path principal -> access level -> view)."""
+    if config.identity is None:
+        if token_file is not None:
+            raise UserError(
+                f"{config.path}: identity: a token was given but [identity] is not configured"
+            )
+        log.info("no [identity] configured: running as the local administrator (full access)")
+        return LOCAL_ADMIN
+    # Fail closed until token verification is available: never fall back to admin.
+    raise UserError(
+        f"{config.path}: identity: JWT verification is not available in this version; "
+        "remove [identity] to run as the local administrator"
+    )
+
+
+class MdmGroup(click.Group):
+    """Turns bridge errors into one clear line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            click.echo(f"mdm: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except MdmError as e:
+            click.echo(f"mdm: error: {e}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=MdmGroup)
+@click.option("--log-level", default="WARNING", show_default=True, help="DEBUG, INFO, WARNING.")
+@click.version_option(package_name="mdm-bridge")
+def main(log_level: str) -> None:
+    """MDM bridge: federated PACS mounted as files, retrieved on read, encrypted at rest."""
+    _setup_logging(log_level)
+
+
+# ---------------------------------------------------------------------------- mount
+@main.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@config_option
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path),
+    default=lambda: os.environ.get("MDM_TOKEN_FILE"),
+    help="The JWT the mount runs as (also $MDM_TOKEN_FILE).",
+)
+@click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground.")
+@click.option("--log-file", type=click.Path(path_type=Path), help="Where the daemon logs.")
+@click.option("--mount-timeout", default=60.0, show_default=True, help="Seconds to wait for it.")
+def mount(
+    mountpoint: Path,
+    config_path: Path,
+    token_file: Path | None,
+    foreground: bool,
+    log_file: Path | None,
+    mount_timeout: float,
+) -> None:
+    """Mount the federation at MOUNTPOINT."""
+    config = _load(config_path)
+    principal = _principal(config, token_file)
+    from mdm_fuse.mount import prepare_mountpoint, run
+
+    mountpoint = mountpoint.resolve()
+    if foreground:
+        if log_file is not None:
+            _setup_logging(logging.getLevelName(logging.getLogger().level), log_file)
+        strict = os.environ.get("MDM_STRICT") == "1"
+        run(config, mountpoint, principal, strict=strict)
+        return
+    prepare_mountpoint(mountpoint)
+    log_file = log_file or config.cache.dir / "mount.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    level = logging.getLevelName(logging.getLogger().level)
+    cmd = [sys.executable, "-m", "mdm", "--log-level", "INFO" if level == "WARNING" else level]
+    cmd += ["mount", str(mountpoint), "--config", str(config_path.resolve()), "--foreground"]
+    cmd += ["--log-file", str(log_file)]
+    if token_file is not None:
+        cmd += ["--token-file", str(token_file.resolve())]
+    with open(os.devnull, "rb") as devnull, open(log_file, "ab") as out:
+        proc = subprocess.Popen(
+            cmd, stdin=devnull, stdout=out, stderr=out, start_new_session=True, close_fds=True
+        )
+    deadline = time.monotonic() + mount_timeout
+    while time.monotonic() < deadline:
+        if os.path.ismount(mountpoint):
+            click.echo(f"mounted {mountpoint} (daemon pid {proc.pid}, log {log_file})")
+            return
+        if proc.poll() is not None:
+            tail = log_file.read_text(errors="replace").splitlines()[-5:]
+            raise UserError("the mount daemon exited:\n  " + "\n  ".join(tail))
+        time.sleep(0.1)
+    proc.terminate()
+    raise UserError(f"the mount did not come up within {mount_timeout:.0f}s (see {log_file})")
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option("--lazy", "-z", is_flag=True, help="Detach now, clean up when no longer busy.")
+def umount(mountpoint: Path, lazy: bool) -> None:
+    """Unmount MOUNTPOINT (the daemon then exits)."""
+    from mdm_fuse.mount import unmount
+
+    unmount(mountpoint.resolve(), lazy=lazy)
+
+
+# ---------------------------------------------------------------------------- sites / find
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def sites(config_path: Path, as_json: bool) -> None:
+    """C-ECHO every site: status and round-trip time."""
+    from mdm.dicom.query import c_echo
+
+    config = _load(config_path)
+
+    def echo(s: Any) -> dict[str, Any]:
+        try:
+            rtt = c_echo(s, config.bridge)
+            return {"site": s.name, "status": "up", "rtt_ms": round(rtt * 1000, 1), "error": None}
+        except MdmError as e:
+            return {"site": s.name, "status": "down", "rtt_ms": None, "error": str(e)}
+
+    with ThreadPoolExecutor(max_workers=max(1, len(config.sites))) as pool:
+        rows = list(pool.map(echo, config.sites))
+    for r, s in zip(rows, config.sites, strict=True):
+        r["ae_title"], r["address"] = s.ae_title, f"{s.host}:{s.port}"
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        _table(
+            ["SITE", "AE TITLE", "ADDRESS", "STATUS", "RTT (ms)", "ERROR"],
+            [
+                [
+                    r["site"],
+                    r["ae_title"],
+                    r["address"],
+                    r["status"],
+                    r["rtt_ms"] or "",
+                    r["error"] or "",
+                ]
+                for r in rows
+            ],
+        )
+    if any(r["status"] != "up" for r in rows):
+        sys.exit(1)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> None:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for r in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+FIND_KEYS = {
+    "PATIENT": ["PatientID", "PatientName", "PatientBirthDate", "PatientSex"],
+    "STUDY": [
+        "PatientID",
+        "PatientName",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyDescription",
+        "ModalitiesInStudy",
+        "AccessionNumber",
+        "NumberOfStudyRelatedInstances",
+    ],
+    "SERIES": [
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Modality",
+        "SeriesNumber",
+        "SeriesDescription",
+        "NumberOfSeriesRelatedInstances",
+    ],
+    "IMAGE": [
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "SOPClassUID",
+        "InstanceNumber",
+    ],
+}
+
+
+@main.command()
+@config_option
+@click.option(
+    "--level",
+    type=click.Choice(["patient", "study", "series", "image"], case_sensitive=False),
+    default="study",
+    show_default=True,
+)
+@click.option("--site", "only_sites", multiple=True, help="Query only this site (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.argument("filters", nargs=-1)
+def find(
+    config_path: Path,
+    level: str,
+    only_sites: tuple[str, ...],
+    as_json: bool,
+    filters: tuple[str, ...],
+) -> None:
+    """Federated C-FIND. FILTERS are KEY=VALUE with DICOM keywords (wildcards * and ?).
+
+    Example: mdm find --level series Modality=CT PatientID='MDM*'
+    """
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.dataset import Dataset
+
+    from mdm.dicom.query import fan_out
+
+    config = _load(config_path)
+    lvl = level.upper()
+    ds = Dataset()
+    ds.QueryRetrieveLevel = lvl
+    keys = list(FIND_KEYS[lvl])
+    for k in keys:
+        setattr(ds, k, "")
+    for f in filters:
+        if "=" not in f:
+            raise UserError(f"filter {f!r}: expected KEY=VALUE")
+        k, v = f.split("=", 1)
+        if tag_for_keyword(k) is None:
+            raise UserError(f"filter {f!r}: {k!r} is not a DICOM keyword")
+        if dictionary_VR(k) == "SQ":
+            raise UserError(f"filter {f!r}: sequences cannot be matched")
+        setattr(ds, k, v)
+        if k not in keys:
+            keys.append(k)
+    chosen = [s for s in config.sites if not only_sites or s.name in only_sites]
+    unknown = set(only_sites) - {s.name for s in config.sites}
+    if unknown:
+        raise UserError(f"unknown site(s): {', '.join(sorted(unknown))}")
+    results = fan_out(chosen, config.bridge, lvl, ds)
+    merged: dict[str, dict[str, Any]] = {}
+    uid_key = {
+        "PATIENT": "PatientID",
+        "STUDY": "StudyInstanceUID",
+        "SERIES": "SeriesInstanceUID",
+        "IMAGE": "SOPInstanceUID",
+    }[lvl]
+    errors = []
+    for r in results:
+        if r.error is not None:
+            errors.append(f"{r.site}: {r.error}")
+            continue
+        for d in r.datasets:
+            row = {k: _value(d.get(k)) for k in keys}
+            uid = row.get(uid_key) or ""
+            cur = merged.setdefault(uid, {**row, "sites": []})
+            cur["sites"].append(r.site)
+    for e in errors:
+        click.echo(f"mdm: warning: site {e}", err=True)
+    rows = sorted(merged.values(), key=lambda r: [str(r.get(k, "")) for k in keys])
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        _table(
+            [*keys, "sites"], [[*(r.get(k, "") for k in keys), ",".join(r["sites"])] for r in rows]
+        )
+    if errors and not merged:
+        sys.exit(1)
+
+
+def _value(v: Any) -> Any:
+    if v is None:
+        return ""
+    if type(v).__name__ == "MultiValue":
+        return "\\".join(str(x) for x in v)
+    return str(v)
+
+
+# ---------------------------------------------------------------------------- fetch
+@main.command()
+@config_option
+@click.argument("uids", nargs=-1, required=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def fetch(config_path: Path, uids: tuple[str, ...], quiet: bool) -> None:
+    """Warm the cache with the studies, series or instances named by UID."""
+    import trio
+    from tqdm import tqdm
+
+    from mdm.bridge import open_bridge
+    from mdm.store import ObjectRef
+
+    config = _load(config_path)
+    principal = _principal(config, None)
+
+    async def go() -> int:
+        async with open_bridge(config, principal) as bridge:
+            targets = []
+            for uid in uids:
+                targets += await bridge._targets_for(uid)
+            bar = tqdm(total=len(targets), unit="obj", disable=quiet, file=sys.stderr)
+            wanted = {t.sop_uid for t in targets}
+            already = sum(1 for t in targets if bridge.store.info(ObjectRef(t.sop_uid)) is not None)
+            bar.update(already)
+
+            def on_stored(info: Any) -> None:
+                if info.ref.sop_uid in wanted:
+                    bar.update(1)
+
+            bridge.fetcher.on_stored = on_stored
+            try:
+                await bridge.fetcher.fetch_many(targets)
+            finally:
+                bar.close()
+            return len(targets)
+
+    n = trio.run(go)
+    click.echo(f"{n} object(s) cached")
+
+
+# ---------------------------------------------------------------------------- cache
+@main.group()
+def cache() -> None:
+    """Inspect and manage the encrypted local cache."""
+
+
+def _open_store(config: Config) -> Any:
+    from mdm.db import open_env
+    from mdm.keys import LocalKeyring
+    from mdm.store import ObjectStore
+
+    keys = LocalKeyring.load(config.keys.keyring, create=True)
+    env = open_env(config.cache.dir)
+    return ObjectStore(config.cache.dir, env, keys, config.cache.max_bytes, config.cache.chunk_size)
+
+
+@cache.command("stats")
+@config_option
+@click.option("--json", "as_json", is_flag=True)
+def cache_stats(config_path: Path, as_json: bool) -> None:
+    """Objects and bytes in the cache, against max_bytes."""
+    store = _open_store(_load(config_path))
+    st = store.stats()
+    d = {"objects": st.objects, "bytes": st.bytes, "max_bytes": st.max_bytes}
+    if as_json:
+        click.echo(json.dumps(d))
+    else:
+        pct = 100.0 * st.bytes / st.max_bytes if st.max_bytes else 0.0
+        click.echo(f"objects:   {st.objects}")
+        click.echo(f"bytes:     {st.bytes} ({_human(st.bytes)})")
+        click.echo(f"max_bytes: {st.max_bytes} ({_human(st.max_bytes)}, {pct:.1f}% used)")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+@cache.command("verify")
+@config_option
+def cache_verify(config_path: Path) -> None:
+    """Decrypt and authenticate every chunk of every cached object."""
+    config = _load(config_path)
+    store = _open_store(config)
+    problems = store.verify(_principal(config, None))
+    n = store.stats().objects
+    for p in problems:
+        click.echo(f"CORRUPT {p.ref.sop_uid}: {p.reason}")
+    click.echo(f"{n} object(s) checked, {len(problems)} corrupt")
+    if problems:
+        sys.exit(1)
+
+
+@cache.command("evict")
+@config_option
+@click.option("--all", "evict_all", is_flag=True, help="Evict every object not in use.")
+@click.argument("uids", nargs=-1)
+def cache_evict(config_path: Path, evict_all: bool, uids: tuple[str, ...]) -> None:
+    """Evict cached objects by SOP Instance UID, or all of them."""
+    from mdm.store import ObjectRef
+
+    if not evict_all and not uids:
+        raise UserError("name SOP Instance UIDs to evict, or --all")
+    store = _open_store(_load(config_path))
+    refs = None if evict_all else [ObjectRef(u) for u in uids]
+    n = store.evict(refs) if refs is not None else store.evict(store.list_refs())
+    click.echo(f"{n} object(s) evicted")
+
+
+# ---------------------------------------------------------------------------- demo
+@main.command()
+@click.option(
+    "--dir", "workdir", type=click.Path(path_type=Path), default=Path("demo"), show_default=True
+)
+@click.option("--patients", default=4, show_default=True, help="Generated patients per site.")
+@click.option("--foreground/--background", default=False, help="Keep the demo in the foreground.")
+def demo(workdir: Path, patients: int, foreground: bool) -> None:
+    """Start two local PACS with generated patients, write a config and mount the federation."""
+    from mdm.demo import run_demo
+
+    run_demo(workdir.resolve(), patients=patients, foreground=foreground)

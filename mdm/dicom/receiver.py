@@ -1,0 +1,313 @@
+"""The bridge's storage SCP: the one listener that C-MOVE destinations deliver to.
+
+Nobody can push data into the bridge: an association is accepted only from the calling AE
+title of a configured site, and a C-STORE is accepted only for a SOP Instance UID that a
+retrieval registered with :meth:`StorageSCP.expect` beforehand. Accepted objects are never
+decoded: the sink gets the Part-10 bytes exactly as the PACS encoded them (no transcoding).
+The same routing serves C-GET, where the objects arrive on the retriever's own association
+(:meth:`StorageSCP.handle_store`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from pynetdicom import AllStoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.transport import ThreadedAssociationServer
+
+from mdm.config import BridgeSettings
+from mdm.dicom.net import (
+    STORE_NOT_AUTHORISED,
+    STORE_OUT_OF_RESOURCES,
+    STORE_PROCESSING_FAILURE,
+    STORE_SUCCESS,
+    TRANSFER_SYNTAXES,
+    VERIFICATION,
+    TunedAE,
+    max_pdu_of,
+)
+from mdm.errors import StoreFull
+
+log = logging.getLogger(__name__)
+
+# An AE title can never contain a backslash: a calling-AE list holding only this can match
+# no peer (pynetdicom treats an empty list as "accept anyone").
+_NOBODY = "\\"
+# Inbound associations idle this long are aborted by pynetdicom (PACS keep them open for
+# reuse, which is welcome, but not forever).
+_INBOUND_IDLE = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedObject:
+    """One C-STORE'd instance, as received."""
+
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    data: bytes
+    """The Part-10 file: preamble, ``DICM``, file meta information and the dataset as sent."""
+    calling_aet: str
+
+
+Sink = Callable[[ReceivedObject], None]
+
+
+class Expectation:
+    """A registration of SOP Instance UIDs that one retrieval is waiting for."""
+
+    def __init__(self, scp: StorageSCP, sop_uids: frozenset[str], sink: Sink) -> None:
+        self._scp = scp
+        self.sop_uids = sop_uids
+        self.sink = sink
+        self._lock = threading.Lock()
+        self._received: set[str] = set()
+        self.refused = 0
+        """C-STOREs of these UIDs that the sink raised for."""
+        self.cancelled = False
+
+    @property
+    def received(self) -> set[str]:
+        """The UIDs delivered to the sink so far (a copy)."""
+        with self._lock:
+            return set(self._received)
+
+    def cancel(self) -> None:
+        """Stop routing these UIDs here; later C-STOREs of them are refused. Idempotent."""
+        if not self.cancelled:
+            self.cancelled = True
+            self._scp._unregister(self)
+
+    def _claim(self, sop_uid: str) -> bool:
+        """True if this UID still has to be delivered (False for a duplicate)."""
+        with self._lock:
+            return sop_uid not in self._received
+
+    def _delivered(self, sop_uid: str) -> None:
+        with self._lock:
+            self._received.add(sop_uid)
+
+    def __enter__(self) -> Expectation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+@dataclass
+class ReceiverStats:
+    """Counters of the storage SCP (for `mdm` status output and tests)."""
+
+    stored: int = 0
+    duplicates: int = 0
+    refused_unexpected: int = 0
+    refused_sink_error: int = 0
+    rejected_associations: int = 0
+
+
+class _GatedAE(TunedAE):
+    """A TunedAE whose accepted calling AE titles are asked for at each association request."""
+
+    def __init__(
+        self, ae_title: str, timeout: float, max_pdu: int, allowed: Callable[[], set[str]]
+    ) -> None:
+        self._allowed = allowed
+        super().__init__(ae_title, timeout, max_pdu)
+
+    @property  # type: ignore[override]
+    def require_calling_aet(self) -> list[str]:
+        try:
+            titles = sorted({a.strip() for a in self._allowed() if a.strip()})
+        except Exception:
+            log.exception("the list of allowed AE titles could not be read; refusing everyone")
+            titles = []
+        return titles or [_NOBODY]
+
+    @require_calling_aet.setter
+    def require_calling_aet(self, ae_titles: list[str]) -> None:
+        # pynetdicom's constructor assigns []; the real list always comes from `allowed`.
+        pass
+
+
+def storage_contexts() -> list[PresentationContext]:
+    """Every storage SOP class pynetdicom knows, each with every transfer syntax."""
+    cxs = [
+        build_context(str(cx.abstract_syntax), TRANSFER_SYNTAXES)
+        for cx in AllStoragePresentationContexts
+    ]
+    cxs.append(build_context(VERIFICATION))
+    return cxs
+
+
+class StorageSCP:
+    """The bridge's long-lived storage SCP (one listener, pynetdicom threads).
+
+    ``allowed_aets`` is the set of calling AE titles that may associate (the configured sites),
+    or a callable returning it (consulted on every association request, so a configuration
+    reload takes effect at once). Sinks run in pynetdicom's threads, possibly concurrently.
+    """
+
+    def __init__(
+        self, bridge: BridgeSettings, allowed_aets: Callable[[], set[str]] | set[str]
+    ) -> None:
+        self.bridge = bridge
+        if callable(allowed_aets):
+            self._allowed: Callable[[], set[str]] = allowed_aets
+        else:
+            fixed = set(allowed_aets)
+            self._allowed = lambda: fixed
+        self._lock = threading.Lock()
+        self._routes: dict[str, list[Expectation]] = {}
+        self._server: ThreadedAssociationServer | None = None
+        self._ae: _GatedAE | None = None
+        self.stats = ReceiverStats()
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start listening on ``bridge.host:bridge.port`` (port 0 picks a free one)."""
+        if self._server is not None:
+            return
+        ae = _GatedAE(self.bridge.ae_title, self.bridge.timeout, self.bridge.max_pdu, self._allowed)
+        ae.maximum_pdu_size = max_pdu_of(self.bridge.max_pdu)
+        ae.network_timeout = _INBOUND_IDLE
+        ae.maximum_associations = 64
+        # An association addressed to another AE title is a misconfigured PACS: say so early.
+        ae.require_called_aet = True
+        handlers = [
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        self._server = ae.start_tuned_server(
+            (self.bridge.host, self.bridge.port), storage_contexts(), handlers
+        )
+        self._ae = ae
+        log.info(
+            "storage SCP %s listening on %s:%d", self.bridge.ae_title, self.bridge.host, self.port
+        )
+
+    def stop(self) -> None:
+        """Stop listening and abort inbound associations. Idempotent."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        for assoc in list(server.active_associations):
+            try:
+                assoc.abort()
+            except Exception:
+                log.debug("error aborting an inbound association", exc_info=True)
+        server.shutdown()
+        log.info("storage SCP %s stopped", self.bridge.ae_title)
+
+    @property
+    def port(self) -> int:
+        """The TCP port actually listened on (useful with ``port = 0``)."""
+        if self._server is None:
+            raise RuntimeError("the storage SCP is not running")
+        return int(self._server.server_address[1])
+
+    @property
+    def running(self) -> bool:
+        """True between :meth:`start` and :meth:`stop`."""
+        return self._server is not None
+
+    @property
+    def ae_title(self) -> str:
+        """Our AE title: the C-MOVE destination the PACS must know."""
+        return self.bridge.ae_title
+
+    # --- routing -----------------------------------------------------------------------
+
+    def expect(self, sop_uids: Iterable[str], sink: Sink) -> Expectation:
+        """Accept C-STOREs of these SOP Instance UIDs and hand them to ``sink``.
+
+        Register *before* sending the C-MOVE/C-GET. ``sink`` runs in a pynetdicom thread; if it
+        raises, the PACS gets a failure status for that instance. Call ``cancel()`` (or use
+        the expectation as a context manager) when the retrieval is over.
+        """
+        exp = Expectation(self, frozenset(sop_uids), sink)
+        with self._lock:
+            for uid in exp.sop_uids:
+                self._routes.setdefault(uid, []).append(exp)
+        return exp
+
+    def _unregister(self, exp: Expectation) -> None:
+        with self._lock:
+            for uid in exp.sop_uids:
+                lst = self._routes.get(uid)
+                if not lst:
+                    continue
+                try:
+                    lst.remove(exp)
+                except ValueError:
+                    pass
+                if not lst:
+                    del self._routes[uid]
+
+    def pending(self) -> int:
+        """Number of SOP Instance UIDs currently expected (for tests and status output)."""
+        with self._lock:
+            return len(self._routes)
+
+    def handle_store(self, event: Event) -> int:
+        """EVT_C_STORE handler (also bound on C-GET associations): route, never decode."""
+        req = event.request
+        assert isinstance(req, C_STORE)
+        sop_uid = str(req.AffectedSOPInstanceUID or "")
+        sop_class = str(req.AffectedSOPClassUID or "")
+        assoc = event.assoc
+        peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
+        calling = str(peer.ae_title or "").strip()
+        with self._lock:
+            exps = self._routes.get(sop_uid)
+            exp = exps[0] if exps else None
+        if exp is None:
+            self.stats.refused_unexpected += 1
+            log.warning(
+                "refused C-STORE from %r: SOP instance %s (class %s) was not requested",
+                calling,
+                sop_uid,
+                sop_class,
+            )
+            return STORE_NOT_AUTHORISED
+        if not exp._claim(sop_uid):
+            # A PACS may resend after a lost response: acknowledge, do not store twice.
+            self.stats.duplicates += 1
+            return STORE_SUCCESS
+        obj = ReceivedObject(
+            sop_uid=sop_uid,
+            sop_class_uid=sop_class,
+            transfer_syntax=str(event.context.transfer_syntax),
+            data=event.encoded_dataset(include_meta=True),
+            calling_aet=calling,
+        )
+        try:
+            exp.sink(obj)
+        except StoreFull:
+            self.stats.refused_sink_error += 1
+            exp.refused += 1
+            log.warning("C-STORE of %s from %r refused: cache full", sop_uid, calling)
+            return STORE_OUT_OF_RESOURCES
+        except Exception:
+            self.stats.refused_sink_error += 1
+            exp.refused += 1
+            log.exception("C-STORE of %s from %r failed in the sink", sop_uid, calling)
+            return STORE_PROCESSING_FAILURE
+        exp._delivered(sop_uid)
+        self.stats.stored += 1
+        return STORE_SUCCESS
+
+    def _on_rejected(self, event: Event) -> None:
+        self.stats.rejected_associations += 1
+        rq = event.assoc.requestor
+        log.warning(
+            "refused association from AE %r at %s (not a configured site, or wrong called AE)",
+            str(rq.ae_title or "").strip(),
+            getattr(rq, "address", "?"),
+        )

@@ -1,0 +1,267 @@
+"""Retrieval orchestration: single-flight per object, fail-over, series prefetch.
+
+This is the one module that crosses between trio and pynetdicom's threads: blocking DICOM
+calls run in ``trio.to_thread.run_sync`` under a per-site ``CapacityLimiter``; objects arriving
+in the storage SCP's threads are encrypted and stored there, then reported back to trio with
+``trio.from_thread.run_sync`` and the captured trio token.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from mdm.config import Config, SiteSettings
+from mdm.dicom.receiver import ReceivedObject
+from mdm.dicom.retrieve import Retriever
+from mdm.errors import MdmError, RetrieveError, RetrieveTimeout, StoreFull
+from mdm.keys import Scope
+from mdm.store import ObjectInfo, ObjectRef, ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One instance to retrieve, with where it may be found."""
+
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str = ""
+    sites: tuple[str, ...] = ()
+
+
+@dataclass
+class _Pending:
+    done: trio.Event = field(default_factory=trio.Event)
+    error: MdmError | None = None
+
+
+@dataclass
+class FetchStats:
+    """Counters for tests and ``mdm cache stats``."""
+
+    retrievals: int = 0
+    objects_received: int = 0
+    objects_failed: int = 0
+    by_site: dict[str, int] = field(default_factory=dict)
+
+
+class Fetcher:
+    """Gets objects into the store, once each, from whichever site can deliver them."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: ObjectStore,
+        retriever: Retriever,
+        nursery: trio.Nursery,
+        on_stored: Callable[[ObjectInfo], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.retriever = retriever
+        self.nursery = nursery
+        self.on_stored = on_stored
+        self.stats = FetchStats()
+        self._pending: dict[str, _Pending] = {}
+        self._limiters = {s.name: trio.CapacityLimiter(s.max_associations) for s in config.sites}
+        self._token = trio.lowlevel.current_trio_token()
+
+    def limiter(self, site: str) -> trio.CapacityLimiter:
+        """The concurrency limit of ``site`` (shared with queries)."""
+        return self._limiters[site]
+
+    def pending(self, sop_uid: str) -> bool:
+        """True while a retrieval that will deliver ``sop_uid`` is under way."""
+        return sop_uid in self._pending
+
+    async def fetch(self, target: Target, *, prefetch: Sequence[Target] = ()) -> ObjectInfo:
+        """Return the stored object for ``target``, retrieving it if needed.
+
+        ``prefetch``: the rest of its series, fetched in the background after this one.
+        """
+        ref = ObjectRef(target.sop_uid)
+        info = self.store.info(ref)
+        if info is not None:
+            return info
+        pend = self._pending.get(target.sop_uid)
+        if pend is None:
+            pend = self._start([target], level="IMAGE")[target.sop_uid]
+        if prefetch and self.config.bridge.prefetch:
+            rest = [
+                t
+                for t in prefetch
+                if t.sop_uid not in self._pending and self.store.info(ObjectRef(t.sop_uid)) is None
+            ]
+            if rest:
+                self._start(rest, level="SERIES")
+        await pend.done.wait()
+        if pend.error is not None:
+            raise pend.error
+        info = self.store.info(ref)
+        if info is None:
+            raise RetrieveError(f"object {target.sop_uid} was retrieved but is not in the cache")
+        return info
+
+    async def fetch_many(self, targets: Sequence[Target], *, level: str = "SERIES") -> None:
+        """Retrieve all ``targets`` (grouped per series) and wait; raise the first error."""
+        todo = [
+            t
+            for t in targets
+            if t.sop_uid not in self._pending and self.store.info(ObjectRef(t.sop_uid)) is None
+        ]
+        if todo:
+            self._start(todo, level=level)
+        first: MdmError | None = None
+        for t in targets:
+            p = self._pending.get(t.sop_uid)
+            if p is None:
+                continue
+            await p.done.wait()
+            if p.error is not None and first is None:
+                first = p.error
+        if first is not None:
+            raise first
+
+    # ------------------------------------------------------------------------------------
+    def _start(self, targets: Sequence[Target], *, level: str) -> dict[str, _Pending]:
+        pend = {t.sop_uid: _Pending() for t in targets}
+        self._pending.update(pend)
+        # Group by series: one retrieval per series, as the PACS stores and moves them.
+        groups: dict[tuple[str, str], list[Target]] = {}
+        for t in targets:
+            groups.setdefault((t.study_uid, t.series_uid), []).append(t)
+        for group in groups.values():
+            self.nursery.start_soon(self._run, group, level, pend)
+        return pend
+
+    async def _run(self, group: list[Target], level: str, pend: dict[str, _Pending]) -> None:
+        wanted = {t.sop_uid for t in group}
+        first = group[0]
+        site_order = list(first.sites) or [s.name for s in self.config.sites]
+        errors: list[str] = []
+        last: MdmError | None = None
+        try:
+            for name in site_order:
+                remaining = {u for u in wanted if not pend[u].done.is_set()}
+                if not remaining:
+                    break
+                try:
+                    site = self.config.site(name)
+                except KeyError:
+                    continue
+                try:
+                    await self._retrieve_from(site, group, remaining, level, pend)
+                except MdmError as e:
+                    last = e
+                    errors.append(str(e))
+                    log.warning("retrieval from site %s failed: %s", name, e)
+                    continue
+        except BaseException as e:  # cancellation or a bug: never leave waiters hanging
+            err = MdmError(f"retrieval aborted: {type(e).__name__}")
+            for u in wanted:
+                self._finish(u, err)
+            raise
+        for u in wanted:
+            p = pend[u]
+            if not p.done.is_set():
+                if isinstance(last, RetrieveTimeout):
+                    err: MdmError = RetrieveTimeout("; ".join(errors))
+                elif last is not None:
+                    err = type(last)("; ".join(errors)) if type(last) is not MdmError else last
+                else:
+                    err = RetrieveError(f"no site could deliver object {u}")
+                self._finish(u, err)
+
+    async def _retrieve_from(
+        self,
+        site: SiteSettings,
+        group: list[Target],
+        remaining: set[str],
+        level: str,
+        pend: dict[str, _Pending],
+    ) -> None:
+        first = group[0]
+        scope = Scope(site=site.name, level="identified")
+        token = self._token
+
+        def sink(obj: ReceivedObject) -> None:
+            # Runs in a pynetdicom thread: encrypt and store here, then tell trio.
+            if obj.sop_uid not in pend:
+                return
+            try:
+                info = self.store.put(
+                    ObjectRef(obj.sop_uid),
+                    scope,
+                    obj.data,
+                    {
+                        "sop_class_uid": obj.sop_class_uid,
+                        "transfer_syntax": obj.transfer_syntax,
+                        "study_uid": first.study_uid,
+                        "series_uid": first.series_uid,
+                        "site": site.name,
+                    },
+                )
+            except StoreFull as e:
+                trio.from_thread.run_sync(self._finish, obj.sop_uid, e, trio_token=token)
+                raise
+            trio.from_thread.run_sync(self._stored, obj.sop_uid, info, site.name, trio_token=token)
+
+        started = time.monotonic()
+        self.stats.retrievals += 1
+        # Always an IMAGE-level request with the exact UID list (PS3.4 C.4.2.2.1 allows a
+        # list of UIDs): a SERIES-level move would resend objects already cached or in
+        # another flight, and the storage SCP refuses objects nobody asked for.
+        sop_uids = sorted(remaining)
+        lvl = "IMAGE"
+        sop_classes = {t.sop_class_uid for t in group if t.sop_class_uid} or None
+        log.info(
+            "retrieving %d object(s) of series %s from site %s (%s, %s)",
+            len(remaining),
+            first.series_uid,
+            site.name,
+            site.retrieve,
+            level,
+        )
+        outcome = await trio.to_thread.run_sync(
+            lambda: self.retriever.retrieve(
+                site,
+                level=lvl,
+                study_uid=first.study_uid,
+                series_uid=first.series_uid,
+                sop_uids=sop_uids,
+                expected=set(remaining),
+                sink=sink,
+                sop_classes=sop_classes,
+            ),
+            limiter=self._limiters[site.name],
+        )
+        log.info(
+            "site %s delivered %d of %d object(s) in %.3fs",
+            site.name,
+            len(outcome.received & remaining),
+            len(remaining),
+            time.monotonic() - started,
+        )
+
+    def _stored(self, sop_uid: str, info: ObjectInfo, site: str) -> None:
+        self.stats.objects_received += 1
+        self.stats.by_site[site] = self.stats.by_site.get(site, 0) + 1
+        if self.on_stored is not None:
+            self.on_stored(info)
+        self._finish(sop_uid, None)
+
+    def _finish(self, sop_uid: str, error: MdmError | None) -> None:
+        p = self._pending.pop(sop_uid, None)
+        if p is None or p.done.is_set():
+            return
+        if error is not None:
+            self.stats.objects_failed += 1
+        p.error = error
+        p.done.set()

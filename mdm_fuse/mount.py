@@ -1,0 +1,106 @@
+"""Mount and unmount: run the pyfuse3 session on trio over an open bridge."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from mdm.bridge import open_bridge
+from mdm.config import Config
+from mdm.errors import UserError
+from mdm.identity import Principal
+from mdm_fuse.ops import MdmOperations
+
+log = logging.getLogger(__name__)
+
+# Enough worker tasks that ls, stat and cached reads answer while retrievals block others.
+MAX_TASKS = 64
+
+
+def is_stale_mount(mountpoint: Path) -> bool:
+    """True if ``mountpoint`` is a FUSE mount whose daemon died (ENOTCONN)."""
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def unmount(mountpoint: Path, *, lazy: bool = False) -> None:
+    """Unmount a FUSE mount with fusermount3 (or umount as root); raise UserError on failure."""
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    cmd = [tool, "-u"] if tool else ["umount"]
+    if lazy:
+        cmd.append("-z")
+    res = subprocess.run([*cmd, str(mountpoint)], capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise UserError(f"cannot unmount {mountpoint}: {res.stderr.strip() or res.stdout.strip()}")
+
+
+def prepare_mountpoint(mountpoint: Path) -> None:
+    """Check the mount point; clear a stale mount left by a killed daemon."""
+    if is_stale_mount(mountpoint):
+        log.warning("%s is a stale mount of a dead daemon; unmounting it", mountpoint)
+        unmount(mountpoint, lazy=True)
+    if not mountpoint.is_dir():
+        raise UserError(f"mount point {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise UserError(f"{mountpoint} is already a mount point")
+
+
+async def serve(
+    config: Config,
+    mountpoint: Path,
+    principal: Principal,
+    *,
+    strict: bool = False,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Mount the federation at ``mountpoint`` and serve until unmounted or signalled."""
+    async with open_bridge(config, principal) as bridge:
+        ops = MdmOperations(bridge, strict=strict)
+        options = set(pyfuse3.default_options)
+        options |= {"fsname=mdm", "subtype=mdm", "ro", "noatime"}
+        pyfuse3.init(ops, str(mountpoint), options)
+        log.info(
+            "mounted %s as %s (%d site(s): %s)",
+            mountpoint,
+            principal.label(),
+            len(config.sites),
+            ", ".join(s.name for s in config.sites),
+        )
+        unmounted = False
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def on_signal() -> None:
+                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+                        async for sig in sigs:
+                            log.info("signal %s: unmounting", signal.Signals(sig).name)
+                            pyfuse3.terminate()
+                            return
+
+                nursery.start_soon(on_signal)
+                task_status.started()
+                await pyfuse3.main(min_tasks=4, max_tasks=MAX_TASKS)
+                nursery.cancel_scope.cancel()
+        finally:
+            try:
+                pyfuse3.close(unmount=not unmounted)
+            except Exception:  # already unmounted from outside
+                log.debug("pyfuse3.close failed", exc_info=True)
+        log.info("unmounted %s", mountpoint)
+
+
+def run(config: Config, mountpoint: Path, principal: Principal, *, strict: bool = False) -> None:
+    """Blocking entry point of ``mdm mount --foreground``."""
+    prepare_mountpoint(mountpoint)
+    trio.run(lambda: serve(config, mountpoint, principal, strict=strict))

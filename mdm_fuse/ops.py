@@ -1,0 +1,230 @@
+"""pyfuse3 operations over :class:`mdm.bridge.Bridge`: a protocol adapter only.
+
+Inodes map to namespace paths; every handler turns the bridge's domain errors into an errno
+through one table (:func:`_errno_of`), and only :class:`pyfuse3.FUSEError` leaves a handler —
+anything else would stop the whole session loop. See docs/SEMANTICS.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pyfuse3
+
+from mdm.bridge import Bridge, Entry, OpenFile
+from mdm.errors import MdmError
+
+log = logging.getLogger(__name__)
+
+# Visibility can change with policy within seconds; keep the kernel's caches short.
+ENTRY_TIMEOUT = 1.0
+ATTR_TIMEOUT = 1.0
+BLKSIZE = 128 * 1024
+
+
+def _errno_of(exc: BaseException, strict: bool) -> int:
+    """The one table from exceptions to errno (docs/SEMANTICS.md)."""
+    if isinstance(exc, MdmError):
+        return exc.errno
+    if isinstance(exc, TimeoutError):
+        return errno.ETIMEDOUT
+    if strict:
+        raise exc
+    log.error("unexpected error in a filesystem operation", exc_info=exc)
+    return errno.EIO
+
+
+class MdmOperations(pyfuse3.Operations):
+    """Read-only filesystem over the bridge's virtual tree."""
+
+    enable_writeback_cache = False
+    supports_dot_lookup = False
+
+    def __init__(self, bridge: Bridge, *, strict: bool = False) -> None:
+        super().__init__()
+        self.bridge = bridge
+        self.strict = strict
+        self._paths: dict[int, tuple[str, ...]] = {pyfuse3.ROOT_INODE: ()}
+        self._inodes: dict[tuple[str, ...], int] = {(): pyfuse3.ROOT_INODE}
+        self._next_inode = itertools.count(pyfuse3.ROOT_INODE + 1)
+        self._reported: dict[int, int] = {}
+        self._files: dict[int, tuple[int, OpenFile]] = {}
+        self._dirs: dict[int, list[Entry]] = {}
+        self._dir_paths: dict[int, tuple[str, ...]] = {}
+        self._next_fh = itertools.count(1)
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+
+    # ------------------------------------------------------------------ helpers
+    @asynccontextmanager
+    async def _guard(self, what: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except pyfuse3.FUSEError:
+            raise
+        except BaseException as e:
+            if not isinstance(e, Exception):
+                raise
+            code = _errno_of(e, self.strict)
+            if isinstance(e, MdmError) and code not in (errno.ENOENT,):
+                log.info("%s: %s (%s)", what, e, errno.errorcode.get(code, code))
+            raise pyfuse3.FUSEError(code) from None
+
+    def _inode(self, path: tuple[str, ...]) -> int:
+        ino = self._inodes.get(path)
+        if ino is None:
+            ino = next(self._next_inode)
+            self._inodes[path] = ino
+            self._paths[ino] = path
+        return ino
+
+    def _path(self, inode: int) -> tuple[str, ...]:
+        try:
+            return self._paths[inode]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def _attrs(self, path: tuple[str, ...], e: Entry) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        ino = self._inode(path)
+        a.st_ino = ino
+        a.generation = 0
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_blksize = BLKSIZE
+        ns = int(e.mtime * 1e9)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
+        if e.is_dir:
+            a.st_mode = stat.S_IFDIR | 0o555
+            a.st_nlink = 2
+            a.st_size = 0
+        else:
+            a.st_mode = stat.S_IFREG | 0o444
+            a.st_nlink = 1
+            a.st_size = e.size
+            self._reported[ino] = e.size
+        a.st_blocks = (a.st_size + 511) // 512
+        # A size not yet known must be asked for again at every stat: once the object is
+        # cached the exact size shows at once (rsync and cp fstat after open).
+        a.attr_timeout = ATTR_TIMEOUT if e.exact else 0
+        a.entry_timeout = ENTRY_TIMEOUT
+        return a
+
+    # ------------------------------------------------------------------ operations
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        async with self._guard("lookup"):
+            sname = os.fsdecode(name)
+            if sname in (".", ".."):
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            path = (*self._path(parent_inode), sname)
+            e = await self.bridge.lookup(path)
+            return self._attrs(path, e)
+        raise AssertionError("unreachable")
+
+    async def getattr(
+        self, inode: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        async with self._guard("getattr"):
+            path = self._path(inode)
+            if not path:
+                return self._attrs(path, Entry("", True, mtime=self.bridge.started))
+            e = await self.bridge.lookup(path)
+            return self._attrs(path, e)
+        raise AssertionError("unreachable")
+
+    async def setattr(
+        self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        async with self._guard("opendir"):
+            path = self._path(inode)
+            entries = await self.bridge.listdir(path)
+            fh = next(self._next_fh)
+            self._dirs[fh] = entries
+            self._dir_paths[fh] = path
+            return fh
+        raise AssertionError("unreachable")
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dirs.get(fh)
+        if entries is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        base = self._dir_path(fh)
+        for i in range(start_id, len(entries)):
+            e = entries[i]
+            attrs = self._attrs((*base, e.name), e)
+            if not pyfuse3.readdir_reply(token, os.fsencode(e.name), attrs, i + 1):
+                break
+
+    def _dir_path(self, fh: int) -> tuple[str, ...]:
+        return self._dir_paths[fh]
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+        self._dir_paths.pop(fh, None)
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        async with self._guard("open"):
+            path = self._path(inode)
+            started = time.monotonic()
+            f = await self.bridge.open(path)
+            fh = next(self._next_fh)
+            self._files[fh] = (inode, f)
+            direct = self._reported.get(inode) != f.size
+            log.debug("open %s: %d bytes in %.3fs", path[-1], f.size, time.monotonic() - started)
+            return pyfuse3.FileInfo(fh=fh, direct_io=direct, keep_cache=not direct)
+        raise AssertionError("unreachable")
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        entry = self._files.get(fh)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        async with self._guard("read"):
+            return entry[1].read(off, size)
+        raise AssertionError("unreachable")
+
+    async def release(self, fh: int) -> None:
+        entry = self._files.pop(fh, None)
+        if entry is not None:
+            entry[1].release()
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = BLKSIZE
+        s.f_frsize = BLKSIZE
+        st = self.bridge.store.stats()
+        total = max(st.max_bytes, 1) // BLKSIZE
+        used = st.bytes // BLKSIZE
+        s.f_blocks = total
+        s.f_bfree = s.f_bavail = max(total - used, 0)
+        s.f_files = st.objects
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return []
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        return not mode & os.W_OK
+
+    async def forget(self, inode_list: Any) -> None:
+        # Inodes stay stable for the life of the mount: paths are few compared to memory.
+        return None

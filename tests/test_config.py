@@ -1,0 +1,96 @@
+"""mdm.toml validation: every error names the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mdm.config import load_config, parse_duration, parse_size
+from mdm.errors import ConfigError
+
+GOOD = """
+[bridge]
+ae_title = "MDMBRIDGE"
+port = 11112
+[cache]
+dir = "cache"
+max_bytes = "2GiB"
+[[site]]
+name = "CHLA"
+ae_title = "CHLA_PACS"
+host = "127.0.0.1"
+port = 4242
+[[site]]
+name = "UCSF"
+ae_title = "UCSF_PACS"
+host = "127.0.0.1"
+port = 4243
+retrieve = "get"
+timeout = "5s"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "mdm.toml"
+    p.write_text(text)
+    return p
+
+
+def test_good_config(tmp_path: Path) -> None:
+    c = load_config(write(tmp_path, GOOD))
+    assert c.cache.dir == tmp_path / "cache"
+    assert c.cache.max_bytes == 2 * 2**30
+    assert [s.name for s in c.sites] == ["CHLA", "UCSF"]
+    assert c.site("CHLA").retrieve == "move"
+    assert c.site("UCSF").retrieve == "get"
+    assert c.site("UCSF").timeout == 5.0
+    assert c.site("CHLA").timeout == c.bridge.timeout
+    assert c.identity is None and c.policy is None
+    assert c.keys.keyring == tmp_path / "keyring.json"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (GOOD.replace("port = 4242", 'port = "x"'), "site[0].port"),
+        (GOOD.replace('max_bytes = "2GiB"', 'max_bytes = "lots"'), "cache.max_bytes"),
+        (GOOD.replace('retrieve = "get"', 'retrieve = "push"'), "site[1].retrieve"),
+        (GOOD.replace('name = "UCSF"', 'name = "CHLA"'), "site[1].name"),
+        (GOOD.replace('host = "127.0.0.1"\nport = 4242', "port = 4242"), "site[0].host"),
+        (GOOD.replace("[bridge]", "[bridge]\ncolour = 1"), "bridge.colour"),
+        (
+            GOOD.replace('ae_title = "CHLA_PACS"', 'ae_title = "WAY_TOO_LONG_AE_TITLE"'),
+            "site[0].ae_title",
+        ),
+        (GOOD + "\n[wat]\nx=1\n", "wat"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path: Path, text: str, key: str) -> None:
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert ei.value.key == key
+    assert str(p) in str(ei.value)
+    assert ei.value.exit_code == 2
+
+
+def test_missing_file_and_syntax(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="TOML syntax"):
+        load_config(write(tmp_path, "[cache\n"))
+    with pytest.raises(ConfigError, match="cache"):
+        load_config(write(tmp_path, "[bridge]\n"))
+
+
+def test_units() -> None:
+    assert parse_size("50GiB") == 50 * 2**30
+    assert parse_size("500 MB") == 500 * 10**6
+    assert parse_size(123) == 123
+    assert parse_duration("10m") == 600
+    assert parse_duration("250ms") == 0.25
+    with pytest.raises(ValueError):
+        parse_size("-1")
+    with pytest.raises(ValueError):
+        parse_duration("soon")

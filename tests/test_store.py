@@ -1,0 +1,474 @@
+"""The encrypted object store (mdm.store) on real files and a real LMDB environment."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from mdm.crypto import HEADER_LEN, TAG_LEN, BlobHeader, encrypt_object, new_key
+from mdm.db import open_env
+from mdm.errors import IntegrityError, KeyUnavailable, NotFound, StoreFull
+from mdm.identity import LOCAL_ADMIN
+from mdm.keys import LocalKeyring, Scope
+from mdm.store import OBJECTS_DB, ObjectInfo, ObjectRef, ObjectStore
+
+CS = 64
+SCOPE = Scope("CHLA", "identified")
+META = {"sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "study_uid": "1.2.3", "site": "CHLA"}
+
+
+def blob_size(n: int) -> int:
+    return BlobHeader.for_plaintext(n, CS).blob_size
+
+
+class Env:
+    """A cache dir with its LMDB env, keyring and store; reopenable like a restart."""
+
+    def __init__(self, tmp: Path, max_bytes: int = 10**9, root: Path | None = None) -> None:
+        self.dir = tmp / "cache"
+        self.root = root or self.dir
+        self.keyring_path = tmp / "keyring.json"
+        self.max_bytes = max_bytes
+        self.env: lmdb.Environment | None = None
+        self.store = self.open()
+
+    def open(self) -> ObjectStore:
+        self.env = open_env(self.dir)
+        self.keys = LocalKeyring.load(self.keyring_path)
+        self.store = ObjectStore(self.root, self.env, self.keys, self.max_bytes, chunk_size=CS)
+        return self.store
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.store.close()
+            self.env.close()
+            self.env = None
+
+    def reopen(self) -> ObjectStore:
+        self.close()
+        return self.open()
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Iterator[Env]:
+    e = Env(tmp_path)
+    yield e
+    e.close()
+
+
+def data_for(uid: str, n: int) -> bytes:
+    seed = hashlib.sha256(uid.encode()).digest()
+    return (seed * (n // 32 + 1))[:n]
+
+
+def read_all(store: ObjectStore, ref: ObjectRef) -> bytes:
+    with store.open(ref, LOCAL_ADMIN) as r:
+        return r.read(0, r.size + 1)
+
+
+# -- round trips ----------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [0, 1, CS - 1, CS, CS + 1, int(3.5 * CS)])
+def test_round_trip_and_ranges(cache: Env, size: int) -> None:
+    ref = ObjectRef(f"1.2.3.{size}")
+    data = os.urandom(size)
+    info = cache.store.put(ref, SCOPE, data, META)
+    assert (info.size, info.stored_bytes, info.meta) == (size, blob_size(size), META)
+    name = ref.blob_name()
+    path = cache.root / "objects" / name[:2] / name
+    assert path.stat().st_size == info.stored_bytes
+    assert oct(path.stat().st_mode & 0o777) == oct(0o600)
+    rng = random.Random(size)
+    with cache.store.open(ref, LOCAL_ADMIN) as r:
+        assert r.size == size
+        assert r.read(0, size) == data
+        for _ in range(100):
+            off, n = rng.randrange(0, size + 5), rng.randrange(0, 3 * CS)
+            assert r.read(off, n) == data[off : off + n]
+        assert r.read(size + 1000, 10) == b""
+    # survives a restart
+    store = cache.reopen()
+    assert read_all(store, ref) == data
+    got = store.info(ref)
+    assert got is not None and got.scope == SCOPE and got.meta == META
+
+
+def test_blob_name_is_deterministic_and_uniform() -> None:
+    a, b = ObjectRef("1.2.3"), ObjectRef("1.2.3", "deidentified")
+    assert a.blob_name() == ObjectRef("1.2.3").blob_name() != b.blob_name()
+    assert len(a.blob_name()) == 64 and "1.2.3" not in a.blob_name()
+    with pytest.raises(ValueError):
+        ObjectRef("1.2.3", "raw")
+
+
+def test_put_is_idempotent(cache: Env) -> None:
+    ref = ObjectRef("1.2.3.9")
+    first = cache.store.put(ref, SCOPE, b"a" * 100)
+    second = cache.store.put(ref, SCOPE, b"a" * 100)
+    assert second.sealed_key == first.sealed_key
+    st = cache.store.stats()
+    assert (st.objects, st.bytes) == (1, blob_size(100))
+
+
+def test_not_found(cache: Env) -> None:
+    with pytest.raises(NotFound):
+        cache.store.open(ObjectRef("9.9.9"), LOCAL_ADMIN)
+    assert cache.store.info(ObjectRef("9.9.9")) is None
+
+
+def test_concurrent_puts_and_reads(cache: Env) -> None:
+    errors: list[BaseException] = []
+    refs = [ObjectRef(f"1.2.7.{i}") for i in range(12)]
+
+    def work(k: int) -> None:
+        try:
+            for i, ref in enumerate(refs):
+                # every thread stores every object: one must win, the others reuse it
+                cache.store.put(ref, SCOPE, data_for(ref.sop_uid, 50 * i))
+                assert read_all(cache.store, ref) == data_for(ref.sop_uid, 50 * i)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    st = cache.store.stats()
+    assert st.objects == 12 and st.pinned == 0
+    files = [p for p in (cache.root / "objects").rglob("*") if p.is_file()]
+    assert len(files) == 12 and st.bytes == sum(p.stat().st_size for p in files)
+    assert not list((cache.root / "tmp").iterdir())
+
+
+# -- tampering ------------------------------------------------------------------------------
+def _blob(cache: Env, ref: ObjectRef) -> Path:
+    n = ref.blob_name()
+    return cache.root / "objects" / n[:2] / n
+
+
+def test_flipped_byte_detected_in_read_and_verify(cache: Env) -> None:
+    ref = ObjectRef("1.2.4.1")
+    data = os.urandom(3 * CS)
+    cache.store.put(ref, SCOPE, data)
+    path = _blob(cache, ref)
+    raw = bytearray(path.read_bytes())
+    raw[HEADER_LEN + (CS + TAG_LEN) + 5] ^= 1  # inside chunk 1
+    path.write_bytes(bytes(raw))
+    with cache.store.open(ref, LOCAL_ADMIN) as r:
+        assert r.read(0, CS) == data[:CS]  # chunk 0 is intact and readable
+        with pytest.raises(IntegrityError, match="chunk 1 of 3"):
+            r.read(CS, 10)
+    problems = cache.store.verify(LOCAL_ADMIN)
+    assert [p.ref for p in problems] == [ref] and "chunk 1" in problems[0].reason
+
+
+def test_truncated_blob_detected(cache: Env) -> None:
+    ref = ObjectRef("1.2.4.2")
+    cache.store.put(ref, SCOPE, os.urandom(3 * CS))
+    path = _blob(cache, ref)
+    path.write_bytes(path.read_bytes()[: -(CS + TAG_LEN)])
+    with pytest.raises(IntegrityError, match="wrong size"):
+        cache.store.open(ref, LOCAL_ADMIN)
+    assert cache.store.stats().pinned == 0
+    assert [p.ref for p in cache.store.verify(LOCAL_ADMIN)] == [ref]
+
+
+def test_swapped_chunks_detected(cache: Env) -> None:
+    ref = ObjectRef("1.2.4.3")
+    cache.store.put(ref, SCOPE, os.urandom(3 * CS))
+    path = _blob(cache, ref)
+    raw = path.read_bytes()
+    c = CS + TAG_LEN
+    c0, c1 = raw[HEADER_LEN : HEADER_LEN + c], raw[HEADER_LEN + c : HEADER_LEN + 2 * c]
+    path.write_bytes(raw[:HEADER_LEN] + c1 + c0 + raw[HEADER_LEN + 2 * c :])
+    with cache.store.open(ref, LOCAL_ADMIN) as r, pytest.raises(IntegrityError):
+        r.read(0, 3 * CS)
+
+
+def test_blob_moved_to_another_objects_name(cache: Env) -> None:
+    a, b = ObjectRef("1.2.4.4"), ObjectRef("1.2.4.5")
+    cache.store.put(a, SCOPE, os.urandom(100))
+    cache.store.put(b, SCOPE, os.urandom(100))
+    _blob(cache, b).write_bytes(_blob(cache, a).read_bytes())
+    with cache.store.open(b, LOCAL_ADMIN) as r, pytest.raises(IntegrityError):
+        r.read(0, 100)
+
+
+def test_sealed_key_replayed_for_another_ref(cache: Env) -> None:
+    a, b = ObjectRef("1.2.4.6"), ObjectRef("1.2.4.7")
+    ia = cache.store.put(a, SCOPE, os.urandom(100))
+    ib = cache.store.put(b, SCOPE, os.urandom(100))
+    ib.sealed_key = ia.sealed_key
+    assert cache.env is not None
+    db = cache.env.open_db(OBJECTS_DB)
+    with cache.env.begin(write=True) as txn:
+        txn.put(b.blob_name().encode(), ib.to_record(), db=db)
+    with pytest.raises(KeyUnavailable):
+        cache.store.open(b, LOCAL_ADMIN)
+    # and a record moved to another scope does not open either
+    ia.scope = Scope("CHLA", "deidentified")
+    with cache.env.begin(write=True) as txn:
+        txn.put(a.blob_name().encode(), ia.to_record(), db=db)
+    cache.keys.seal(b"x", ia.scope, new_key())  # that scope has a key
+    with pytest.raises(KeyUnavailable):
+        cache.store.open(a, LOCAL_ADMIN)
+    assert {p.ref for p in cache.store.verify(LOCAL_ADMIN)} == {a, b}
+
+
+# -- hard cap, LRU and pins -----------------------------------------------------------------
+def test_cap_evicts_least_recently_used(tmp_path: Path) -> None:
+    e = Env(tmp_path, max_bytes=3 * blob_size(200))
+    try:
+        s = e.store
+        a, b, c, d = (ObjectRef(f"1.2.5.{i}") for i in range(4))
+        for ref in (a, b, c):
+            s.put(ref, SCOPE, data_for(ref.sop_uid, 200))
+            time.sleep(0.002)
+        read_all(s, a)  # a is now more recent than b and c
+        s.put(d, SCOPE, data_for(d.sop_uid, 200))
+        assert s.info(b) is None and not _blob(e, b).exists()
+        assert {r.sop_uid for r in s.list_refs()} == {a.sop_uid, c.sop_uid, d.sop_uid}
+        assert s.stats().bytes == 3 * blob_size(200) <= s.max_bytes
+        # access times persist across a restart and still drive the order
+        s = e.reopen()
+        s.put(b, SCOPE, data_for(b.sop_uid, 200))
+        assert s.info(c) is None and s.info(a) is not None
+    finally:
+        e.close()
+
+
+def test_pinned_object_is_never_evicted(tmp_path: Path) -> None:
+    e = Env(tmp_path, max_bytes=2 * blob_size(200))
+    try:
+        s = e.store
+        refs = [ObjectRef(f"1.2.6.{i}") for i in range(6)]
+        s.put(refs[0], SCOPE, data_for(refs[0].sop_uid, 200))
+        reader = s.open(refs[0], LOCAL_ADMIN)
+        for ref in refs[1:4]:
+            s.put(ref, SCOPE, data_for(ref.sop_uid, 200))
+            assert s.info(refs[0]) is not None
+        assert s.evict([refs[0]]) == 0
+        assert s.evict() == 1  # only the unpinned one
+        assert reader.read(0, 200) == data_for(refs[0].sop_uid, 200)
+        second = s.open(s.put(refs[4], SCOPE, data_for(refs[4].sop_uid, 200)).ref, LOCAL_ADMIN)
+        assert s.stats().pinned == 2
+        with pytest.raises(StoreFull, match="in use"):
+            s.put(refs[5], SCOPE, data_for(refs[5].sop_uid, 200))
+        assert s.info(refs[5]) is None
+        assert not list((e.root / "tmp").iterdir())
+        reader.close()
+        reader.close()  # idempotent
+        s.put(refs[5], SCOPE, data_for(refs[5].sop_uid, 200))
+        assert s.info(refs[0]) is None and s.info(refs[4]) is not None
+        second.close()
+        assert s.stats().pinned == 0
+    finally:
+        e.close()
+
+
+def test_object_larger_than_cache(tmp_path: Path) -> None:
+    e = Env(tmp_path, max_bytes=1000)
+    try:
+        with pytest.raises(StoreFull, match="larger than the cache"):
+            e.store.put(ObjectRef("1.2.8"), SCOPE, bytes(1000))
+        assert e.store.stats().objects == 0
+    finally:
+        e.close()
+
+
+def test_evict_by_ref_and_target(cache: Env) -> None:
+    s = cache.store
+    refs = [ObjectRef(f"1.2.9.{i}") for i in range(5)]
+    for ref in refs:
+        s.put(ref, SCOPE, bytes(100))
+        time.sleep(0.002)
+    assert s.evict([refs[4], ObjectRef("7.7.7")]) == 1
+    assert s.evict(target_bytes=2 * blob_size(100)) == 2
+    assert {r.sop_uid for r in s.list_refs()} == {refs[2].sop_uid, refs[3].sop_uid}
+    assert s.evict() == 2
+    assert s.stats().objects == 0 and s.stats().bytes == 0
+    assert not [p for p in (cache.root / "objects").rglob("*") if p.is_file()]
+
+
+# -- crash recovery -------------------------------------------------------------------------
+def test_recover_cleans_tmp_orphans_and_bad_records(cache: Env) -> None:
+    s = cache.store
+    keep, gone, short = ObjectRef("1.3.1"), ObjectRef("1.3.2"), ObjectRef("1.3.3")
+    for ref in (keep, gone, short):
+        s.put(ref, SCOPE, data_for(ref.sop_uid, 300))
+    _blob(cache, gone).unlink()
+    p = _blob(cache, short)
+    p.write_bytes(p.read_bytes()[:-1])
+    (cache.root / "tmp" / "deadbeef.1234.tmp").write_bytes(b"partial")
+    # a crash between rename and commit: the blob is in place, its record never committed
+    crashed = ObjectRef("1.3.4")
+    n = crashed.blob_name()
+    (cache.root / "objects" / n[:2]).mkdir(exist_ok=True)
+    (cache.root / "objects" / n[:2] / n).write_bytes(
+        encrypt_object(new_key(), crashed.identity(), b"x" * 50, CS)
+    )
+    s = cache.reopen()
+    report = s.recover()
+    assert report.exclusive
+    assert (report.tmp_removed, report.orphans_removed, report.records_dropped) == (1, 1, 2)
+    assert (report.objects, report.bytes) == (1, blob_size(300))
+    assert s.list_refs() == [keep]
+    assert s.stats().bytes == blob_size(300)
+    assert read_all(s, keep) == data_for(keep.sop_uid, 300)
+    files = [p for p in (cache.root / "objects").rglob("*") if p.is_file()]
+    assert files == [_blob(cache, keep)]
+    assert not list((cache.root / "tmp").iterdir())
+    # the crashed object can be stored again
+    s.put(crashed, SCOPE, b"y" * 50)
+    assert read_all(s, crashed) == b"y" * 50
+
+
+def test_recover_leaves_another_process_alone(cache: Env, tmp_path: Path) -> None:
+    other = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(cache.root / "store.lock")],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert other.stdout is not None and other.stdout.readline() == b"locked\n"
+        (cache.root / "tmp" / "inflight.tmp").write_bytes(b"partial")
+        report = cache.store.recover()
+        assert not report.exclusive and report.tmp_removed == 0
+        assert (cache.root / "tmp" / "inflight.tmp").exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+_HOLD_LOCK = textwrap.dedent(
+    """
+    import fcntl, os, sys, time
+    fd = os.open(sys.argv[1], os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    print("locked", flush=True)
+    time.sleep(60)
+    """
+)
+
+_WRITER = textwrap.dedent(
+    """
+    import hashlib, sys
+    from pathlib import Path
+    from mdm.db import open_env
+    from mdm.keys import LocalKeyring, Scope
+    from mdm.store import ObjectRef, ObjectStore
+    cache, keyring = Path(sys.argv[1]), Path(sys.argv[2])
+    store = ObjectStore(cache, open_env(cache), LocalKeyring.load(keyring), 10**9, chunk_size=64)
+    for i in range(100000):
+        uid = f"1.4.{i}"
+        seed = hashlib.sha256(uid.encode()).digest()
+        n = (i * 37) % 3000
+        store.put(ObjectRef(uid), Scope("CHLA", "identified"), (seed * (n // 32 + 1))[:n])
+        if i == 20:
+            print("running", flush=True)
+    """
+)
+
+
+def test_kill_9_during_puts_loses_nothing_committed(cache: Env) -> None:
+    cache.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(cache.dir), str(cache.keyring_path)],
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == b"running\n"
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    s = cache.open()
+    report = s.recover()
+    refs = s.list_refs()
+    assert len(refs) > 20 and report.records_dropped == 0
+    assert s.verify(LOCAL_ADMIN) == []
+    for ref in refs:
+        i = int(ref.sop_uid.rsplit(".", 1)[1])
+        assert read_all(s, ref) == data_for(ref.sop_uid, (i * 37) % 3000)
+    files = [p for p in (cache.root / "objects").rglob("*") if p.is_file()]
+    assert len(files) == len(refs)
+    assert s.stats().bytes == sum(p.stat().st_size for p in files)
+
+
+# -- disk full ------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mnt)],
+        capture_output=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_disk_full_is_store_full_and_loses_nothing(tmp_path: Path, small_disk: Path) -> None:
+    e = Env(tmp_path, max_bytes=10**8, root=small_disk / "store")
+    try:
+        stored = []
+        with pytest.raises(StoreFull, match="no space left"):
+            for i in range(100):
+                ref = ObjectRef(f"1.5.{i}")
+                e.store.put(ref, SCOPE, data_for(ref.sop_uid, 30_000))
+                stored.append(ref)
+        assert stored
+        assert not list((e.root / "tmp").iterdir())
+        assert e.store.list_refs() == stored or set(e.store.list_refs()) == set(stored)
+        for ref in stored:
+            assert read_all(e.store, ref) == data_for(ref.sop_uid, 30_000)
+        assert e.store.verify(LOCAL_ADMIN) == []
+    finally:
+        e.close()
+
+
+# -- nothing in clear at rest ---------------------------------------------------------------
+def test_no_plaintext_anywhere_under_root(cache: Env) -> None:
+    marker = b"DOE^JANE^PATIENT-ID-4711^"
+    data = marker * 50
+    refs = [ObjectRef("1.6.1"), ObjectRef("1.6.1", "deidentified"), ObjectRef("1.6.2")]
+    for ref in refs:
+        cache.store.put(ref, Scope("CHLA", ref.view), data, META)
+        assert read_all(cache.store, ref) == data
+    cache.close()  # flush everything LMDB holds
+    scanned = 0
+    for path in cache.dir.rglob("*"):
+        if path.is_file():
+            raw = path.read_bytes()
+            scanned += 1
+            assert marker not in raw, path
+            assert marker[:12] not in raw, path
+    assert scanned >= 5  # blobs, data.mdb, lock.mdb, store.lock
+    assert b"1.6.2" in (cache.dir / "index.lmdb" / "data.mdb").read_bytes()  # the scan is real
+
+
+def test_records_hold_no_key_material(cache: Env) -> None:
+    ref = ObjectRef("1.6.3")
+    info = cache.store.put(ref, SCOPE, b"z" * 10)
+    assert cache.env is not None
+    with cache.env.begin() as txn:
+        raw = txn.get(ref.blob_name().encode(), db=cache.env.open_db(OBJECTS_DB))
+    assert raw is not None
+    assert ObjectInfo.from_record(bytes(raw)).sealed_key == info.sealed_key
+    dek = cache.keys.open(LOCAL_ADMIN, ref.identity(), SCOPE, info.sealed_key)
+    assert dek not in bytes(raw) and dek not in (cache.dir / "index.lmdb" / "data.mdb").read_bytes()
