@@ -233,10 +233,10 @@ class Bridge:
         out: list[tuple[str, list[Dataset] | None]] = []
         for r in results:
             if r.error is not None:
-                log.warning("C-FIND %s at site %s failed: %s", level, r.site, r.error)
-                out.append((r.site, None))
+                log.warning("C-FIND %s at site %s failed: %s", level, r.site.name, r.error)
+                out.append((r.site.name, None))
             else:
-                out.append((r.site, list(r.datasets)))
+                out.append((r.site.name, list(r.datasets)))
         return out
 
     def _to_records(self, level: Level, site: str, dss: list[Dataset]) -> list[Record]:
@@ -262,7 +262,7 @@ class Bridge:
         for s in studies:
             pid = s.parent
             if pid not in seen:
-                pa = {
+                pa: dict[str, str] = {
                     k: s.attrs[k]
                     for k in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex")
                     if k in s.attrs
@@ -633,7 +633,8 @@ class Bridge:
             raise AccessDenied("the de-identified view is not available in this version")
         exact_before = self.store.info(ObjectRef(node.instance.uid)) is not None
         info = await self.fetch_instance(node.study, node.series, node.instance, prefer=node.site)
-        reader = self.store.open(info.ref, self.principal)
+        # Unwrapping the key may touch the keyring file and LMDB: keep the trio thread free.
+        reader = await trio.to_thread.run_sync(self.store.open, info.ref, self.principal)
         return OpenFile(reader=reader, size=reader.size, exact_before=exact_before)
 
     def _target(self, study: Record, series: Record, inst: Record, prefer: str | None) -> Target:
@@ -764,6 +765,7 @@ async def open_bridge(
         finally:
             await trio.to_thread.run_sync(retriever.close)
             await trio.to_thread.run_sync(scp.stop)
+            store.close()
     finally:
         env.close()
 

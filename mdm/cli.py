@@ -305,13 +305,13 @@ def find(
     errors = []
     for r in results:
         if r.error is not None:
-            errors.append(f"{r.site}: {r.error}")
+            errors.append(f"{r.site.name}: {r.error}")
             continue
         for d in r.datasets:
             row = {k: _value(d.get(k)) for k in keys}
             uid = row.get(uid_key) or ""
             cur = merged.setdefault(uid, {**row, "sites": []})
-            cur["sites"].append(r.site)
+            cur["sites"].append(r.site.name)
     for e in errors:
         click.echo(f"mdm: warning: site {e}", err=True)
     rows = sorted(merged.values(), key=lambda r: [str(r.get(k, "")) for k in keys])
@@ -453,8 +453,12 @@ def cache_evict(config_path: Path, evict_all: bool, uids: tuple[str, ...]) -> No
 )
 @click.option("--patients", default=4, show_default=True, help="Generated patients per site.")
 @click.option("--foreground/--background", default=False, help="Keep the demo in the foreground.")
-def demo(workdir: Path, patients: int, foreground: bool) -> None:
+@click.option("--stop", is_flag=True, help="Unmount the demo and stop its PACS.")
+def demo(workdir: Path, patients: int, foreground: bool, stop: bool) -> None:
     """Start two local PACS with generated patients, write a config and mount the federation."""
-    from mdm.demo import run_demo
+    from mdm.demo import run_demo, stop_demo
 
+    if stop:
+        stop_demo(workdir.resolve())
+        return
     run_demo(workdir.resolve(), patients=patients, foreground=foreground)

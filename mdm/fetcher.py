@@ -164,9 +164,9 @@ class Fetcher:
                     log.warning("retrieval from site %s failed: %s", name, e)
                     continue
         except BaseException as e:  # cancellation or a bug: never leave waiters hanging
-            err = MdmError(f"retrieval aborted: {type(e).__name__}")
+            aborted = MdmError(f"retrieval aborted: {type(e).__name__}")
             for u in wanted:
-                self._finish(u, err)
+                self._finish(u, aborted)
             raise
         for u in wanted:
             p = pend[u]

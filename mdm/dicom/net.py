@@ -9,8 +9,9 @@ Everything here exists because of a pynetdicom default that does not suit a brid
 * a C-FIND/C-MOVE/C-GET waiting with ``dimse_timeout=None`` is never woken when the
   association dies, and a finite ``dimse_timeout`` cannot express "a deadline that resets
   while the peer makes progress"; :class:`Watchdog` provides both;
-* it logs request and response identifiers (patient names and IDs) at INFO: switched off here,
-  process-wide, because no log line of the bridge may carry PHI.
+* it logs request and response identifiers (patient names and IDs) at INFO, and pydicom logs
+  invalid values it decodes: both switched off here, process-wide, because no log line of
+  the bridge may carry PHI.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from types import TracebackType
 from typing import Any, cast
 
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom._globals import MODE_ACCEPTOR
@@ -54,6 +56,9 @@ log = logging.getLogger(__name__)
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 _config.LOG_HANDLER_LEVEL = "none"
+# pydicom validates values as it decodes them and logs an invalid value verbatim (a malformed
+# PatientName would land in the log): PACS answers are checked by our own code instead.
+pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 VERIFICATION = "1.2.840.10008.1.1"
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"

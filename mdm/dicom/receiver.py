@@ -255,6 +255,10 @@ class StorageSCP:
         with self._lock:
             return len(self._routes)
 
+    def _count(self, counter: str) -> None:
+        with self._lock:
+            setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+
     def handle_store(self, event: Event) -> int:
         """EVT_C_STORE handler (also bound on C-GET associations): route, never decode."""
         req = event.request
@@ -268,7 +272,7 @@ class StorageSCP:
             exps = self._routes.get(sop_uid)
             exp = exps[0] if exps else None
         if exp is None:
-            self.stats.refused_unexpected += 1
+            self._count("refused_unexpected")
             log.warning(
                 "refused C-STORE from %r: SOP instance %s (class %s) was not requested",
                 calling,
@@ -278,7 +282,7 @@ class StorageSCP:
             return STORE_NOT_AUTHORISED
         if not exp._claim(sop_uid):
             # A PACS may resend after a lost response: acknowledge, do not store twice.
-            self.stats.duplicates += 1
+            self._count("duplicates")
             return STORE_SUCCESS
         obj = ReceivedObject(
             sop_uid=sop_uid,
@@ -290,21 +294,21 @@ class StorageSCP:
         try:
             exp.sink(obj)
         except StoreFull:
-            self.stats.refused_sink_error += 1
+            self._count("refused_sink_error")
             exp.refused += 1
             log.warning("C-STORE of %s from %r refused: cache full", sop_uid, calling)
             return STORE_OUT_OF_RESOURCES
         except Exception:
-            self.stats.refused_sink_error += 1
+            self._count("refused_sink_error")
             exp.refused += 1
             log.exception("C-STORE of %s from %r failed in the sink", sop_uid, calling)
             return STORE_PROCESSING_FAILURE
         exp._delivered(sop_uid)
-        self.stats.stored += 1
+        self._count("stored")
         return STORE_SUCCESS
 
     def _on_rejected(self, event: Event) -> None:
-        self.stats.rejected_associations += 1
+        self._count("rejected_associations")
         rq = event.assoc.requestor
         log.warning(
             "refused association from AE %r at %s (not a configured site, or wrong called AE)",

@@ -161,6 +161,7 @@ class _Pool:
         self.idle: list[_Conn] = []
         self.in_use = 0
         self.stats = PoolStats()
+        self.retired = False
         self.ae = TunedAE(retriever.bridge.ae_title, site.timeout, retriever.bridge.max_pdu)
 
     def acquire(self, mode: str, need: frozenset[str]) -> tuple[_Conn, bool]:
@@ -256,7 +257,7 @@ class _Pool:
 
     def release(self, conn: _Conn, healthy: bool) -> None:
         """Give a connection back: pooled if healthy, closed otherwise."""
-        if healthy and conn.alive() and not self.retriever.closed:
+        if healthy and conn.alive() and not (self.retired or self.retriever.closed):
             conn.last_used = time.monotonic()
             with self.cond:
                 self.in_use -= 1
@@ -321,6 +322,7 @@ class Retriever:
             pool = self._pools.get(site.name)
             if pool is None or pool.site != site:
                 if pool is not None:  # settings changed (reload): retire the old pool
+                    pool.retired = True
                     pool.reap(time.monotonic(), everything=True)
                 pool = self._pools[site.name] = _Pool(self, site)
             if self._reaper is None:

@@ -1,0 +1,259 @@
+"""Shared fixtures: synthetic DICOM data and real Orthanc "hospitals" on loopback.
+
+``synth_small``            a few small instances as files (session scope).
+``orthanc_pair``           two Orthancs, SiteA and SiteB, with data (module scope; do not pause
+                           or kill them - use ``orthanc_pair_private`` for fault tests).
+``orthanc_pair_private``   the same, started for one test only.
+
+Data layout of a pair (6 patients, each one study of a 4-slice CT and a 3-slice MR series):
+patients 0 and 1 only on SiteA, 2 and 3 only on SiteB, patient 4's study on both, patient 5's CT
+series on both and its MR series only on SiteB. Even patients are in trial NANT-2007-01.
+Nothing here imports pyfuse3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from mdm.localpacs import LOOPBACK, LocalOrthanc, free_port, stop_all
+from mdm.synth import GeneratedInstance, by_series, generate
+
+BRIDGE_AET = "MDMTEST"
+
+
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory: pytest.TempPathFactory) -> list[GeneratedInstance]:
+    """Two patients, each a study of a 5-slice CT and a 4-slice MR series, 64x64, as files."""
+    root = tmp_path_factory.mktemp("synth_small")
+    return generate(root, patients=2, seed=1234, ct_slices=5, mr_slices=4, rows=64, cols=64)
+
+
+@dataclass
+class Site:
+    """One PACS of the pair: its config name, the server, and what it holds."""
+
+    name: str
+    server: LocalOrthanc
+    instances: list[GeneratedInstance] = field(default_factory=list)
+
+    @property
+    def sop_uids(self) -> set[str]:
+        return {i.sop_uid for i in self.instances}
+
+    @property
+    def series_uids(self) -> set[str]:
+        return {i.series_uid for i in self.instances}
+
+    @property
+    def study_uids(self) -> set[str]:
+        return {i.study_uid for i in self.instances}
+
+    @property
+    def patient_ids(self) -> set[str]:
+        return {i.patient_id for i in self.instances}
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return str(v)
+    if isinstance(v, Path):
+        v = str(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _toml_table(header: str, values: Mapping[str, object]) -> str:
+    lines = [header] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class PacsPair:
+    """Two running Orthancs and the inventory of which generated UIDs are where."""
+
+    a: Site
+    b: Site
+    instances: list[GeneratedInstance]
+    """Every distinct generated instance (each SOP once)."""
+    bridge_aet: str
+    bridge_port: int
+    """Free port reserved for the bridge's storage SCP, known to both PACS as ``bridge_aet``."""
+    only_a_patients: list[str]
+    only_b_patients: list[str]
+    shared_series: list[str]
+    """Series held by both sites (fail-over candidates)."""
+    split_study: str
+    """A study whose CT series is on both sites and whose MR series is only on SiteB."""
+
+    @property
+    def sites(self) -> tuple[Site, Site]:
+        return (self.a, self.b)
+
+    def site(self, name: str) -> Site:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def sites_holding(self, uid: str) -> set[str]:
+        """Names of the sites holding a SOP, series or study UID (or patient ID)."""
+        return {
+            s.name
+            for s in self.sites
+            if uid in s.sop_uids
+            or uid in s.series_uids
+            or uid in s.study_uids
+            or uid in s.patient_ids
+        }
+
+    def series(self, series_uid: str) -> list[GeneratedInstance]:
+        """The generated instances of one series, in slice order."""
+        return by_series(self.instances)[series_uid]
+
+    def add_destination(self, aet: str, port: int, host: str = LOOPBACK) -> None:
+        """Declare another C-MOVE destination (modality name = AET) on both PACS."""
+        for s in self.sites:
+            s.server.add_modality(aet, aet, host, port)
+
+    def write_config(
+        self,
+        directory: Path,
+        *,
+        sites: Sequence[str] = ("SiteA", "SiteB"),
+        retrieve: str = "move",
+        timeout: str = "10s",
+        max_bytes: str = "1GiB",
+        bridge_options: Mapping[str, object] | None = None,
+        site_options: Mapping[str, Mapping[str, object]] | None = None,
+        extra: str = "",
+    ) -> Path:
+        """Write ``directory/mdm.toml`` for a bridge federating the pair; return its path.
+
+        ``sites`` picks and orders the sites (fail-over follows this order);
+        ``bridge_options`` adds ``[bridge]`` keys, ``site_options[name]`` adds keys to one
+        ``[[site]]``; ``extra`` is raw TOML appended at the end (``[identity]``, ``[policy]``,
+        ``[audit]``, a bogus ``[[site]]`` ...). Cache and keyring live under ``directory``.
+        """
+        directory.mkdir(parents=True, exist_ok=True)
+        bridge: dict[str, object] = {
+            "ae_title": self.bridge_aet,
+            "host": LOOPBACK,
+            "port": self.bridge_port,
+            "retrieve": retrieve,
+        }
+        bridge.update(bridge_options or {})
+        parts = [
+            _toml_table("[bridge]", bridge),
+            _toml_table(
+                "[cache]", {"dir": directory / "cache", "max_bytes": max_bytes}
+            ),
+            _toml_table("[keys]", {"keyring": directory / "keyring.json"}),
+        ]
+        for name in sites:
+            srv = self.site(name).server
+            values: dict[str, object] = {
+                "name": name,
+                "ae_title": srv.aet,
+                "host": LOOPBACK,
+                "port": srv.dicom_port,
+                "retrieve": retrieve,
+                "timeout": timeout,
+            }
+            values.update((site_options or {}).get(name, {}))
+            parts.append(_toml_table("[[site]]", values))
+        if extra:
+            parts.append(extra.rstrip("\n") + "\n")
+        path = directory / "mdm.toml"
+        path.write_text("\n".join(parts))
+        return path
+
+
+def start_pair(root: Path) -> PacsPair:
+    """Start SiteA and SiteB under ``root`` and upload the pair's data (see module docstring).
+
+    The caller must call :func:`stop_pair`, even if this raises half-way (servers already
+    started are stopped here on failure).
+    """
+    instances = generate(None, patients=6, seed=2007, ct_slices=4, mr_slices=3, rows=64, cols=64)
+    patients: list[str] = []
+    for inst in instances:
+        if inst.patient_id not in patients:
+            patients.append(inst.patient_id)
+    on_a: list[GeneratedInstance] = []
+    on_b: list[GeneratedInstance] = []
+    for inst in instances:
+        p = patients.index(inst.patient_id)
+        if p in (0, 1):
+            on_a.append(inst)
+        elif p in (2, 3):
+            on_b.append(inst)
+        elif p == 4:
+            on_a.append(inst)
+            on_b.append(inst)
+        else:  # p == 5: CT on both, MR only on B
+            on_b.append(inst)
+            if inst.modality == "CT":
+                on_a.append(inst)
+    bridge_port = free_port()
+    dests = {BRIDGE_AET: (BRIDGE_AET, LOOPBACK, bridge_port)}
+    # die_with_parent: a test run killed hard must not leave Orthancs behind. Fixtures run in
+    # the main thread, so the parent "thread" lives as long as the test session.
+    a = LocalOrthanc(
+        root / "site_a", name="SiteA", aet="SITEA", modalities=dests, die_with_parent=True
+    )
+    b = LocalOrthanc(
+        root / "site_b", name="SiteB", aet="SITEB", modalities=dests, die_with_parent=True
+    )
+    try:
+        a.start()
+        b.start()
+        a.upload(on_a)
+        b.upload(on_b)
+    except BaseException:
+        stop_all([a, b])
+        raise
+    shared = sorted({i.series_uid for i in on_a} & {i.series_uid for i in on_b})
+    split = next(i.study_uid for i in instances if i.patient_id == patients[5])
+    return PacsPair(
+        a=Site("SiteA", a, on_a),
+        b=Site("SiteB", b, on_b),
+        instances=instances,
+        bridge_aet=BRIDGE_AET,
+        bridge_port=bridge_port,
+        only_a_patients=patients[0:2],
+        only_b_patients=patients[2:4],
+        shared_series=shared,
+        split_study=split,
+    )
+
+
+def stop_pair(pair: PacsPair) -> None:
+    """Stop both servers (in parallel) and reap them."""
+    stop_all([pair.a.server, pair.b.server])
+
+
+@pytest.fixture(scope="module")
+def orthanc_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsPair]:
+    """SiteA and SiteB with data, shared by a test module. Do not pause, kill or modify."""
+    pair = start_pair(tmp_path_factory.mktemp("orthanc_pair"))
+    try:
+        yield pair
+    finally:
+        stop_pair(pair)
+
+
+@pytest.fixture
+def orthanc_pair_private(tmp_path: Path) -> Iterator[PacsPair]:
+    """SiteA and SiteB with data, for one test: pause, kill or modify them freely."""
+    pair = start_pair(tmp_path / "pacs")
+    try:
+        yield pair
+    finally:
+        stop_pair(pair)

@@ -1,0 +1,504 @@
+"""DICOM networking against a real Orthanc, pynetdicom peers and hostile TCP servers."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+from mdm.config import BridgeSettings, SiteSettings
+from mdm.dicom.query import c_echo, c_find, fan_out
+from mdm.dicom.receiver import ReceivedObject, StorageSCP
+from mdm.dicom.retrieve import IncompleteRetrieve, Retriever
+from mdm.errors import RetrieveError, RetrieveTimeout
+from mdm.localpacs import LocalOrthanc, free_port
+from mdm.synth import generate
+
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+pytestmark = pytest.mark.skipif(not os.path.exists(ORTHANC), reason="Orthanc is not installed")
+
+PACS_AET = "TESTPACS"
+BRIDGE_AET = "MDMTEST"
+
+
+@dataclass
+class Inst:
+    patient_id: str
+    patient_name: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    pixels: bytes
+    part10: bytes
+
+
+def inventory() -> list[Inst]:
+    """Two synthetic patients, each a study with a CT and an MR series (real pixels)."""
+    out = []
+    for g in generate(None, patients=2, seed=11, ct_slices=6, mr_slices=3, rows=64, cols=64):
+        raw = g.read()
+        ds = pydicom.dcmread(io.BytesIO(raw))
+        out.append(
+            Inst(
+                g.patient_id,
+                g.patient_name or str(ds.PatientName),
+                g.study_uid,
+                g.series_uid,
+                g.sop_uid,
+                g.sop_class_uid,
+                bytes(ds.PixelData),
+                raw,
+            )
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def data() -> list[Inst]:
+    return inventory()
+
+
+@pytest.fixture(scope="module")
+def bridge() -> BridgeSettings:
+    return BridgeSettings(ae_title=BRIDGE_AET, host="127.0.0.1", port=free_port(), timeout=5.0)
+
+
+@pytest.fixture(scope="module")
+def scp(bridge: BridgeSettings) -> Iterator[StorageSCP]:
+    s = StorageSCP(bridge, {PACS_AET})
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def pacs(
+    tmp_path_factory: pytest.TempPathFactory, data: list[Inst], scp: StorageSCP
+) -> Iterator[LocalOrthanc]:
+    o = LocalOrthanc(
+        tmp_path_factory.mktemp("orthanc"),
+        name="pacs1",
+        aet=PACS_AET,
+        modalities={"mdm": (BRIDGE_AET, "127.0.0.1", scp.port)},
+        die_with_parent=True,
+    )
+    try:
+        o.start()
+        o.upload(inst.part10 for inst in data)
+        yield o
+    finally:
+        o.resume()
+        o.stop()
+
+
+def site_of(pacs: LocalOrthanc, name: str = "PACS1", **kw: object) -> SiteSettings:
+    args: dict[str, object] = {"timeout": 5.0, "max_associations": 2}
+    args.update(kw)
+    return SiteSettings(name, PACS_AET, "127.0.0.1", pacs.dicom_port, **args)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def retriever(bridge: BridgeSettings, scp: StorageSCP) -> Iterator[Retriever]:
+    r = Retriever(bridge, scp)
+    yield r
+    r.close()
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.objects: dict[str, ReceivedObject] = {}
+
+    def __call__(self, obj: ReceivedObject) -> None:
+        with self.lock:
+            self.objects[obj.sop_uid] = obj
+
+
+def check_pixels(objs: dict[str, ReceivedObject], want: list[Inst]) -> None:
+    assert set(objs) == {i.sop_uid for i in want}
+    for inst in want:
+        obj = objs[inst.sop_uid]
+        ds = pydicom.dcmread(io.BytesIO(obj.data))
+        assert ds.SOPInstanceUID == inst.sop_uid
+        assert obj.sop_class_uid == inst.sop_class_uid
+        assert ds.file_meta.TransferSyntaxUID == obj.transfer_syntax
+        assert ds.PixelData == inst.pixels
+
+
+# --- echo and find ------------------------------------------------------------------------
+
+
+def test_echo_round_trip(pacs: LocalOrthanc, bridge: BridgeSettings) -> None:
+    rtt = c_echo(site_of(pacs), bridge)
+    assert 0 < rtt < 1.0
+
+
+def test_echo_closed_port_is_a_named_error(bridge: BridgeSettings) -> None:
+    site = SiteSettings("DOWN", "NOBODY", "127.0.0.1", free_port(), timeout=3.0)
+    t0 = time.monotonic()
+    with pytest.raises(RetrieveError, match="site DOWN"):
+        c_echo(site, bridge)
+    assert time.monotonic() - t0 < 2.0
+
+
+@pytest.mark.parametrize("model", ["auto", "study", "patient"])
+def test_find_every_level_returns_the_inventory(
+    pacs: LocalOrthanc,
+    bridge: BridgeSettings,
+    data: list[Inst],
+    model: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    site = site_of(pacs, query_model=model)
+    q = Dataset()
+    q.PatientID = ""
+    q.PatientName = ""
+    patients = c_find(site, bridge, "PATIENT", q)
+    assert sorted(d.PatientID for d in patients) == sorted({i.patient_id for i in data})
+    assert all(d.QueryRetrieveLevel == "PATIENT" for d in patients)
+    names = {i.patient_id: i.patient_name for i in data}
+    assert all(str(d.PatientName) == names[d.PatientID] for d in patients)
+
+    q = Dataset()
+    q.StudyInstanceUID = ""
+    q.PatientID = ""
+    studies = c_find(site, bridge, "STUDY", q)
+    assert sorted(d.StudyInstanceUID for d in studies) == sorted({i.study_uid for i in data})
+
+    for study in {i.study_uid for i in data}:
+        q = Dataset()
+        q.StudyInstanceUID = study
+        if model == "patient":
+            q.PatientID = next(i.patient_id for i in data if i.study_uid == study)
+        series = c_find(site, bridge, "SERIES", q)
+        want = {i.series_uid for i in data if i.study_uid == study}
+        assert sorted(d.SeriesInstanceUID for d in series) == sorted(want)
+        for se in want:
+            q = Dataset()
+            q.StudyInstanceUID = study
+            q.SeriesInstanceUID = se
+            q.SOPClassUID = ""
+            if model == "patient":
+                q.PatientID = next(i.patient_id for i in data if i.study_uid == study)
+            images = c_find(site, bridge, "IMAGE", q)
+            want_i = {(i.sop_uid, i.sop_class_uid) for i in data if i.series_uid == se}
+            assert {(d.SOPInstanceUID, d.SOPClassUID) for d in images} == want_i
+    # PHI never reaches the log, at any level
+    for inst in data:
+        assert inst.patient_name.split("^")[0] not in caplog.text
+        assert inst.patient_id not in caplog.text
+
+
+def test_fan_out_with_a_dead_and_a_silent_site(
+    pacs: LocalOrthanc, bridge: BridgeSettings, data: list[Inst]
+) -> None:
+    silent = socket.socket()  # accepts TCP (kernel backlog) but never says a word
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        good = site_of(pacs, "GOOD")
+        dead = SiteSettings("DEAD", "X", "127.0.0.1", free_port(), timeout=2.0)
+        mute = SiteSettings("MUTE", "X", "127.0.0.1", silent.getsockname()[1], timeout=2.0)
+        q = Dataset()
+        q.StudyInstanceUID = ""
+        t0 = time.monotonic()
+        results = fan_out([dead, good, mute], bridge, "STUDY", q)
+        elapsed = time.monotonic() - t0
+    finally:
+        silent.close()
+    assert elapsed < 2.0 + 1.5
+    by = {r.site.name: r for r in results}
+    assert [r.site.name for r in results] == ["DEAD", "GOOD", "MUTE"]
+    assert by["GOOD"].error is None
+    assert {d.StudyInstanceUID for d in by["GOOD"].datasets} == {i.study_uid for i in data}
+    assert isinstance(by["DEAD"].error, RetrieveError) and "DEAD" in str(by["DEAD"].error)
+    assert isinstance(by["MUTE"].error, RetrieveTimeout) and "MUTE" in str(by["MUTE"].error)
+    assert by["DEAD"].datasets == [] and by["MUTE"].datasets == []
+
+
+# --- hostile query peers -------------------------------------------------------------------
+
+
+def test_find_against_a_junk_byte_server_fails_cleanly(bridge: BridgeSettings) -> None:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    stop = threading.Event()
+
+    def serve() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            with conn:
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"\x99\x00garbage-garbage-garbage" * 10)
+                    time.sleep(0.2)
+                except OSError:
+                    pass
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        site = SiteSettings("JUNK", "X", "127.0.0.1", srv.getsockname()[1], timeout=3.0)
+        q = Dataset()
+        q.StudyInstanceUID = ""
+        t0 = time.monotonic()
+        with pytest.raises(RetrieveError, match="site JUNK"):
+            c_find(site, bridge, "STUDY", q)
+        assert time.monotonic() - t0 < 2.5
+    finally:
+        stop.set()
+        t.join()
+        srv.close()
+
+
+@pytest.fixture
+def bad_find_scp() -> Iterator[int]:
+    """A pynetdicom Find SCP that mixes good and malformed matches."""
+    good_uid = "1.2.3.4.5"
+
+    def on_find(event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        ok = Dataset()
+        ok.QueryRetrieveLevel = "STUDY"
+        ok.StudyInstanceUID = good_uid
+        yield 0xFF00, ok
+        no_key = Dataset()
+        no_key.QueryRetrieveLevel = "STUDY"
+        no_key.PatientID = "X"
+        yield 0xFF00, no_key
+        bad_uid = Dataset()
+        bad_uid.QueryRetrieveLevel = "STUDY"
+        with warnings.catch_warnings():  # pydicom rightly warns about this value
+            warnings.simplefilter("ignore")
+            bad_uid.StudyInstanceUID = "../../etc/passwd"
+        yield 0xFF00, bad_uid
+        multi = Dataset()
+        multi.QueryRetrieveLevel = "STUDY"
+        multi.StudyInstanceUID = ["1.2.3", "1.2.4"]
+        yield 0xFF00, multi
+        yield 0x0000, None
+
+    ae = AE("BADPACS")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find)]
+    )
+    yield int(server.server_address[1])
+    server.shutdown()
+
+
+def test_find_skips_malformed_matches(
+    bad_find_scp: int, bridge: BridgeSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    site = SiteSettings("BAD", "BADPACS", "127.0.0.1", bad_find_scp, timeout=3.0)
+    q = Dataset()
+    q.StudyInstanceUID = ""
+    with caplog.at_level(logging.WARNING, logger="mdm.dicom.query"):
+        found = c_find(site, bridge, "STUDY", q)
+    assert [d.StudyInstanceUID for d in found] == ["1.2.3.4.5"]
+    skipped = [r for r in caplog.records if "site BAD: skipped" in r.getMessage()]
+    assert len(skipped) == 3
+
+
+# --- retrieval ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["move", "get"])
+def test_retrieve_series_delivers_decodable_identical_pixels(
+    pacs: LocalOrthanc, retriever: Retriever, data: list[Inst], mode: str
+) -> None:
+    for series in sorted({i.series_uid for i in data})[:2]:
+        want = [i for i in data if i.series_uid == series]
+        got = Collector()
+        out = retriever.retrieve(
+            site_of(pacs, f"PACS-{mode}", retrieve=mode),
+            level="SERIES",
+            study_uid=want[0].study_uid,
+            series_uid=series,
+            expected={i.sop_uid for i in want},
+            sink=got,
+            sop_classes={i.sop_class_uid for i in want} if mode == "get" else None,
+        )
+        assert out.missing == set()
+        assert out.received == {i.sop_uid for i in want}
+        assert out.status.startswith("Success")
+        check_pixels(got.objects, want)
+
+
+def test_move_of_one_image_reuses_the_pooled_association(
+    pacs: LocalOrthanc, retriever: Retriever, data: list[Inst]
+) -> None:
+    site = site_of(pacs, "POOLED")
+    got = Collector()
+    for n, inst in enumerate(data[:4]):
+        out = retriever.retrieve(
+            site,
+            level="IMAGE",
+            study_uid=inst.study_uid,
+            series_uid=inst.series_uid,
+            sop_uids=[inst.sop_uid],
+            expected={inst.sop_uid},
+            sink=got,
+        )
+        assert out.received == {inst.sop_uid}
+        stats = retriever.pool_stats("POOLED")
+        assert stats.opened == 1
+        assert stats.reused == n
+        assert stats.idle == 1 and stats.in_use == 0
+    check_pixels(got.objects, data[:4])
+    retriever.close()
+    assert retriever.pool_stats("POOLED").idle == 0
+    assert retriever.pool_stats("POOLED").closed == 1
+
+
+def test_batch_of_images_in_one_series(
+    pacs: LocalOrthanc, retriever: Retriever, data: list[Inst]
+) -> None:
+    series = data[0].series_uid
+    want = [i for i in data if i.series_uid == series]
+    got = Collector()
+    out = retriever.retrieve_batch(
+        site_of(pacs, "BATCH"),
+        study_uid=want[0].study_uid,
+        series_uid=series,
+        sop_uids=[i.sop_uid for i in want],
+        sink=got,
+        batch_size=4,
+    )
+    assert out.missing == set()
+    check_pixels(got.objects, want)
+    assert retriever.pool_stats("BATCH").opened == 1  # both batches on one association
+
+
+def test_success_with_a_missing_object_is_an_error(
+    pacs: LocalOrthanc, retriever: Retriever, data: list[Inst]
+) -> None:
+    series = data[0].series_uid
+    want = [i for i in data if i.series_uid == series]
+    ghost = generate_uid()
+    got = Collector()
+    with pytest.raises(IncompleteRetrieve) as ei:
+        retriever.retrieve(
+            site_of(pacs, "COUNT"),
+            level="SERIES",
+            study_uid=want[0].study_uid,
+            series_uid=series,
+            expected={i.sop_uid for i in want} | {ghost},
+            sink=got,
+        )
+    assert f"delivered {len(want)} of {len(want) + 1}" in str(ei.value)
+    assert "site COUNT" in str(ei.value)
+    assert ei.value.outcome.missing == {ghost}
+    check_pixels(got.objects, want)  # what arrived was delivered first
+
+
+# --- the storage SCP's door ------------------------------------------------------------------
+
+
+def _push(port: int, calling: str, inst: Inst) -> int | None:
+    ae = AE(calling)
+    ae.add_requested_context(inst.sop_class_uid, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title=BRIDGE_AET)
+    if not assoc.is_established:
+        return None
+    try:
+        status = assoc.send_c_store(pydicom.dcmread(io.BytesIO(inst.part10)))
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def test_unsolicited_store_is_refused(scp: StorageSCP, data: list[Inst]) -> None:
+    inst = data[0]
+    rejected = scp.stats.rejected_associations
+    assert _push(scp.port, "INTRUDER", inst) is None  # unknown AE: association rejected
+    assert scp.stats.rejected_associations == rejected + 1
+    refused = scp.stats.refused_unexpected
+    assert _push(scp.port, PACS_AET, inst) == 0x0124  # known AE, nobody asked for it
+    assert scp.stats.refused_unexpected == refused + 1
+    got = Collector()
+    with scp.expect([inst.sop_uid], got):
+        assert _push(scp.port, PACS_AET, inst) == 0x0000
+    assert set(got.objects) == {inst.sop_uid}
+    assert got.objects[inst.sop_uid].calling_aet == PACS_AET
+    assert _push(scp.port, PACS_AET, inst) == 0x0124  # expectation cancelled
+    assert scp.pending() == 0
+
+
+def test_a_failing_sink_gives_the_pacs_a_failure_status(scp: StorageSCP, data: list[Inst]) -> None:
+    def boom(obj: ReceivedObject) -> None:
+        raise OSError("disk on fire")
+
+    with scp.expect([data[1].sop_uid], boom):
+        status = _push(scp.port, PACS_AET, data[1])
+    assert status is not None and status != 0 and status >> 12 != 0xF
+
+
+# --- deadlines -------------------------------------------------------------------------------
+
+
+def test_stopped_pacs_times_out_within_the_deadline(
+    pacs: LocalOrthanc, retriever: Retriever, data: list[Inst]
+) -> None:
+    site = site_of(pacs, "FROZEN", timeout=3.0)
+    inst = data[0]
+    got = Collector()
+    # Warm the pool so the silent peer is met both on a pooled association and a new one.
+    retriever.retrieve(
+        site,
+        level="IMAGE",
+        study_uid=inst.study_uid,
+        series_uid=inst.series_uid,
+        sop_uids=[inst.sop_uid],
+        expected={inst.sop_uid},
+        sink=got,
+    )
+    pacs.pause()
+    try:
+        for _ in range(2):
+            t0 = time.monotonic()
+            with pytest.raises(RetrieveTimeout, match="site FROZEN"):
+                retriever.retrieve(
+                    site,
+                    level="SERIES",
+                    study_uid=inst.study_uid,
+                    series_uid=inst.series_uid,
+                    expected={i.sop_uid for i in data if i.series_uid == inst.series_uid},
+                    sink=got,
+                )
+            assert 2.5 < time.monotonic() - t0 < 3.0 + 1.5
+        with pytest.raises(RetrieveTimeout):
+            c_echo(site, retriever.bridge)
+    finally:
+        pacs.resume()
+    # ... and it recovers once the PACS is back
+    out = retriever.retrieve(
+        site,
+        level="IMAGE",
+        study_uid=inst.study_uid,
+        series_uid=inst.series_uid,
+        sop_uids=[inst.sop_uid],
+        expected={inst.sop_uid},
+        sink=got,
+    )
+    assert out.received == {inst.sop_uid}
