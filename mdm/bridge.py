@@ -32,7 +32,14 @@ from mdm.db import open_env
 from mdm.dicom.query import fan_out
 from mdm.dicom.receiver import StorageSCP
 from mdm.dicom.retrieve import Retriever
-from mdm.errors import AccessDenied, MdmError, NotFound, RetrieveError, RetrieveTimeout
+from mdm.errors import (
+    AccessDenied,
+    MdmError,
+    NotFound,
+    RetrieveError,
+    RetrieveTimeout,
+    UserError,
+)
 from mdm.fetcher import Fetcher, Target
 from mdm.flight import SingleFlight
 from mdm.identity import Principal
@@ -655,24 +662,32 @@ class Bridge:
         if info is not None:
             return info
         target = self._target(study, series, inst, prefer)
-        rest = [
-            self._target(study, series, i, prefer)
-            for i in self.catalog.children("IMAGE", series.uid)
-            if i.uid != inst.uid and i.sites
-        ]
+        if self.config.bridge.prefetch:
+            # List the series (if needed) and fetch the rest of it in the background, while
+            # this object is retrieved on its own: the first byte does not wait for either.
+            self.fetcher.nursery.start_soon(self._prefetch_series, study, series, inst.uid, prefer)
         # The retrieval has its own per-site deadlines; this bound covers fail-over over all
         # sites so a reader is never stuck.
-        limit = sum(
-            self.config.site(s).timeout
-            for s in target.sites
-            if s in {x.name for x in self.config.sites}
-        )
-        with trio.move_on_after(limit * 2 + 10) as scope:
-            return await self.fetcher.fetch(target, prefetch=rest)
+        known = {x.name for x in self.config.sites}
+        limit = sum(self.config.site(s).timeout for s in target.sites if s in known) * 2 + 10
+        with trio.move_on_after(limit) as scope:
+            return await self.fetcher.fetch(target)
         assert scope.cancelled_caught
-        raise RetrieveTimeout(
-            f"object {inst.uid}: no site delivered it within {limit * 2 + 10:.0f}s"
-        )
+        raise RetrieveTimeout(f"object {inst.uid}: no site delivered it within {limit:.0f}s")
+
+    async def _prefetch_series(
+        self, study: Record, series: Record, first: str, prefer: str | None
+    ) -> None:
+        try:
+            await self._ensure_instances(study, series)
+            rest = [
+                self._target(study, series, i, prefer)
+                for i in self.catalog.children("IMAGE", series.uid)
+                if i.uid != first and i.sites
+            ]
+            self.fetcher.prefetch(rest)
+        except MdmError as e:
+            log.info("prefetch of series %s not started: %s", series.uid, e)
 
     async def fetch_uids(self, uids: Sequence[str]) -> int:
         """Warm the cache with whole studies, series or instances named by UID; count objects."""
@@ -748,7 +763,14 @@ async def open_bridge(
         log.info("cache recovered: %s", report)
         catalog = Catalog(env, keys.secret("catalog"), config.cache.catalog_ttl)
         scp = StorageSCP(config.bridge, {s.ae_title for s in config.sites})
-        scp.start()
+        try:
+            scp.start()
+        except OSError as e:
+            raise UserError(
+                f"{config.path}: bridge.port: cannot listen on "
+                f"{config.bridge.host}:{config.bridge.port}: {e.strerror} "
+                "(is a mount or fetch with this configuration already running?)"
+            ) from None
         retriever = Retriever(config.bridge, scp)
         try:
             async with trio.open_nursery() as nursery:

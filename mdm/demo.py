@@ -40,13 +40,33 @@ def stop_demo(workdir: Path) -> None:
             unmount(mnt, lazy=True)
     state = _state_file(workdir)
     if state.exists():
-        for pid in json.loads(state.read_text()).get("pids", []):
+        pids = json.loads(state.read_text()).get("pids", [])
+        for pid in pids:
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+        deadline = time.monotonic() + 10
+        while pids and time.monotonic() < deadline:
+            pids = [p for p in pids if _alive(p)]
+            time.sleep(0.1)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
         state.unlink()
     click.echo(f"demo stopped ({workdir})")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie of ours still answers kill(0); it has exited all the same.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False
 
 
 def run_demo(workdir: Path, *, patients: int, foreground: bool) -> None:
@@ -152,7 +172,8 @@ Try:
   {mdm} find --config {config} --level study
   ls {mnt}/patients {mnt}/sites/NORTH
   cat {mnt}/studies/*/.metadata.json | head -30
-  python3 -c "import pydicom,glob; f=sorted(glob.glob('{mnt}/studies/*/*/*.dcm'))[0]; print(pydicom.dcmread(f))"
+  .venv/bin/python -c "import pydicom, glob; \\
+    print(pydicom.dcmread(sorted(glob.glob('{mnt}/studies/*/*/*.dcm'))[0]))"
   {mdm} cache stats --config {config}
 Stop: {stop}
 """

@@ -81,11 +81,8 @@ class Fetcher:
         """True while a retrieval that will deliver ``sop_uid`` is under way."""
         return sop_uid in self._pending
 
-    async def fetch(self, target: Target, *, prefetch: Sequence[Target] = ()) -> ObjectInfo:
-        """Return the stored object for ``target``, retrieving it if needed.
-
-        ``prefetch``: the rest of its series, fetched in the background after this one.
-        """
+    async def fetch(self, target: Target) -> ObjectInfo:
+        """Return the stored object for ``target``, retrieving it if needed (single-flight)."""
         ref = ObjectRef(target.sop_uid)
         info = self.store.info(ref)
         if info is not None:
@@ -93,14 +90,6 @@ class Fetcher:
         pend = self._pending.get(target.sop_uid)
         if pend is None:
             pend = self._start([target], level="IMAGE")[target.sop_uid]
-        if prefetch and self.config.bridge.prefetch:
-            rest = [
-                t
-                for t in prefetch
-                if t.sop_uid not in self._pending and self.store.info(ObjectRef(t.sop_uid)) is None
-            ]
-            if rest:
-                self._start(rest, level="SERIES")
         await pend.done.wait()
         if pend.error is not None:
             raise pend.error
@@ -108,6 +97,17 @@ class Fetcher:
         if info is None:
             raise RetrieveError(f"object {target.sop_uid} was retrieved but is not in the cache")
         return info
+
+    def prefetch(self, targets: Sequence[Target]) -> int:
+        """Start retrieving those of ``targets`` not cached nor in flight; return how many."""
+        rest = [
+            t
+            for t in targets
+            if t.sop_uid not in self._pending and self.store.info(ObjectRef(t.sop_uid)) is None
+        ]
+        if rest:
+            self._start(rest, level="SERIES")
+        return len(rest)
 
     async def fetch_many(self, targets: Sequence[Target], *, level: str = "SERIES") -> None:
         """Retrieve all ``targets`` (grouped per series) and wait; raise the first error."""

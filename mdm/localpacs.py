@@ -84,6 +84,10 @@ def _stop_process(proc: subprocess.Popen[bytes] | None, grace: float) -> None:
         proc.wait()
 
 
+class _PortInUse(Exception):
+    """Orthanc exited during start-up (in practice: one of its ports was taken)."""
+
+
 class LocalOrthanc:
     """One Orthanc server on loopback: a "hospital PACS" for tests and demos.
 
@@ -118,6 +122,8 @@ class LocalOrthanc:
         self.name = name
         self.aet = aet
         self.host = LOOPBACK
+        self._auto_dicom = dicom_port is None
+        self._auto_http = http_port is None
         self.dicom_port = dicom_port or free_port()
         self.http_port = http_port or free_port()
         self.modalities: dict[str, tuple[str, str, int]] = dict(modalities or {})
@@ -169,9 +175,29 @@ class LocalOrthanc:
     # -- life cycle ---------------------------------------------------------------------------
 
     def start(self, timeout: float = 30.0) -> Self:
-        """Write the configuration, start Orthanc and wait until its REST API answers."""
+        """Write the configuration, start Orthanc and wait until its REST API answers.
+
+        A port picked here (not given by the caller) may be taken by someone else between
+        picking and binding; Orthanc then exits at once and we retry with fresh ports.
+        """
         if self.proc is not None and self.proc.poll() is None:
             return self
+        for attempt in range(3):
+            try:
+                return self._launch(timeout)
+            except _PortInUse:
+                if not (self._auto_dicom or self._auto_http) or attempt == 2:
+                    raise RuntimeError(
+                        f"Orthanc {self.name} exited during start-up (port taken?); "
+                        f"see {self.log_path}"
+                    ) from None
+                if self._auto_dicom:
+                    self.dicom_port = self.config["DicomPort"] = free_port()
+                if self._auto_http:
+                    self.http_port = self.config["HttpPort"] = free_port()
+        raise AssertionError("unreachable")
+
+    def _launch(self, timeout: float) -> Self:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.storage_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self.config, indent=2))
@@ -184,7 +210,7 @@ class LocalOrthanc:
                 env=_env(self.tcp_nodelay),
                 cwd=self.workdir,
                 start_new_session=True,
-                preexec_fn=_pdeathsig if self.die_with_parent else None,  # noqa: PLW1509
+                preexec_fn=_pdeathsig if self.die_with_parent else None,
             )
         log.info(
             "starting Orthanc %s (pid %d, DICOM %d, HTTP %d)",
@@ -196,14 +222,15 @@ class LocalOrthanc:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"Orthanc {self.name} exited with status {self.proc.returncode}; "
-                    f"see {self.log_path}"
-                )
+                self.proc.wait()
+                # Orthanc exits at start-up mostly because a port is taken.
+                raise _PortInUse
             try:
-                self.get("/system", timeout=1.0)
-                break
-            except (OSError, http.client.HTTPException):
+                system = self.get("/system", timeout=1.0)
+                # Make sure it is our Orthanc answering, not a stranger on a reused port.
+                if system.get("DicomPort") == self.dicom_port and system.get("Name") == self.name:
+                    break
+            except (OSError, http.client.HTTPException, ValueError):
                 pass
             if time.monotonic() > deadline:
                 self.stop()

@@ -26,6 +26,7 @@ from pydicom.filewriter import dcmwrite
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     PYDICOM_ROOT_UID,
+    UID,
     ExplicitVRLittleEndian,
     generate_uid,
 )
@@ -328,7 +329,7 @@ class _SeriesWriter:
             ds.WindowCenter = "600"
             ds.WindowWidth = "1200"
         ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = self.sop_class
+        ds.file_meta.MediaStorageSOPClassUID = UID(self.sop_class)
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         return ds
@@ -342,7 +343,7 @@ class _SeriesWriter:
             # The phantom spans the series top to bottom whatever the slice count.
             z = 0.0 if self.slices == 1 else 0.95 - 1.9 * i / (self.slices - 1)
             ds.SOPInstanceUID = sop
-            ds.file_meta.MediaStorageSOPInstanceUID = sop
+            ds.file_meta.MediaStorageSOPInstanceUID = UID(sop)
             ds.InstanceNumber = i + 1
             ds.ImagePositionPatient = [round(self.origin_x, 4), round(self.origin_y, 4), z_mm]
             ds.SliceLocation = str(z_mm)

