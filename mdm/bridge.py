@@ -699,9 +699,9 @@ class Bridge:
         return total
 
     async def _targets_for(self, uid: str) -> list[Target]:
+        study: Record | None
         try:
             study = await self.study(uid)
-            series_list = [study]
         except NotFound:
             study = None
         if study is not None:
@@ -714,7 +714,6 @@ class Bridge:
                 if se.sites:
                     out += await self._series_targets(study, se)
             return out
-        del series_list
         # A series or an instance: find it by a targeted query at any site.
         for level, key in (("SERIES", "SeriesInstanceUID"), ("IMAGE", "SOPInstanceUID")):
             keys = SERIES_KEYS if level == "SERIES" else IMAGE_KEYS
@@ -784,6 +783,7 @@ async def open_bridge(
                     resolver=resolver,
                 )
                 nursery.cancel_scope.cancel()
+            await trio.to_thread.run_sync(fetcher.close)
         finally:
             await trio.to_thread.run_sync(retriever.close)
             await trio.to_thread.run_sync(scp.stop)

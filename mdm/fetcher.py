@@ -9,6 +9,8 @@ in the storage SCP's threads are encrypted and stored there, then reported back 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ import trio
 from mdm.config import Config, SiteSettings
 from mdm.dicom.receiver import ReceivedObject
 from mdm.dicom.retrieve import Retriever
-from mdm.errors import MdmError, RetrieveError, RetrieveTimeout, StoreFull
+from mdm.errors import MdmError, RetrieveError, RetrieveTimeout
 from mdm.keys import Scope
 from mdm.store import ObjectInfo, ObjectRef, ObjectStore
 
@@ -34,6 +36,31 @@ class Target:
     series_uid: str
     sop_class_uid: str = ""
     sites: tuple[str, ...] = ()
+
+
+WRITERS = 2
+WRITE_QUEUE = 48  # objects (about 25 MB of 512x512 CT) waiting to be encrypted and written
+
+
+class _Batch:
+    """Counts the objects of one retrieval still queued for writing."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._outstanding = 0
+
+    def add(self) -> None:
+        with self._cv:
+            self._outstanding += 1
+
+    def done(self) -> None:
+        with self._cv:
+            self._outstanding -= 1
+            self._cv.notify_all()
+
+    def wait(self, timeout: float = 300.0) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: self._outstanding == 0, timeout)
 
 
 @dataclass
@@ -72,6 +99,14 @@ class Fetcher:
         self._pending: dict[str, _Pending] = {}
         self._limiters = {s.name: trio.CapacityLimiter(s.max_associations) for s in config.sites}
         self._token = trio.lowlevel.current_trio_token()
+        self._queue: queue.Queue[tuple[ReceivedObject, Scope, dict[str, str], _Batch] | None]
+        self._queue = queue.Queue(maxsize=WRITE_QUEUE)
+        self._writers = [
+            threading.Thread(target=self._writer, name=f"mdm-writer-{i}", daemon=True)
+            for i in range(WRITERS)
+        ]
+        for t in self._writers:
+            t.start()
 
     def limiter(self, site: str) -> trio.CapacityLimiter:
         """The concurrency limit of ``site`` (shared with queries)."""
@@ -189,29 +224,21 @@ class Fetcher:
     ) -> None:
         first = group[0]
         scope = Scope(site=site.name, level="identified")
-        token = self._token
+        batch = _Batch()
+        meta = {
+            "study_uid": first.study_uid,
+            "series_uid": first.series_uid,
+            "site": site.name,
+        }
 
         def sink(obj: ReceivedObject) -> None:
-            # Runs in a pynetdicom thread: encrypt and store here, then tell trio.
+            # Runs in a pynetdicom thread. Encrypting and writing happen in the writer
+            # threads so the association keeps receiving (the queue is bounded: if the disk
+            # falls behind, the sender is slowed down, memory is not blown).
             if obj.sop_uid not in pend:
                 return
-            try:
-                info = self.store.put(
-                    ObjectRef(obj.sop_uid),
-                    scope,
-                    obj.data,
-                    {
-                        "sop_class_uid": obj.sop_class_uid,
-                        "transfer_syntax": obj.transfer_syntax,
-                        "study_uid": first.study_uid,
-                        "series_uid": first.series_uid,
-                        "site": site.name,
-                    },
-                )
-            except StoreFull as e:
-                trio.from_thread.run_sync(self._finish, obj.sop_uid, e, trio_token=token)
-                raise
-            trio.from_thread.run_sync(self._stored, obj.sop_uid, info, site.name, trio_token=token)
+            batch.add()
+            self._queue.put((obj, scope, meta, batch))
 
         started = time.monotonic()
         self.stats.retrievals += 1
@@ -229,19 +256,24 @@ class Fetcher:
             site.retrieve,
             level,
         )
-        outcome = await trio.to_thread.run_sync(
-            lambda: self.retriever.retrieve(
-                site,
-                level=lvl,
-                study_uid=first.study_uid,
-                series_uid=first.series_uid,
-                sop_uids=sop_uids,
-                expected=set(remaining),
-                sink=sink,
-                sop_classes=sop_classes,
-            ),
-            limiter=self._limiters[site.name],
-        )
+        try:
+            outcome = await trio.to_thread.run_sync(
+                lambda: self.retriever.retrieve(
+                    site,
+                    level=lvl,
+                    study_uid=first.study_uid,
+                    series_uid=first.series_uid,
+                    sop_uids=sop_uids,
+                    expected=set(remaining),
+                    sink=sink,
+                    sop_classes=sop_classes,
+                ),
+                limiter=self._limiters[site.name],
+            )
+        finally:
+            # Whatever the outcome, what arrived is stored before fail-over decides what
+            # is still missing.
+            await trio.to_thread.run_sync(batch.wait)
         log.info(
             "site %s delivered %d of %d object(s) in %.3fs",
             site.name,
@@ -249,6 +281,49 @@ class Fetcher:
             len(remaining),
             time.monotonic() - started,
         )
+
+    def _writer(self) -> None:
+        """Writer thread: encrypt and store received objects, then wake the waiting readers."""
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            obj, scope, meta, batch = job
+            try:
+                info = self.store.put(
+                    ObjectRef(obj.sop_uid),
+                    scope,
+                    obj.data,
+                    {
+                        **meta,
+                        "sop_class_uid": obj.sop_class_uid,
+                        "transfer_syntax": obj.transfer_syntax,
+                    },
+                )
+                self._to_trio(self._stored, obj.sop_uid, info, meta["site"])
+            except MdmError as e:
+                log.warning("object %s from site %s not stored: %s", obj.sop_uid, meta["site"], e)
+                self._to_trio(self._finish, obj.sop_uid, e)
+            except Exception as e:  # a bug must not kill the writer; readers get EIO
+                log.error("storing object %s failed", obj.sop_uid, exc_info=True)
+                self._to_trio(self._finish, obj.sop_uid, MdmError(f"cannot store object: {e}"))
+            finally:
+                batch.done()
+            del obj, job
+
+    def _to_trio(self, fn: Callable[..., None], *args: object) -> None:
+        try:
+            trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+        except trio.RunFinishedError:
+            pass  # shutting down: nobody waits any more
+
+    def close(self) -> None:
+        """Stop the writer threads after they have stored what is queued."""
+        for _ in self._writers:
+            self._queue.put(None)
+        for t in self._writers:
+            t.join(60)
+        self._writers = []
 
     def _stored(self, sop_uid: str, info: ObjectInfo, site: str) -> None:
         self.stats.objects_received += 1

@@ -187,6 +187,7 @@ class ObjectReader:
         self._store = store
         self._fd = fd
         self._header = header
+        self._span: tuple[int, bytes] = (0, b"")
         self._dek = dek
         self._identity = info.ref.identity()
         self._closed = False
@@ -206,10 +207,24 @@ class ObjectReader:
         """Plaintext ``[offset, offset+length)``; b"" past EOF; IntegrityError on tampering."""
         if self._closed:
             raise ValueError("read from a closed ObjectReader")
+        size = self._header.size
+        if offset >= size or length <= 0:
+            return b""
+        end = min(offset + length, size)
+        # Readers ask for less than a chunk at a time (the kernel's 128 KiB): keep the last
+        # decrypted span (memory only) so each chunk is authenticated and decrypted once.
+        start_c, data_c = self._span
+        if start_c <= offset and end <= start_c + len(data_c):
+            return data_c[offset - start_c : end - start_c]
+        cs = self._header.chunk_size
+        a = offset // cs * cs
+        b = min(-(-end // cs) * cs, size)
         try:
-            return decrypt_range(self._dek, self._identity, self._fd, self._header, offset, length)
+            span = decrypt_range(self._dek, self._identity, self._fd, self._header, a, b - a)
         except IntegrityError as e:
             raise IntegrityError(f"cached object {self.info.ref.sop_uid}: {e}") from None
+        self._span = (a, span)
+        return span[offset - a : end - a]
 
     def close(self) -> None:
         """Close the blob and unpin the object (idempotent)."""
@@ -219,6 +234,7 @@ class ObjectReader:
             self._closed = True
         os.close(self._fd)
         self._dek = b""
+        self._span = (0, b"")
         self._store._unpin(self.info.ref.blob_name())
 
     def __enter__(self) -> ObjectReader:

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pyfuse3
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 # Enough worker tasks that ls, stat and cached reads answer while retrievals block others.
 MAX_TASKS = 64
+SWITCH_INTERVAL = 0.0005
 
 
 def is_stale_mount(mountpoint: Path) -> bool:
@@ -103,4 +105,8 @@ async def serve(
 def run(config: Config, mountpoint: Path, principal: Principal, *, strict: bool = False) -> None:
     """Blocking entry point of ``mdm mount --foreground``."""
     prepare_mountpoint(mountpoint)
+    # The FUSE loop shares the GIL with the threads receiving and storing objects; the
+    # default 5 ms switch interval would let them hold it for that long while a reader
+    # waits for an answer to ls, stat or read. Switch more often.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     trio.run(lambda: serve(config, mountpoint, principal, strict=strict))

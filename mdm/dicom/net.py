@@ -17,6 +17,7 @@ Everything here exists because of a pynetdicom default that does not suit a brid
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 import threading
 import time
@@ -200,6 +201,52 @@ class _TunedServer(ThreadedAssociationServer):
         return client, address
 
 
+class FastAssociation(Association):
+    """An acceptor association whose reactor waits on its message queue instead of polling.
+
+    pynetdicom's reactor sleeps 1 ms between polls of the DIMSE message queue; a C-MOVE sends
+    its C-STOREs one after another, each waiting for our response, so that sleep is paid on
+    every object. This reactor blocks on the queue (with a short timeout, so the release,
+    abort and network-timeout checks still run), and is otherwise pynetdicom's own loop.
+    Used only for inbound (acceptor) associations, where nothing pauses the reactor to send.
+    """
+
+    def _run_reactor(self) -> None:
+        self._is_paused = False
+        while not self._kill:
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            try:
+                context_id, msg = self.dimse.msg_queue.get(timeout=0.02)
+            except queue.Empty:
+                context_id, msg = None, None
+            if msg:
+                self._serve_request(msg, cast(int, context_id))
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+            if not self.dul.is_alive():
+                self.kill()
+                return
+            if self.dul.idle_timer_expired():
+                log.warning("inbound association: network timeout reached; aborting")
+                self.abort()
+                self.kill()
+                return
+
+
 class _TunedRequestHandler(RequestHandler):
     """pynetdicom's handler, with a FastAssociationSocket and without a deepcopy.
 
@@ -210,7 +257,7 @@ class _TunedRequestHandler(RequestHandler):
     """
 
     def _create_association(self) -> Association:
-        assoc = Association(self.ae, MODE_ACCEPTOR)
+        assoc = FastAssociation(self.ae, MODE_ACCEPTOR)
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{time.strftime('%Y%m%d%H%M%S')}"
         sock = FastAssociationSocket(assoc, client_socket=self.request)

@@ -1,0 +1,92 @@
+"""``mdm audit verify|tail``: check and read the hash-chained audit log.
+
+Registered in :mod:`mdm.cli` with ``main.add_command(audit)``. ``verify`` exits 0 when the chain
+is intact and 1 when it is not, listing every problem with its line number.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from mdm.audit import follow, read_tail, summarize, verify_report
+from mdm.config import load_config
+from mdm.errors import UserError
+
+
+def _log_path(config_path: Path, log_path: Path | None) -> Path:
+    if log_path is not None:
+        return log_path
+    config = load_config(config_path)
+    if config.audit is None:
+        raise UserError(f"{config.path}: no [audit] section (where is the log?)")
+    return config.audit.log
+
+
+_config = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=lambda: os.environ.get("MDM_CONFIG", "mdm.toml"),
+    show_default="mdm.toml or $MDM_CONFIG",
+    help="The bridge configuration file ([audit] log).",
+)
+_log = click.option(
+    "--log",
+    "log_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Read this log file instead of [audit] log.",
+)
+
+
+@click.group()
+def audit() -> None:
+    """Check and read the audit log."""
+
+
+@audit.command("verify")
+@_config
+@_log
+def audit_verify(config_path: Path, log_path: Path | None) -> None:
+    """Check the hash chain; exit 1 naming each edited, removed or reordered line."""
+    path = _log_path(config_path, log_path)
+    count, problems = verify_report(path)
+    if not problems:
+        click.echo(f"{path}: {count} records, chain intact")
+        return
+    for p in problems:
+        click.echo(f"{path}: {p}")
+    click.echo(f"{path}: {count} lines, {len(problems)} problem(s): chain NOT intact")
+    sys.exit(1)
+
+
+@audit.command("tail")
+@_config
+@_log
+@click.option("-n", "count", default=20, show_default=True, help="How many records.")
+@click.option("--follow", "-f", "follow_", is_flag=True, help="Keep printing new records.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON lines.")
+def audit_tail(
+    config_path: Path, log_path: Path | None, count: int, follow_: bool, as_json: bool
+) -> None:
+    """Print the last records (and, with --follow, new ones as they come)."""
+    path = _log_path(config_path, log_path)
+    try:
+        lines = read_tail(path, count) if count > 0 else []
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such audit log") from None
+    for line in lines:
+        click.echo(line if as_json else summarize(line))
+    if not follow_:
+        return
+    stop = threading.Event()
+    try:
+        for line in follow(path, stop):
+            click.echo(line if as_json else summarize(line))
+    except KeyboardInterrupt:
+        stop.set()

@@ -1,0 +1,203 @@
+"""``mdm policy``: check, test and explain ACL policy directories.
+
+Exit codes: 0 success; 1 a test case failed; 2 the policy (or its test cases) has errors.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mdm.access import Resource
+from mdm.errors import UserError
+from mdm.identity import Principal
+from mdm.policy.evaluate import explain_lines, explain_text, principal_from_claims
+from mdm.policy.load import load_policy
+from mdm.policy.testing import load_cases, run_cases, undecided_rules
+
+DEFAULT_DIR = "acl_policies"
+
+
+class PolicyGroup(click.Group):
+    """Prints policy and user errors as lines without a traceback, exiting with their code.
+
+    Same behaviour as ``mdm.cli.MdmGroup`` (not imported: ``mdm.cli`` imports this module).
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            click.echo(f"mdm: error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=PolicyGroup)
+def policy() -> None:
+    """Check, test and explain ACL policies (see docs/POLICY.md)."""
+
+
+@policy.command()
+@click.argument(
+    "directory",
+    required=False,
+    type=click.Path(path_type=Path),
+    default=lambda: os.environ.get("MDM_POLICY_DIR", DEFAULT_DIR),
+)
+def check(directory: Path) -> None:
+    """Validate the policy files of DIRECTORY (default acl_policies/ or $MDM_POLICY_DIR)."""
+    pol = load_policy(directory)
+    for w in pol.warnings:
+        click.echo(f"warning: {w}", err=True)
+    allows = sum(1 for r in pol.rules if r.effect == "allow")
+    click.echo(
+        f"{directory}: OK, {len(pol.rules)} rules ({allows} allow, {len(pol.rules) - allows} deny)"
+        f" in {len(pol.files)} files, version {pol.version}"
+    )
+
+
+@policy.command("test")
+@click.argument(
+    "directory",
+    required=False,
+    type=click.Path(path_type=Path),
+    default=lambda: os.environ.get("MDM_POLICY_DIR", DEFAULT_DIR),
+)
+@click.option("--verbose", "-v", is_flag=True, help="Explain passing cases too.")
+def test_cmd(directory: Path, verbose: bool) -> None:
+    """Run the test cases in DIRECTORY/tests/*.toml against the policy in DIRECTORY."""
+    pol = load_policy(directory)
+    for w in pol.warnings:
+        click.echo(f"warning: {w}", err=True)
+    cases = load_cases(directory)
+    if not cases:
+        raise UserError(f"{directory}/tests: no test cases ([[case]] in *.toml)")
+    results = run_cases(pol, cases)
+    failed = 0
+    for res in results:
+        c, d = res.case, res.decision
+        if res.passed:
+            click.echo(f"PASS {c.name}")
+            if not verbose:
+                continue
+        else:
+            failed += 1
+            want = c.expect.label + (f" by {c.rule}" if c.rule else "")
+            click.echo(
+                f"FAIL {c.name} ({c.where}): expected {want}, got {d.level.label} by {d.rule}"
+            )
+        click.echo("\n".join(f"       {line}" for line in explain_lines(res.explanation)))
+    untested = undecided_rules(pol, results)
+    if untested:
+        click.echo(f"note: no case is decided by: {', '.join(untested)}", err=True)
+    click.echo(f"{len(results) - failed} passed, {failed} failed (policy version {pol.version})")
+    if failed:
+        raise SystemExit(1)
+
+
+def _claims(pairs: tuple[str, ...]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r}: expected KEY=VALUE", param_hint="--claim")
+        prev = out.get(key)
+        # A repeated claim becomes a list, as a multi-valued token claim would be.
+        if prev is None:
+            out[key] = value
+        elif isinstance(prev, list):
+            prev.append(value)
+        else:
+            out[key] = [prev, value]
+    return out
+
+
+def _token_principal(token_file: Path) -> Principal:
+    import jwt
+
+    try:
+        token = token_file.read_text().strip()
+    except OSError as e:
+        raise UserError(f"{token_file}: cannot read: {e.strerror or e}") from None
+    try:
+        # Explaining is not authenticating: the claims are read as they are, and the output
+        # says so. The mount verifies tokens before it decides anything.
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError as e:
+        raise UserError(f"{token_file}: not a JWT: {e}") from None
+    return principal_from_claims(claims)
+
+
+@policy.command()
+@click.option(
+    "--policy-dir",
+    "directory",
+    type=click.Path(path_type=Path),
+    default=lambda: os.environ.get("MDM_POLICY_DIR", DEFAULT_DIR),
+    show_default="acl_policies or $MDM_POLICY_DIR",
+    help="The policy directory.",
+)
+@click.option(
+    "--token",
+    "token_file",
+    type=click.Path(path_type=Path),
+    help="Explain for the principal of this JWT (its signature is not checked).",
+)
+@click.option("--sub", help="Principal subject (instead of --token).")
+@click.option("--issuer", default="", help="Principal issuer.")
+@click.option("--groups", multiple=True, help="Groups, comma-separated or repeated.")
+@click.option("--claim", "claims", multiple=True, help="KEY=VALUE (repeatable).")
+@click.option("--site", "sites", multiple=True, help="Site holding the resource (repeatable).")
+@click.option("--patient-id")
+@click.option("--study-uid")
+@click.option("--series-uid")
+@click.option("--trial", help="ClinicalTrialProtocolID.")
+@click.option("--modality", "modalities", multiple=True, help="Modality (repeatable).")
+@click.option("--study-date", help="YYYY-MM-DD or YYYYMMDD.")
+@click.option("--now", "now", type=click.DateTime(), help="Evaluate at this time (UTC).")
+def explain(
+    directory: Path,
+    token_file: Path | None,
+    sub: str | None,
+    issuer: str,
+    groups: tuple[str, ...],
+    claims: tuple[str, ...],
+    sites: tuple[str, ...],
+    patient_id: str | None,
+    study_uid: str | None,
+    series_uid: str | None,
+    trial: str | None,
+    modalities: tuple[str, ...],
+    study_date: str | None,
+    now: datetime | None,
+) -> None:
+    """Explain a decision: the level, the deciding rule, and why no other rule decided."""
+    if (token_file is None) == (sub is None):
+        raise click.UsageError("give either --token FILE or --sub (with --groups/--claim)")
+    pol = load_policy(directory)
+    if token_file is not None:
+        principal = _token_principal(token_file)
+        click.echo("note: token claims read without verifying its signature", err=True)
+    else:
+        assert sub is not None
+        principal = Principal(
+            sub=sub,
+            issuer=issuer,
+            groups=tuple(g.strip() for gs in groups for g in gs.split(",") if g.strip()),
+            claims=_claims(claims),
+        )
+    resource = Resource(
+        sites=frozenset(sites),
+        patient_id=patient_id,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        trial=trial,
+        modalities=frozenset(modalities),
+        study_date=study_date,
+    )
+    click.echo(explain_text(pol, principal, resource, now))

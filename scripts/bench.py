@@ -1,0 +1,231 @@
+"""Benchmark the bridge against the plain DICOM tool on the same series, in one run.
+
+For each PACS flavour (Orthanc with TCP_NODELAY=1 "tuned", and as Debian ships it "stock"):
+  movescu    dcmtk movescu moving the series into dcmtk storescp
+  first      first byte of one cold instance through the mount (catalog listed) vs a
+             one-instance movescu
+  cold       `ls` + sequential read of every file of the series through a fresh mount
+  warm       the same read after a remount (the bridge's encrypted cache, not the kernel's)
+and the daemon's peak memory (VmHWM). Results print as a table; --write-readme puts it in README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mdm.localpacs import DcmtkStoreSCP, LocalOrthanc, free_port, movescu_command  # noqa: E402
+from mdm.synth import iter_series  # noqa: E402
+from tests.mountutil import Mount  # noqa: E402
+
+BRIDGE_AET = "MDMBENCH"
+STORESCP_AET = "STORESCP"
+
+
+@dataclass
+class Row:
+    pacs: str
+    movescu: float
+    movescu_one: float
+    first_byte: float
+    cold: float
+    warm: float
+    peak_mb: float
+    mb: float
+
+
+def _env(nodelay: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("TCP_NODELAY", None)
+    if nodelay:
+        env["TCP_NODELAY"] = "1"
+    return env
+
+
+def run_movescu(
+    pacs: LocalOrthanc, study: str, series: str | None, sop: str | None, nodelay: bool
+) -> float:
+    """Time one movescu of the series (or of one instance) into storescp."""
+    cmd = movescu_command(
+        pacs.host,
+        pacs.dicom_port,
+        called_aet=pacs.aet,
+        dest_aet=STORESCP_AET,
+        study_uid=study,
+        series_uid=None if sop else series,
+    )
+    if sop is not None:
+        # Study-level command line -> IMAGE level with the instance's UIDs.
+        head = cmd[:-2]
+        head[head.index("QueryRetrieveLevel=STUDY")] = "QueryRetrieveLevel=IMAGE"
+        cmd = [*head, "-k", f"SeriesInstanceUID={series or ''}"]
+        cmd = [*cmd, "-k", f"SOPInstanceUID={sop}", pacs.host, str(pacs.dicom_port)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, env=_env(nodelay), timeout=600)
+    return time.perf_counter() - t0
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bench_one(name: str, nodelay: bool, files: list, work: Path, max_pdu: int) -> Row:
+    d = work / name
+    bridge_port = free_port()
+    store_dir = d / "storescp"
+    scp = DcmtkStoreSCP(store_dir, aet=STORESCP_AET, tcp_nodelay=nodelay, max_pdu=max_pdu).start()
+    pacs = LocalOrthanc(
+        d / "orthanc",
+        name=f"bench-{name}",
+        aet="BENCHPACS",
+        tcp_nodelay=nodelay,
+        max_pdu=max_pdu,
+        modalities={
+            BRIDGE_AET: (BRIDGE_AET, "127.0.0.1", bridge_port),
+            STORESCP_AET: (STORESCP_AET, "127.0.0.1", scp.port),
+        },
+    ).start()
+    try:
+        pacs.upload(files)
+        study, series = files[0].study_uid, files[0].series_uid
+        mb = sum(len(f.read()) for f in files) / 1e6
+        # Warm Orthanc's own disk cache the same way for both tools: one move first.
+        run_movescu(pacs, study, series, None, nodelay)
+        for p in store_dir.iterdir():
+            p.unlink()
+        t_move = min(run_movescu(pacs, study, series, None, nodelay) for _ in range(2))
+        got = len(list(store_dir.iterdir()))
+        assert got == len(files), f"movescu delivered {got} of {len(files)}"
+        t_one = run_movescu(pacs, study, series, files[len(files) // 2].sop_uid, nodelay)
+
+        cfg = d / "mdm.toml"
+        cache = d / "cache"
+        cfg.write_text(
+            f"""[bridge]
+ae_title = "{BRIDGE_AET}"
+host = "127.0.0.1"
+port = {bridge_port}
+max_pdu = 0
+[cache]
+dir = "{cache}"
+max_bytes = "4GiB"
+[keys]
+keyring = "{d / "keyring.json"}"
+[[site]]
+name = "BENCH"
+ae_title = "{pacs.aet}"
+host = "127.0.0.1"
+port = {pacs.dicom_port}
+timeout = "60s"
+"""
+        )
+        mnt = d / "mnt"
+        # First byte of a cold instance, the series listed (as a job that knows its UIDs).
+        with Mount(cfg, mnt, strict=False) as m:
+            sdir = mnt / "studies" / study / series
+            names = sorted(n for n in os.listdir(sdir) if n.endswith(".dcm"))
+            one = sdir / f"{files[len(files) // 3].sop_uid}.dcm"
+            t0 = time.perf_counter()
+            with open(one, "rb") as f:
+                f.read(1)
+            t_first = time.perf_counter() - t0
+        subprocess.run(
+            [sys.executable, "-m", "mdm", "cache", "evict", "--all", "--config", str(cfg)],
+            check=True,
+            capture_output=True,
+        )
+        # Cold: a fresh mount, list then read every file in order.
+        with Mount(cfg, mnt, strict=False) as m:
+            t0 = time.perf_counter()
+            names = sorted(n for n in os.listdir(sdir) if n.endswith(".dcm"))
+            total = 0
+            for n in names:
+                with open(sdir / n, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        total += len(chunk)
+            t_cold = time.perf_counter() - t0
+            assert len(names) == len(files)
+            peak = peak_rss_mb(m.proc.pid)  # type: ignore[union-attr]
+        # Warm: remount (empty kernel cache), same read from the bridge's cache.
+        with Mount(cfg, mnt, strict=False) as m:
+            t0 = time.perf_counter()
+            names = sorted(n for n in os.listdir(sdir) if n.endswith(".dcm"))
+            total2 = 0
+            for n in names:
+                with open(sdir / n, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        total2 += len(chunk)
+            t_warm = time.perf_counter() - t0
+            peak = max(peak, peak_rss_mb(m.proc.pid))  # type: ignore[union-attr]
+        assert total == total2
+        return Row(name, t_move, t_one, t_first, t_cold, t_warm, peak, mb)
+    finally:
+        pacs.stop()
+        scp.stop()
+
+
+def table(rows: list[Row], count: int) -> str:
+    lines = [
+        f"Series: {count} CT instances 512x512 ({rows[0].mb:.0f} MB), one Orthanc 1.10 on "
+        f"loopback, 2-core machine; `scripts/bench --count {count}`.",
+        "",
+        "| PACS | movescu series | bridge cold read | cold / movescu | bridge warm re-read "
+        "| cold / warm | first byte (bridge) | one-instance movescu | daemon peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.pacs} | {r.movescu:.2f} s | {r.cold:.2f} s | {r.cold / r.movescu:.2f}x | "
+            f"{r.warm:.2f} s | {r.cold / r.warm:.1f}x | {r.first_byte * 1000:.0f} ms | "
+            f"{r.movescu_one * 1000:.0f} ms | {r.peak_mb:.0f} MB |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--count", type=int, default=300, help="instances in the series")
+    ap.add_argument("--max-pdu", type=int, default=16384, help="Orthanc/storescp max PDU")
+    ap.add_argument("--only", choices=["tuned", "stock"], help="run one PACS flavour")
+    ap.add_argument("--write-readme", action="store_true", help="write the table into README.md")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="mdm-bench-") as tmp:
+        work = Path(tmp)
+        files = list(iter_series(work / "series", count=args.count))
+        rows = []
+        for name, nodelay in (("tuned (TCP_NODELAY=1)", True), ("stock", False)):
+            if args.only and not name.startswith(args.only):
+                continue
+            print(f"benchmarking against the {name} PACS ...", file=sys.stderr)
+            rows.append(bench_one(name.split()[0], nodelay, files, work, args.max_pdu))
+    out = table(rows, args.count)
+    print(out)
+    if args.write_readme:
+        readme = ROOT / "README.md"
+        text = readme.read_text()
+        new = re.sub(
+            r"<!-- bench:start -->.*<!-- bench:end -->",
+            "<!-- bench:start -->\n" + out + "\n<!-- bench:end -->",
+            text,
+            flags=re.S,
+        )
+        readme.write_text(new)
+
+
+if __name__ == "__main__":
+    main()
