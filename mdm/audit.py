@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
 HASH_SEP = b',"hash":"'
-_HEAD_FMT = '{"seq":%020d,"sha256":"%s"}\n'
+# Fixed width, so rewriting it in place with pwrite always covers the previous content.
+_HEAD_FMT = '{"seq":%20d,"sha256":"%s"}\n'
 _HEX64 = re.compile(rb"^[0-9a-f]{64}$")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _EXTRA_KEY = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -199,7 +200,7 @@ class AuditLog:
     def __init__(self, path: str | Path, fsync_interval: float = 0.2) -> None:
         self.path = Path(path)
         self.fsync_interval = fsync_interval
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered when a rotated log is reopened
         self._timer: threading.Timer | None = None
         self._last_fsync = 0.0
         self._fd = -1
@@ -360,18 +361,18 @@ class AuditLog:
 
     def close(self) -> None:
         """Flush to disk and close (idempotent)."""
-        timer = self._timer
-        if timer is not None:
-            timer.cancel()
-        self._timer = None
-        self._close_fds()
+        with self._lock:
+            timer = self._timer
+            if timer is not None:
+                timer.cancel()
+            self._timer = None
+            self._close_fds()
 
     def __enter__(self) -> AuditLog:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        with self._lock:
-            self.close()
+        self.close()
 
 
 def verify(path: str | Path) -> list[AuditProblem]:

@@ -30,6 +30,7 @@ import argparse
 import ast
 import csv
 import io
+import re
 import subprocess
 import sys
 import tempfile
@@ -188,6 +189,24 @@ def parse_anonymizer(text: str) -> dict[str, str]:
     return out
 
 
+def idiscore_keywords(text: str) -> dict[str, str]:
+    """{tag key: keyword} from the trailing comments of idiscore's rules (newer attributes
+    than pydicom's dictionary knows still get a keyword)."""
+    return {
+        m.group(1).upper(): m.group(2)
+        for m in re.finditer(r'SingleTag\("([0-9a-fA-F]{8})"\)[^#]*?#\s*(\w+)', text)
+        if m.group(2) != "Unknown"
+    }
+
+
+def anonymizer_names(text: str) -> dict[str, str]:
+    """{tag key: name} from the comments of a dicom-anonymizer fields file."""
+    return {
+        (m.group(1) + m.group(2)).upper(): m.group(3).strip()
+        for m in re.finditer(r"\(0x([0-9A-Fa-f]{4}), 0x([0-9A-Fa-f]{4})\),\s*#\s*(.+)", text)
+    }
+
+
 def describe(key: str) -> tuple[str, str]:
     """(keyword, name) of a table key from pydicom's dictionary ("" when it has none)."""
     if key == "PRIVATE":
@@ -206,10 +225,14 @@ def describe(key: str) -> tuple[str, str]:
 
 def build(src: Path) -> tuple[str, list[str]]:
     """The CSV text and the cross-check report lines."""
-    idis = parse_idiscore(wheel_member(src, "idiscore", "idiscore/_public_dicom.py"))
+    idis_text = wheel_member(src, "idiscore", "idiscore/_public_dicom.py")
+    idis = parse_idiscore(idis_text)
+    comment_kw = idiscore_keywords(idis_text)
     base = "dicomanonymizer/dicom_anonymization_databases/"
     a24 = parse_anonymizer(wheel_member(src, "dicom_anonymizer", base + "dicomfields_2024b.py"))
-    a26 = parse_anonymizer(wheel_member(src, "dicom_anonymizer", base + "dicomfields_2026c.py"))
+    a26_text = wheel_member(src, "dicom_anonymizer", base + "dicomfields_2026c.py")
+    a26 = parse_anonymizer(a26_text)
+    names26 = anonymizer_names(a26_text)
     basic = idis["basic_profile"]
 
     report: list[str] = []
@@ -257,6 +280,9 @@ def build(src: Path) -> tuple[str, list[str]]:
     writer.writerow(["tag", "keyword", "name", *[c for _, c in COLUMNS]])
     for k in sorted(keys, key=order):
         kw, name = describe(k)
+        kw = kw or comment_kw.get(k, "")
+        # Attributes newer than pydicom's dictionary: the name from dicom-anonymizer's comment.
+        name = name or names26.get(k, "")
         writer.writerow([k, kw, name, *[idis.get(src_col, {}).get(k, "") for src_col, _ in COLUMNS]])
     return buf.getvalue(), report
 

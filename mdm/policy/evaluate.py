@@ -331,7 +331,7 @@ def _reason(rule: Rule) -> str:
 
 
 def _describe_principal(p: Principal) -> str:
-    parts = [f"sub={p.sub}", f"issuer={p.issuer}"]
+    parts = [f"sub={p.sub}", f"issuer={p.issuer or '(none)'}"]
     if p.groups:
         parts.append(f"groups={_fmt(p.groups, 20)}")
     for k in sorted(p.claims):

@@ -398,7 +398,7 @@ def read_toml(
             line, col = int(m.group(1)), int(m.group(2))
             msg = msg[: m.start()]
         else:  # "(at end of document)"
-            line, col = text.count("\n") + 1, 0
+            line, col = max(1, len(text.rstrip().splitlines())), 0
             msg = msg.replace("(at end of document)", "at end of file").strip()
         where = f" (column {col})" if col else ""
         errors.append(Problem(label, line, f"TOML syntax error: {msg}{where}"))

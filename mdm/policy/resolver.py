@@ -8,6 +8,12 @@ per ``reload_interval`` a ``decide`` call stats the directory (names, mtimes, si
 keep deciding with the policy in force). A snapshot that failed to load is remembered, so a
 broken edit is logged once, not on every check, and the last good policy stays in force until
 the files change again. Nothing else touches the disk on the decision path.
+
+Half-written files. An editor (or ``git checkout``) that rewrites a file in place can be caught
+between truncating and writing; a cut-off file may still be valid TOML that lacks its last
+rules, a deny among them. So a changed snapshot is loaded only once it has settled (its newest
+mtime at least ``settle`` seconds old, or unchanged since the previous check), and the load is
+discarded if the snapshot changed while it ran. The cost is ``settle`` extra seconds of latency.
 """
 
 from __future__ import annotations
@@ -39,10 +45,15 @@ class PolicyResolver:
         directory: Path,
         *,
         reload_interval: float = 1.0,
+        settle: float = 0.25,
         known_sites: Collection[str] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.reload_interval = reload_interval
+        self.settle = settle
+        # A changed snapshot seen but not yet settled, and when it was first seen.
+        self._pending: tuple[tuple[str, int, int], ...] | None = None
+        self._pending_since = 0.0
         self._known_sites = known_sites
         self._lock = threading.Lock()
         self._snapshot = snapshot(self.directory)
@@ -85,10 +96,23 @@ class PolicyResolver:
             self._next_check = time.monotonic() + self.reload_interval
             snap = snapshot(self.directory)
             if snap == self._snapshot or snap == self._failed:
+                self._pending = None
                 return False
+            now = time.monotonic()
+            if snap != self._pending:
+                self._pending, self._pending_since = snap, now
+            newest = max((m for _, m, _ in snap), default=0) / 1e9
+            # Settled: the newest mtime is old enough, or (a clock skewed into the future on a
+            # network filesystem) the snapshot has not changed for that long.
+            if time.time() - newest < self.settle and now - self._pending_since < self.settle:
+                self._next_check = min(self._next_check, now + self.settle)
+                return False
+            self._pending = None
             try:
                 policy = load_policy(self.directory, known_sites=self._known_sites)
             except PolicyError as e:
+                if snapshot(self.directory) != snap:
+                    return False  # written to while loading: judge the next snapshot instead
                 self._failed = snap
                 log.error(
                     "policy %s: reload failed, version %s stays in force:\n  %s",
@@ -97,6 +121,8 @@ class PolicyResolver:
                     "\n  ".join(str(p) for p in e.problems),
                 )
                 return False
+            if snapshot(self.directory) != snap:
+                return False  # written to while loading: this may be a half-written file
             old = self._policy.version
             self._snapshot, self._failed, self._policy = snap, None, policy
             log.info(
