@@ -29,6 +29,7 @@ from mdm.access import AccessLevel, AccessResolver, Decision, LocalAdminResolver
 from mdm.catalog import ROOT, Catalog, Level, Record
 from mdm.config import Config
 from mdm.db import open_env
+from mdm.dicom.procscp import ProcessStorageSCP, StoreParams
 from mdm.dicom.query import fan_out
 from mdm.dicom.receiver import StorageSCP
 from mdm.dicom.retrieve import Retriever
@@ -761,7 +762,22 @@ async def open_bridge(
         report = store.recover()
         log.info("cache recovered: %s", report)
         catalog = Catalog(env, keys.secret("catalog"), config.cache.catalog_ttl)
-        scp = StorageSCP(config.bridge, {s.ae_title for s in config.sites})
+        scp: StorageSCP
+        allowed = {s.ae_title for s in config.sites}
+        if config.bridge.receiver == "process":
+            scp = ProcessStorageSCP(
+                config.bridge,
+                allowed,
+                StoreParams(
+                    config.cache.dir,
+                    config.keys.keyring,
+                    config.cache.max_bytes,
+                    config.cache.chunk_size,
+                ),
+                log_level=logging.getLogger().getEffectiveLevel(),
+            )
+        else:
+            scp = StorageSCP(config.bridge, allowed)
         try:
             scp.start()
         except OSError as e:

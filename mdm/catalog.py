@@ -14,6 +14,7 @@ import hmac
 import json
 import os
 import struct
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
 LEVELS: tuple[Level, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 _CODE: dict[str, bytes] = {"PATIENT": b"P", "STUDY": b"S", "SERIES": b"R", "IMAGE": b"I"}
 ROOT = ""
+CACHE_MAX = 200_000
 
 
 @dataclass
@@ -64,6 +66,12 @@ class Catalog:
         self._db = env.open_db(b"catalog")
         self._aead = AESGCM(hashlib.sha256(b"mdm-catalog-enc\0" + secret).digest())
         self._mac_key = hashlib.sha256(b"mdm-catalog-mac\0" + secret).digest()
+        # Decrypted records, in memory only (PHI never leaves memory in clear). Every path
+        # resolution reads three or four records: decrypting them each time dominated the
+        # cost of stat and open. Cleared on every write of this process; other processes
+        # only add what listings find, which the TTL picks up.
+        self._cache: dict[bytes, Record] = {}
+        self._cache_lock = threading.Lock()
 
     # -- keys ---------------------------------------------------------------------------
     def _id(self, level: str, uid: str) -> bytes:
@@ -101,9 +109,19 @@ class Catalog:
     def get(self, level: Level, uid: str) -> Record | None:
         """The record of ``uid`` at ``level``, or None."""
         key = self._rec_key(level, uid)
+        rec = self._cache.get(key)
+        if rec is not None:
+            return rec
         with self.env.begin(db=self._db) as txn:
             raw = txn.get(key)
-        return self._unseal(key, bytes(raw)) if raw is not None else None
+        if raw is None:
+            return None
+        rec = self._unseal(key, bytes(raw))
+        with self._cache_lock:
+            if len(self._cache) > CACHE_MAX:
+                self._cache.clear()
+            self._cache[key] = rec
+        return rec
 
     def children(self, level: Level, parent: str) -> list[Record]:
         """Records at ``level`` under ``parent`` ("" for all patients / all studies)."""
@@ -136,6 +154,10 @@ class Catalog:
         return time.time() - self.listed_at(what) < self.ttl
 
     # -- writes -------------------------------------------------------------------------
+    def _invalidate(self) -> None:
+        with self._cache_lock:
+            self._cache.clear()
+
     def merge(
         self,
         records: Iterable[Record],
@@ -150,6 +172,7 @@ class Catalog:
         the children of ``parent`` at ``level`` held by that site: children of that parent
         that the site no longer reports lose the site. ``listed`` marks a listing as fresh.
         """
+        self._invalidate()
         now = time.time()
         recs = list(records)
         seen = {r.uid for r in recs}
@@ -202,6 +225,7 @@ class Catalog:
     def set_attr(self, level: Level, uid: str, values: Mapping[str, str]) -> None:
         """Update attributes of one existing record (e.g. the exact size once cached)."""
         rk = self._rec_key(level, uid)
+        self._invalidate()
         with self.env.begin(db=self._db, write=True) as txn:
             raw = txn.get(rk)
             if raw is None:

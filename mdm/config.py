@@ -80,6 +80,9 @@ class BridgeSettings:
     """Largest PDU we accept; 0 means unlimited (the largest the peer offers)."""
     prefetch: bool = True
     """Fetch the rest of a series in the background after its first read."""
+    receiver: str = "process"
+    """``process``: the storage SCP receives and stores in a worker process (off the mount's
+    GIL); ``thread``: in the mount's own process."""
 
 
 @dataclass(frozen=True)
@@ -291,7 +294,7 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
         p,
         "bridge",
         top.table_("bridge") or {},
-        {"ae_title", "host", "port", "retrieve", "timeout", "max_pdu", "prefetch"},
+        {"ae_title", "host", "port", "retrieve", "timeout", "max_pdu", "prefetch", "receiver"},
     )
     bridge = BridgeSettings(
         ae_title=b.ae("ae_title", "MDMBRIDGE"),
@@ -301,6 +304,7 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
         timeout=b.duration("timeout", 30.0),
         max_pdu=b.get_int("max_pdu", 0, 0, 2**31),
         prefetch=b.get_bool("prefetch", True),
+        receiver=b.choice("receiver", ("process", "thread"), "process"),
     )
     if bridge.timeout <= 0:
         raise ConfigError(p, "bridge.timeout", "must be positive")

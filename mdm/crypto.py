@@ -198,7 +198,13 @@ def _pread(src: Source, n: int, offset: int) -> bytes:
 
 
 def decrypt_range(
-    dek: bytes, identity: bytes, src: Source, header: BlobHeader, offset: int, length: int
+    dek: bytes,
+    identity: bytes,
+    src: Source,
+    header: BlobHeader,
+    offset: int,
+    length: int,
+    cipher: ChunkCipher | None = None,
 ) -> bytes:
     """Plaintext bytes ``[offset, offset+length)``, clipped to the object's size.
 
@@ -218,7 +224,9 @@ def decrypt_range(
     else:
         first = offset // header.chunk_size
         last = (end - 1) // header.chunk_size
-    cipher = ChunkCipher(dek, identity, header)
+    # A reader that decrypts many ranges of one object passes its cipher in (building the
+    # AEAD context and the associated-data prefix costs more than a small chunk).
+    cipher = cipher or ChunkCipher(dek, identity, header)
     start = header.chunk_offset(first)
     stop = header.chunk_offset(last) + header.chunk_plain_len(last) + TAG_LEN
     raw = _pread(src, stop - start, start)

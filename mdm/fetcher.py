@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import trio
 
 from mdm.config import Config, SiteSettings
-from mdm.dicom.receiver import ReceivedObject
+from mdm.dicom.receiver import ReceivedObject, StoredNotice
 from mdm.dicom.retrieve import Retriever
 from mdm.errors import MdmError, RetrieveError, RetrieveTimeout
 from mdm.keys import Scope
@@ -231,11 +231,19 @@ class Fetcher:
             "site": site.name,
         }
 
-        def sink(obj: ReceivedObject) -> None:
+        def sink(obj: ReceivedObject | StoredNotice) -> None:
             # Runs in a pynetdicom thread. Encrypting and writing happen in the writer
             # threads so the association keeps receiving (the queue is bounded: if the disk
-            # falls behind, the sender is slowed down, memory is not blown).
+            # falls behind, the sender is slowed down, memory is not blown). A receiver
+            # process has stored the object already and only reports it.
             if obj.sop_uid not in pend:
+                return
+            if isinstance(obj, StoredNotice):
+                if obj.error is not None:
+                    err = obj.error if isinstance(obj.error, MdmError) else MdmError(str(obj.error))
+                    self._to_trio(self._finish, obj.sop_uid, err)
+                else:
+                    self._to_trio(self._stored, obj.sop_uid, obj.info, site.name)
                 return
             batch.add()
             self._queue.put((obj, scope, meta, batch))
@@ -267,6 +275,7 @@ class Fetcher:
                     expected=set(remaining),
                     sink=sink,
                     sop_classes=sop_classes,
+                    store_spec={"site": site.name, "level": scope.level, "meta": meta},
                 ),
                 limiter=self._limiters[site.name],
             )

@@ -341,11 +341,14 @@ def _keys_signature(path: Path) -> tuple[Any, ...]:
         return ("missing",)
 
 
-def _iso(ts: float) -> str:
+def _iso(ts: object) -> str:
+    """A timestamp claim for messages (whatever a hostile token put there)."""
     try:
-        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    except (OverflowError, ValueError, OSError):
-        return repr(ts)
+        return datetime.fromtimestamp(float(ts), UTC).strftime(  # type: ignore[arg-type]
+            "%Y-%m-%dT%H:%M:%SZ"
+        )
+    except (OverflowError, ValueError, OSError, TypeError):
+        return _short(repr(ts), 32)
 
 
 def _parse_groups(value: object) -> tuple[str, ...]:
@@ -437,10 +440,10 @@ class TokenVerifier:
             raise InvalidToken("signature verification failed", "signature") from None
         except jwt.exceptions.ExpiredSignatureError:
             exp = _unverified_claim(token, "exp")
-            raise InvalidToken(f"token expired at {_iso(float(exp))}", "expired") from None
+            raise InvalidToken(f"token expired at {_iso(exp)}", "expired") from None
         except jwt.exceptions.ImmatureSignatureError as e:
             which = "iat" if "iat" in str(e) else "nbf"
-            at = _iso(float(_unverified_claim(token, which)))
+            at = _iso(_unverified_claim(token, which))
             what = "issued in the future" if which == "iat" else "valid from"
             raise InvalidToken(f"token not yet valid ({what} {at})", "immature") from None
         except jwt.exceptions.InvalidIssuerError:

@@ -188,6 +188,7 @@ class ObjectReader:
         self._fd = fd
         self._header = header
         self._span: tuple[int, bytes] = (0, b"")
+        self._cipher: ChunkCipher | None = None
         self._dek = dek
         self._identity = info.ref.identity()
         self._closed = False
@@ -220,7 +221,11 @@ class ObjectReader:
         a = offset // cs * cs
         b = min(-(-end // cs) * cs, size)
         try:
-            span = decrypt_range(self._dek, self._identity, self._fd, self._header, a, b - a)
+            if self._cipher is None:
+                self._cipher = ChunkCipher(self._dek, self._identity, self._header)
+            span = decrypt_range(
+                self._dek, self._identity, self._fd, self._header, a, b - a, self._cipher
+            )
         except IntegrityError as e:
             raise IntegrityError(f"cached object {self.info.ref.sop_uid}: {e}") from None
         self._span = (a, span)
@@ -235,6 +240,7 @@ class ObjectReader:
         os.close(self._fd)
         self._dek = b""
         self._span = (0, b"")
+        self._cipher = None
         self._store._unpin(self.info.ref.blob_name())
 
     def __enter__(self) -> ObjectReader:

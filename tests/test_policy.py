@@ -242,7 +242,8 @@ def test_explain_reasons(tmp_path: Path) -> None:
 def test_principal_from_claims() -> None:
     p = principal_from_claims({"sub": "a", "iss": "https://i", "groups": ["g"], "dept": 7})
     assert (p.sub, p.issuer, p.groups) == ("a", "https://i", ("g",))
-    assert p.claims["dept"] == 7
+    assert p.claims["dept"] == 7 and "sub" not in p.claims
+    assert principal_from_claims({"sub": "a", "groups": "g1, g2"}).groups == ("g1", "g2")
 
 
 def test_numeric_and_boolean_claims(tmp_path: Path) -> None:
@@ -327,6 +328,13 @@ BAD = [
         "principals.groups is empty: the rule can never match",
     ),
     ('[[deny]]\nid = "d"\nresources = { patient_ids = [] }\n', 3, "can never match"),
+    (
+        '[[allow]]\nid = "a"\naccess = "metadata"\n'
+        'principals = { subjects = ["u"], claims = { hospital = "N", groups = ["g"] } }\n',
+        4,
+        "claim 'groups' is not matched through claims: the rule can never match; use "
+        "principals.groups",
+    ),
     ('[[deny]]\nid = "d"\naccess = "none"\n', 3, "a deny takes no access"),
     ('[[deny]]\nid = "d"\n[deny.deid]\nx = 1\n', 3, "unknown key 'deid' in [[deny]]"),
     (
@@ -340,6 +348,12 @@ BAD = [
         'resources = { study_dates = ["2024-13-01", "2025-01-01"] }\n',
         5,
         "bad date '2024-13-01'",
+    ),
+    (
+        '[[allow]]\nid = "a"\nprincipals = { subjects = ["u"] }\naccess = "metadata"\n'
+        'resources = { study_dates = ["2024-1-1", "2025-01-01"] }\n',
+        5,
+        "bad date '2024-1-1'",
     ),
     (
         '[[allow]]\nid = "a"\nprincipals = { subjects = ["u"] }\naccess = "metadata"\n'

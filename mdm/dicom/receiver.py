@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
@@ -56,7 +57,18 @@ class ReceivedObject:
     calling_aet: str
 
 
-Sink = Callable[[ReceivedObject], None]
+@dataclass(frozen=True, slots=True)
+class StoredNotice:
+    """An object the receiver process already stored (or failed to): see ``procscp``."""
+
+    sop_uid: str
+    info: Any
+    """The store's ObjectInfo (None on failure)."""
+    error: Exception | None
+
+
+Sink = Callable[[Any], None]
+"""Called with a :class:`ReceivedObject` (or a :class:`StoredNotice` from a receiver process)."""
 
 
 class Expectation:
@@ -224,18 +236,28 @@ class StorageSCP:
 
     # --- routing -----------------------------------------------------------------------
 
-    def expect(self, sop_uids: Iterable[str], sink: Sink) -> Expectation:
+    def expect(
+        self, sop_uids: Iterable[str], sink: Sink, spec: Mapping[str, Any] | None = None
+    ) -> Expectation:
         """Accept C-STOREs of these SOP Instance UIDs and hand them to ``sink``.
 
         Register *before* sending the C-MOVE/C-GET. ``sink`` runs in a pynetdicom thread; if it
         raises, the PACS gets a failure status for that instance. Call ``cancel()`` (or use
-        the expectation as a context manager) when the retrieval is over.
+        the expectation as a context manager) when the retrieval is over. ``spec`` tells a
+        receiver that stores objects itself where to store them (ignored here).
         """
         exp = Expectation(self, frozenset(sop_uids), sink)
         with self._lock:
             for uid in exp.sop_uids:
                 self._routes.setdefault(uid, []).append(exp)
         return exp
+
+    stores_objects = False
+    """True for a receiver that stores objects itself and hands sinks StoredNotices."""
+
+    def sync(self, exp: Expectation) -> None:
+        """Wait until every object received for ``exp`` reached its sink (here: at once)."""
+        return None
 
     def _unregister(self, exp: Expectation) -> None:
         with self._lock:

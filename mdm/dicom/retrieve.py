@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import build_role, evt
@@ -370,8 +371,9 @@ class Retriever:
         series_uid: str | None = None,
         sop_uids: list[str] | None = None,
         expected: set[str],
-        sink: Callable[[ReceivedObject], None],
+        sink: Callable[[Any], None],
         sop_classes: set[str] | None = None,
+        store_spec: Mapping[str, Any] | None = None,
     ) -> RetrieveOutcome:
         """Retrieve a study, a series or a list of instances from ``site`` into ``sink``.
 
@@ -402,16 +404,20 @@ class Retriever:
         started = time.monotonic()
         watch: list[Watchdog] = []
 
-        def tracked(obj: ReceivedObject) -> None:
+        def tracked(obj: Any) -> None:
             sink(obj)
             if watch:  # an arriving object is progress, whatever the PACS's pending responses
                 watch[0].touch()
 
-        expectation = self.scp.expect(set(expected) | set(sop_uids or ()), tracked)
+        expectation = self.scp.expect(set(expected) | set(sop_uids or ()), tracked, store_spec)
         try:
             code = self._exchange(site, mode, need, identifier, watch, expectation)
         finally:
-            expectation.cancel()
+            try:
+                # A receiver process reports stored objects asynchronously: wait for them.
+                self.scp.sync(expectation)
+            finally:
+                expectation.cancel()
         received = expectation.received
         missing = set(expected) - received
         elapsed = time.monotonic() - started

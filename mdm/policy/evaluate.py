@@ -222,7 +222,7 @@ class Policy:
     warnings: tuple[Problem, ...] = ()
     _denies: tuple[Rule, ...] = field(init=False, repr=False, compare=False)
     _allows: tuple[Rule, ...] = field(init=False, repr=False, compare=False)
-    _cache: list[tuple[Principal, tuple[Rule, ...], tuple[Rule, ...]]] = field(
+    _cache: tuple[tuple[Principal, tuple[Rule, ...], tuple[Rule, ...]], ...] = field(
         init=False, repr=False, compare=False
     )
     _lock: threading.Lock = field(init=False, repr=False, compare=False)
@@ -231,7 +231,7 @@ class Policy:
         # Frozen dataclass: derived fields are set once here, through object.__setattr__.
         object.__setattr__(self, "_denies", tuple(r for r in self.rules if r.effect == "deny"))
         object.__setattr__(self, "_allows", tuple(r for r in self.rules if r.effect == "allow"))
-        object.__setattr__(self, "_cache", [])
+        object.__setattr__(self, "_cache", ())
         object.__setattr__(self, "_lock", threading.Lock())
 
     def rule(self, rule_id: str) -> Rule | None:
@@ -250,8 +250,9 @@ class Policy:
         denies = tuple(r for r in self._denies if not _principal_mismatches(r, p, True))
         allows = tuple(r for r in self._allows if not _principal_mismatches(r, p, True))
         with self._lock:
-            self._cache.insert(0, (p, denies, allows))
-            del self._cache[8:]
+            # Replaced, never mutated: readers iterate a tuple without taking the lock.
+            cache = ((p, denies, allows), *self._cache[:7])
+            object.__setattr__(self, "_cache", cache)
         return denies, allows
 
     def decide(
@@ -335,7 +336,7 @@ def _describe_principal(p: Principal) -> str:
     if p.groups:
         parts.append(f"groups={_fmt(p.groups, 20)}")
     for k in sorted(p.claims):
-        if k in {"sub", "iss", "groups", "aud", "exp", "nbf", "iat", "jti"}:
+        if k in RESERVED_CLAIMS or k == "jti":
             continue
         parts.append(f"{k}={_fmt(claim_strings(p.claims[k]), 20)}")
     return " ".join(parts)
@@ -417,14 +418,19 @@ def explain_lines(exp: Explanation) -> Sequence[str]:
     return out
 
 
+# Registered claims that become Principal fields (or were checked) when a token is verified;
+# they are not in Principal.claims, so a rule cannot match on them through ``claims``.
+RESERVED_CLAIMS = frozenset({"sub", "iss", "aud", "exp", "nbf", "iat", "groups"})
+
+
 def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
-    """A principal from decoded token claims (``sub``, ``iss``, ``groups``, the rest as claims)."""
+    """A principal from decoded token claims, built as the token verifier builds it."""
     groups = claims.get("groups") or ()
     if isinstance(groups, str):
-        groups = (groups,)
+        groups = groups.replace(",", " ").split()
     return Principal(
         sub=str(claims.get("sub", "")),
         issuer=str(claims.get("iss", "")),
-        groups=tuple(str(g) for g in groups),
-        claims=dict(claims),
+        groups=tuple(str(g) for g in groups if g),
+        claims={k: v for k, v in claims.items() if k not in RESERVED_CLAIMS},
     )

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mdm.access import AccessLevel
-from mdm.policy.evaluate import Policy, normalize_now
+from mdm.policy.evaluate import RESERVED_CLAIMS, Policy, normalize_now
 from mdm.policy.model import Effect, PolicyError, Problem, Rule
 
 TESTS_SUBDIR = "tests"
@@ -238,7 +238,8 @@ def _date_value(ck: Checker, value: Any, path: tuple[str, ...]) -> date | None:
         return value
     if isinstance(value, str):
         try:
-            return date.fromisoformat(value.strip()) if len(value.strip()) == 10 else None
+            if len(value.strip()) == 10:  # fromisoformat also takes 20240101; be strict
+                return date.fromisoformat(value.strip())
         except ValueError:
             pass
         ck.err(path, f"{_dotted(*path)}: bad date {value!r} (expected YYYY-MM-DD)")
@@ -276,6 +277,15 @@ def _principals(ck: Checker, value: Any, kw: dict[str, Any]) -> None:
         if claims is not None:
             out: list[tuple[str, frozenset[str]]] = []
             for name, v in claims.items():
+                if name in RESERVED_CLAIMS:
+                    what = {"sub": "subjects", "iss": "issuers", "groups": "groups"}.get(name)
+                    use = f"; use principals.{what}" if what else ""
+                    ck.err(
+                        ("principals", "claims", name),
+                        f"claim {name!r} is not matched through claims: the rule can never "
+                        f"match{use}",
+                    )
+                    continue
                 vals = ck.strings(v, ("principals", "claims", name), scalar_ok=True)
                 if vals is not None:
                     out.append((name, vals))
