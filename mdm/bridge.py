@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +25,7 @@ from typing import Any
 import trio
 from pydicom.dataset import Dataset
 
-from mdm.access import AccessLevel, AccessResolver, Decision, LocalAdminResolver, Resource, view_for
+from mdm.access import AccessLevel, Decision, Resource, view_for
 from mdm.catalog import ROOT, Catalog, Level, Record
 from mdm.config import Config
 from mdm.db import open_env
@@ -43,9 +43,10 @@ from mdm.errors import (
 )
 from mdm.fetcher import Fetcher, Target
 from mdm.flight import SingleFlight
-from mdm.identity import Principal
+from mdm.identity import InvalidToken, Principal
 from mdm.keys import KeyProvider, LocalKeyring
 from mdm.names import is_uid, safe_name, uid_name
+from mdm.session import Session
 from mdm.store import ObjectInfo, ObjectReader, ObjectRef, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -139,9 +140,12 @@ class OpenFile:
     size: int = 0
     exact_before: bool = True
     released: bool = field(default=False)
+    recheck: Callable[[], None] | None = None
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes ``[offset, offset+length)`` (fewer at EOF)."""
+        if self.recheck is not None:
+            self.recheck()
         if self.data is not None:
             return self.data[offset : offset + length]
         assert self.reader is not None
@@ -184,25 +188,74 @@ class Bridge:
     def __init__(
         self,
         config: Config,
-        principal: Principal,
+        session: Session,
         *,
         catalog: Catalog,
         store: ObjectStore,
         fetcher: Fetcher,
-        resolver: AccessResolver,
     ) -> None:
         self.config = config
-        self.principal = principal
+        self.session = session
+        self.audit = session.audit
         self.catalog = catalog
         self.store = store
         self.fetcher = fetcher
-        self.resolver = resolver
+        self.resolver = session.resolver
+        self._token_error = ""
         self.started = time.time()
         self._listings: SingleFlight[None] = SingleFlight()
         self._negative: dict[tuple[str, str], float] = {}
 
     # ------------------------------------------------------------------ decisions
-    def decide(self, study: Record, series: Record | None = None) -> Decision:
+    @property
+    def principal(self) -> Principal:
+        """The mount's principal now; AccessDenied (EACCES) once its token is not valid."""
+        try:
+            p = self.session.principal()
+        except InvalidToken as e:
+            if str(e) != self._token_error:
+                self._token_error = str(e)
+                log.warning("access refused: %s", e)
+            raise AccessDenied(f"no valid token: {e}") from None
+        self._token_error = ""
+        return p
+
+    def record(
+        self,
+        action: str,
+        decision: str,
+        resource: dict[str, str],
+        *,
+        rule: str = "",
+        policy: str = "",
+        principal: Principal | None = None,
+        **extra: Any,
+    ) -> None:
+        """One audit record (no-op without [audit]); UIDs only, never PHI."""
+        if self.audit is None:
+            return
+        if principal is None:
+            try:
+                principal = self.session.principal()
+            except InvalidToken:
+                principal = Principal(sub="(invalid token)", issuer="")
+        try:
+            self.audit.record(
+                principal=principal,
+                action=action,
+                decision=decision,
+                resource={k: v for k, v in resource.items() if v},
+                rule=rule,
+                policy=policy or self.resolver.version(),
+                **extra,
+            )
+        except (OSError, MdmError) as e:
+            # Fail closed would stop every reader; the log line makes the gap visible.
+            log.error("audit record could not be written: %s", e)
+
+    def decide(
+        self, study: Record, series: Record | None = None, principal: Principal | None = None
+    ) -> Decision:
         """The principal's access decision on a study (or one of its series)."""
         attrs = dict(study.attrs)
         if series is not None and series.attrs.get("Modality"):
@@ -222,7 +275,7 @@ class Bridge:
             ),
             study_date=attrs.get("StudyDate") or None,
         )
-        return self.resolver.decide(self.principal, res)
+        return self.resolver.decide(principal or self.principal, res)
 
     def _visible(self, d: Decision) -> bool:
         return d.level >= AccessLevel.METADATA
@@ -636,14 +689,54 @@ class Bridge:
         assert node.decision and node.instance and node.series and node.study
         view = view_for(node.decision.level)
         if view is None:
+            self._audit_open(node, "deny")
             raise AccessDenied(f"{self.principal.label()} may see but not read {node.instance.uid}")
         if view != "identified":
+            self._audit_open(node, "deny", reason="de-identified view not available")
             raise AccessDenied("the de-identified view is not available in this version")
+        self._audit_open(node, "allow")
         exact_before = self.store.info(ObjectRef(node.instance.uid)) is not None
         info = await self.fetch_instance(node.study, node.series, node.instance, prefer=node.site)
         # Unwrapping the key may touch the keyring file and LMDB: keep the trio thread free.
-        reader = await trio.to_thread.run_sync(self.store.open, info.ref, self.principal)
-        return OpenFile(reader=reader, size=reader.size, exact_before=exact_before)
+        principal = self.principal
+        reader = await trio.to_thread.run_sync(self.store.open, info.ref, principal)
+        self.record(
+            "key-unwrap",
+            "allow",
+            {"sop_uid": node.instance.uid, "site": info.scope.site, "level": info.scope.level},
+            principal=principal,
+        )
+        study, series = node.study, node.series
+        last = [time.monotonic()]
+
+        def recheck() -> None:
+            # A revoked grant or an expired token stops reads of open files too (at most
+            # one check a second: decisions are cheap, but reads are many).
+            now = time.monotonic()
+            if now - last[0] < 1.0:
+                return
+            last[0] = now
+            if view_for(self.decide(study, series).level) != "identified":
+                raise AccessDenied("access revoked")
+
+        return OpenFile(reader=reader, size=reader.size, exact_before=exact_before, recheck=recheck)
+
+    def _audit_open(self, node: Node, decision: str, **extra: Any) -> None:
+        assert node.instance and node.series and node.study and node.decision
+        d = node.decision
+        self.record(
+            "open",
+            decision,
+            {
+                "study_uid": node.study.uid,
+                "series_uid": node.series.uid,
+                "sop_uid": node.instance.uid,
+            },
+            rule=d.rule,
+            policy=getattr(d, "version", ""),
+            level=d.level.label,
+            **extra,
+        )
 
     def _target(self, study: Record, series: Record, inst: Record, prefer: str | None) -> Target:
         sites = sorted(inst.sites, key=lambda s: (s != prefer, -inst.sites[s], s))
@@ -746,14 +839,12 @@ class Bridge:
 @asynccontextmanager
 async def open_bridge(
     config: Config,
-    principal: Principal,
+    session: Session,
     *,
     keys: KeyProvider | None = None,
-    resolver: AccessResolver | None = None,
 ) -> AsyncIterator[Bridge]:
     """Start the store, the storage SCP and the fetcher; yield a :class:`Bridge`; stop them."""
     keys = keys or LocalKeyring.load(config.keys.keyring, create=True)
-    resolver = resolver or LocalAdminResolver()
     env = open_env(config.cache.dir)
     try:
         store = ObjectStore(
@@ -790,14 +881,12 @@ async def open_bridge(
         try:
             async with trio.open_nursery() as nursery:
                 fetcher = Fetcher(config, store, retriever, nursery)
-                yield Bridge(
-                    config,
-                    principal,
-                    catalog=catalog,
-                    store=store,
-                    fetcher=fetcher,
-                    resolver=resolver,
-                )
+                bridge = Bridge(config, session, catalog=catalog, store=store, fetcher=fetcher)
+                fetcher.audit = bridge.record
+                refresh = getattr(session.resolver, "refresh", None)
+                if refresh is not None:
+                    nursery.start_soon(_refresh_policy, refresh)
+                yield bridge
                 nursery.cancel_scope.cancel()
             await trio.to_thread.run_sync(fetcher.close)
         finally:
@@ -806,6 +895,16 @@ async def open_bridge(
             store.close()
     finally:
         env.close()
+
+
+async def _refresh_policy(refresh: Callable[[], object]) -> None:
+    """Reload an edited policy off the FUSE thread, so decisions never wait for file I/O."""
+    while True:
+        await trio.sleep(1.0)
+        try:
+            await trio.to_thread.run_sync(refresh)
+        except Exception:
+            log.exception("policy reload check failed")
 
 
 __all__ = ["Bridge", "Entry", "MdmError", "Node", "OpenFile", "open_bridge"]

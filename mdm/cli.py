@@ -21,7 +21,7 @@ import click
 
 from mdm.config import Config, load_config
 from mdm.errors import MdmError, UserError
-from mdm.identity import LOCAL_ADMIN, Principal
+from mdm.identity import Principal
 
 log = logging.getLogger("mdm")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -60,19 +60,10 @@ def _load(config_path: Path) -> Config:
 
 
 def _principal(config: Config, token_file: Path | None) -> Principal:
-    """The principal a command runs as (the path principal -> access level -> view)."""
-    if config.identity is None:
-        if token_file is not None:
-            raise UserError(
-                f"{config.path}: identity: a token was given but [identity] is not configured"
-            )
-        log.info("no [identity] configured: running as the local administrator (full access)")
-        return LOCAL_ADMIN
-    # Fail closed until token verification is available: never fall back to admin.
-    raise UserError(
-        f"{config.path}: identity: JWT verification is not available in this version; "
-        "remove [identity] to run as the local administrator"
-    )
+    """The principal a command runs as (verified token, or the local administrator)."""
+    from mdm.session import open_session
+
+    return open_session(config, token_file, audit=False).principal()
 
 
 class MdmGroup(click.Group):
@@ -119,17 +110,21 @@ def mount(
     mount_timeout: float,
 ) -> None:
     """Mount the federation at MOUNTPOINT."""
-    config = _load(config_path)
-    principal = _principal(config, token_file)
+    from mdm.session import open_session
     from mdm_fuse.mount import prepare_mountpoint, run
 
+    config = _load(config_path)
     mountpoint = mountpoint.resolve()
     if foreground:
         if log_file is not None:
             _setup_logging(logging.getLevelName(logging.getLogger().level), log_file)
+        session = open_session(config, token_file)
         strict = os.environ.get("MDM_STRICT") == "1"
-        run(config, mountpoint, principal, strict=strict)
+        run(config, mountpoint, session, strict=strict)
         return
+    # Check token, policy and mount point here, so a bad one is refused with its message
+    # and exit code before any daemon starts.
+    open_session(config, token_file, audit=False)
     prepare_mountpoint(mountpoint)
     log_file = log_file or config.cache.dir / "mount.log"
     log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -338,19 +333,26 @@ def _value(v: Any) -> Any:
 @config_option
 @click.argument("uids", nargs=-1, required=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def fetch(config_path: Path, uids: tuple[str, ...], quiet: bool) -> None:
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path),
+    default=lambda: os.environ.get("MDM_TOKEN_FILE"),
+    help="The JWT to fetch as (also $MDM_TOKEN_FILE).",
+)
+def fetch(config_path: Path, uids: tuple[str, ...], quiet: bool, token_file: Path | None) -> None:
     """Warm the cache with the studies, series or instances named by UID."""
     import trio
     from tqdm import tqdm
 
     from mdm.bridge import open_bridge
+    from mdm.session import open_session
     from mdm.store import ObjectRef
 
     config = _load(config_path)
-    principal = _principal(config, None)
+    session = open_session(config, token_file)
 
     async def go() -> int:
-        async with open_bridge(config, principal) as bridge:
+        async with open_bridge(config, session) as bridge:
             targets = []
             for uid in uids:
                 targets += await bridge._targets_for(uid)
@@ -370,7 +372,10 @@ def fetch(config_path: Path, uids: tuple[str, ...], quiet: bool) -> None:
                 bar.close()
             return len(targets)
 
-    n = trio.run(go)
+    try:
+        n = trio.run(go)
+    finally:
+        session.close()
     click.echo(f"{n} object(s) cached")
 
 
@@ -444,6 +449,20 @@ def cache_evict(config_path: Path, evict_all: bool, uids: tuple[str, ...]) -> No
     refs = None if evict_all else [ObjectRef(u) for u in uids]
     n = store.evict(refs) if refs is not None else store.evict(store.list_refs())
     click.echo(f"{n} object(s) evicted")
+
+
+# ---------------------------------------------------------------------------- subgroups
+def _register() -> None:
+    from mdm.cli_audit import audit
+    from mdm.cli_policy import policy
+    from mdm.cli_token import token
+
+    main.add_command(token)
+    main.add_command(audit)
+    main.add_command(policy)
+
+
+_register()
 
 
 # ---------------------------------------------------------------------------- demo

@@ -95,6 +95,7 @@ class Fetcher:
         self.retriever = retriever
         self.nursery = nursery
         self.on_stored = on_stored
+        self.audit: Callable[..., None] | None = None
         self.stats = FetchStats()
         self._pending: dict[str, _Pending] = {}
         self._limiters = {s.name: trio.CapacityLimiter(s.max_associations) for s in config.sites}
@@ -197,6 +198,10 @@ class Fetcher:
                     last = e
                     errors.append(str(e))
                     log.warning("retrieval from site %s failed: %s", name, e)
+                    left = sum(1 for u in wanted if not pend[u].done.is_set())
+                    self._audit_retrieval(
+                        name, first, len(wanted) - left, len(wanted), type(e).__name__
+                    )
                     continue
         except BaseException as e:  # cancellation or a bug: never leave waiters hanging
             aborted = MdmError(f"retrieval aborted: {type(e).__name__}")
@@ -289,6 +294,21 @@ class Fetcher:
             len(outcome.received & remaining),
             len(remaining),
             time.monotonic() - started,
+        )
+        self._audit_retrieval(site.name, first, len(outcome.received & remaining), len(remaining))
+
+    def _audit_retrieval(
+        self, site: str, first: Target, got: int, wanted: int, error: str = ""
+    ) -> None:
+        if self.audit is None:
+            return
+        self.audit(
+            "retrieve",
+            "ok" if got == wanted else "incomplete",
+            {"site": site, "study_uid": first.study_uid, "series_uid": first.series_uid},
+            objects=got,
+            expected=wanted,
+            outcome=error or "success",
         )
 
     def _writer(self) -> None:

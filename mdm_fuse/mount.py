@@ -17,7 +17,7 @@ import trio
 from mdm.bridge import open_bridge
 from mdm.config import Config
 from mdm.errors import UserError
-from mdm.identity import Principal
+from mdm.session import Session
 from mdm_fuse.ops import MdmOperations
 
 log = logging.getLogger(__name__)
@@ -61,13 +61,13 @@ def prepare_mountpoint(mountpoint: Path) -> None:
 async def serve(
     config: Config,
     mountpoint: Path,
-    principal: Principal,
+    session: Session,
     *,
     strict: bool = False,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount the federation at ``mountpoint`` and serve until unmounted or signalled."""
-    async with open_bridge(config, principal) as bridge:
+    async with open_bridge(config, session) as bridge:
         ops = MdmOperations(bridge, strict=strict)
         options = set(pyfuse3.default_options)
         options |= {"fsname=mdm", "subtype=mdm", "ro", "noatime"}
@@ -75,7 +75,7 @@ async def serve(
         log.info(
             "mounted %s as %s (%d site(s): %s)",
             mountpoint,
-            principal.label(),
+            bridge.principal.label(),
             len(config.sites),
             ", ".join(s.name for s in config.sites),
         )
@@ -102,11 +102,14 @@ async def serve(
         log.info("unmounted %s", mountpoint)
 
 
-def run(config: Config, mountpoint: Path, principal: Principal, *, strict: bool = False) -> None:
+def run(config: Config, mountpoint: Path, session: Session, *, strict: bool = False) -> None:
     """Blocking entry point of ``mdm mount --foreground``."""
     prepare_mountpoint(mountpoint)
     # The FUSE loop shares the GIL with the threads receiving and storing objects; the
     # default 5 ms switch interval would let them hold it for that long while a reader
     # waits for an answer to ls, stat or read. Switch more often.
     sys.setswitchinterval(SWITCH_INTERVAL)
-    trio.run(lambda: serve(config, mountpoint, principal, strict=strict))
+    try:
+        trio.run(lambda: serve(config, mountpoint, session, strict=strict))
+    finally:
+        session.close()

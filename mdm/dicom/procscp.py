@@ -341,6 +341,7 @@ def _child_main(
                     exp.cancel()
             elif kind == "flush":
                 eid = msg[1]
+
                 def drained(e: int = eid) -> bool:
                     return outstanding.get(e, 0) == 0
 

@@ -1,0 +1,79 @@
+"""Who a mount (or a command) runs as, what it may see, and where decisions are audited.
+
+``open_session`` builds the three from ``mdm.toml`` and fails closed:
+- without ``[identity]``: the local administrator of a single-user workstation (full access),
+  said in the log; a token given anyway is an error;
+- with ``[identity]``: a valid token is mandatory and ``[policy]`` is required; the policy is
+  loaded at once (a broken policy refuses to start) and hot-reloaded afterwards;
+- with ``[audit]``: every open, retrieval and key use is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mdm.access import AccessResolver, LocalAdminResolver
+from mdm.audit import AuditLog
+from mdm.config import Config
+from mdm.errors import ConfigError, UserError
+from mdm.identity import LOCAL_ADMIN, Principal, TokenFile, TokenVerifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    """The principal source, the access resolver and the audit log of one mount or command."""
+
+    principal: Callable[[], Principal]
+    """Returns the current principal; raises InvalidToken once the token is no longer valid."""
+    resolver: AccessResolver
+    audit: AuditLog | None
+    local_admin: bool
+
+    def close(self) -> None:
+        """Flush and close the audit log."""
+        if self.audit is not None:
+            self.audit.close()
+
+
+def open_session(config: Config, token_file: Path | None, *, audit: bool = True) -> Session:
+    """Build the session of ``config``; raise a UserError (clear message, exit code) if not."""
+    audit_log = AuditLog(config.audit.log) if audit and config.audit is not None else None
+    if config.identity is None:
+        if token_file is not None:
+            raise ConfigError(
+                config.path, "identity", "a token was given but [identity] is not configured"
+            )
+        log.warning(
+            "no [identity] in %s: running as the local administrator of a single-user "
+            "workstation (full access, identified view)",
+            config.path,
+        )
+        return Session(lambda: LOCAL_ADMIN, LocalAdminResolver(), audit_log, True)
+    if token_file is None:
+        raise UserError(
+            f"{config.path}: [identity] is configured, so a token is required "
+            "(--token-file FILE or MDM_TOKEN_FILE)"
+        )
+    if config.policy is None:
+        raise ConfigError(
+            config.path, "policy", "missing: with [identity], a [policy] dir is required"
+        )
+    from mdm.policy import PolicyResolver
+
+    verifier = TokenVerifier(config.identity)
+    tokens = TokenFile(token_file, verifier)
+    principal = tokens.current()  # refuse to start on a bad token (InvalidToken, exit 3)
+    resolver = PolicyResolver(config.policy.dir, known_sites=[s.name for s in config.sites])
+    log.info(
+        "running as %s (groups: %s); policy %s version %s",
+        principal.label(),
+        ", ".join(principal.groups) or "-",
+        config.policy.dir,
+        resolver.version(),
+    )
+    return Session(tokens.current, resolver, audit_log, False)
