@@ -68,6 +68,7 @@ STUDY_KEYS = (
     "ModalitiesInStudy",
     "NumberOfStudyRelatedSeries",
     "NumberOfStudyRelatedInstances",
+    "ClinicalTrialProtocolID",
 )
 SERIES_KEYS = (
     "StudyInstanceUID",
@@ -100,6 +101,7 @@ NON_PHI = {
     "NumberOfStudyRelatedInstances",
     "NumberOfSeriesRelatedInstances",
     "BodyPartExamined",
+    "ClinicalTrialProtocolID",
 }
 NEGATIVE_TTL = 30.0
 

@@ -37,8 +37,15 @@ class Mount:
     """A mount daemon in a subprocess; always unmounted and reaped on exit."""
 
     def __init__(
-        self, config: Path, mountpoint: Path, *, log: Path | None = None, strict: bool = True
+        self,
+        config: Path,
+        mountpoint: Path,
+        *,
+        log: Path | None = None,
+        strict: bool = True,
+        token_file: Path | None = None,
     ):
+        self.token_file = token_file
         self.config = config
         self.mountpoint = mountpoint
         self.log = log or mountpoint.parent / f"{mountpoint.name}.log"
@@ -63,6 +70,7 @@ class Mount:
                 "--config",
                 str(self.config),
                 "--foreground",
+                *(["--token-file", str(self.token_file)] if self.token_file else []),
             ],
             stdout=out,
             stderr=out,
