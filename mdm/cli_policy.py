@@ -160,7 +160,17 @@ def _token_principal(token_file: Path) -> Principal:
 @click.option("--modality", "modalities", multiple=True, help="Modality (repeatable).")
 @click.option("--study-date", help="YYYY-MM-DD or YYYYMMDD.")
 @click.option("--now", "now", type=click.DateTime(), help="Evaluate at this time (UTC).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=lambda: os.environ.get("MDM_CONFIG", "mdm.toml"),
+    help="mdm.toml, to look TARGET up in the federation (and its [policy] dir).",
+)
+@click.argument("target", required=False)
 def explain(
+    config_path: Path,
+    target: str | None,
     directory: Path,
     token_file: Path | None,
     sub: str | None,
@@ -176,9 +186,21 @@ def explain(
     study_date: str | None,
     now: datetime | None,
 ) -> None:
-    """Explain a decision: the level, the deciding rule, and why no other rule decided."""
+    """Explain a decision: the level, the deciding rule, and why no other rule decided.
+
+    TARGET is a path in a mount (/mnt/mdm/studies/UID/...) or a study, series or SOP
+    instance UID: its attributes are looked up in the federation of --config. Without TARGET,
+    describe the resource with the flags.
+    """
     if (token_file is None) == (sub is None):
         raise click.UsageError("give either --token FILE or --sub (with --groups/--claim)")
+    config = None
+    if target is not None:
+        from mdm.config import load_config
+
+        config = load_config(config_path)
+        if config.policy is not None and directory == Path(DEFAULT_DIR):
+            directory = config.policy.dir
     pol = load_policy(directory)
     if token_file is not None:
         principal = _token_principal(token_file)
@@ -191,13 +213,23 @@ def explain(
             groups=tuple(g.strip() for gs in groups for g in gs.split(",") if g.strip()),
             claims=_claims(claims),
         )
-    resource = Resource(
-        sites=frozenset(sites),
-        patient_id=patient_id,
-        study_uid=study_uid,
-        series_uid=series_uid,
-        trial=trial,
-        modalities=frozenset(modalities),
-        study_date=study_date,
-    )
+    if config is not None and target is not None:
+        from mdm.explain import resource_for
+
+        resource = resource_for(config, target)
+        click.echo(
+            f"resource: {target} (study {resource.study_uid}, sites "
+            f"{', '.join(sorted(resource.sites))})",
+            err=True,
+        )
+    else:
+        resource = Resource(
+            sites=frozenset(sites),
+            patient_id=patient_id,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            trial=trial,
+            modalities=frozenset(modalities),
+            study_date=study_date,
+        )
     click.echo(explain_text(pol, principal, resource, now))

@@ -146,6 +146,16 @@ def test_each_principal_sees_exactly_its_grant(
                 assert inst.patient_name not in json.dumps(meta)
                 with pytest.raises(PermissionError):
                     p.read_bytes()
+    # explain names the deciding rule for a real object, looked up by UID and by path.
+    inst = next(i for i in pair.instances if i.sop_uid in on_a)
+    rad = tmp_path / "rad.jwt"
+    out = mdm("policy", "explain", "--config", str(cfg), "--token", str(rad), inst.series_uid)
+    assert "radiology-a" in out.stdout and "identified" in out.stdout
+    path = f"/mnt/x/studies/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
+    out = mdm(
+        "policy", "explain", "--config", str(cfg), "--token", str(tmp_path / "grid.jwt"), path
+    )
+    assert ("grid-trial" in out.stdout) == (inst.sop_uid in trial)
     # The audit trail of all four mounts verifies.
     res = mdm("audit", "verify", "--config", str(cfg))
     assert "chain intact" in res.stdout or res.returncode == 0
