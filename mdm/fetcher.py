@@ -8,6 +8,7 @@ in the storage SCP's threads are encrypted and stored there, then reported back 
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 import threading
@@ -20,6 +21,7 @@ import trio
 from mdm.config import Config, SiteSettings
 from mdm.dicom.receiver import ReceivedObject, StoredNotice
 from mdm.dicom.retrieve import Retriever
+from mdm.dicom.validate import check_object
 from mdm.errors import MdmError, RetrieveError, RetrieveTimeout
 from mdm.keys import Scope
 from mdm.store import ObjectInfo, ObjectRef, ObjectStore
@@ -214,7 +216,9 @@ class Fetcher:
                 if isinstance(last, RetrieveTimeout):
                     err: MdmError = RetrieveTimeout("; ".join(errors))
                 elif last is not None:
-                    err = type(last)("; ".join(errors)) if type(last) is not MdmError else last
+                    # One error naming every site tried, of the kind that decides the errno.
+                    kind = type(last).errno
+                    err = RetrieveError("; ".join(errors)) if kind == errno.EIO else last
                 else:
                     err = RetrieveError(f"no site could deliver object {u}")
                 self._finish(u, err)
@@ -319,6 +323,7 @@ class Fetcher:
                 return
             obj, scope, meta, batch = job
             try:
+                check_object(obj.data, obj.sop_uid, meta["site"])
                 info = self.store.put(
                     ObjectRef(obj.sop_uid),
                     scope,

@@ -28,7 +28,7 @@ from typing import Any
 
 from mdm.config import BridgeSettings
 from mdm.dicom.receiver import Expectation, ReceivedObject, Sink, StorageSCP, StoredNotice
-from mdm.errors import MdmError, StoreFull
+from mdm.errors import IntegrityError, MdmError, StoreFull
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +226,9 @@ class ProcessStorageSCP(StorageSCP):
             self._count("stored")
         else:
             err_type = StoreFull if msg[3] == "StoreFull" else MdmError
+            if msg[3] == "IntegrityError":
+                err_type = IntegrityError
+            log.warning("object %s not stored: %s", sop_uid, msg[4])
             notice = StoredNotice(sop_uid, None, err_type(msg[4]))
             exp.refused += 1
             self._count("refused_sink_error")
@@ -255,6 +258,7 @@ def _child_main(
     sys.setswitchinterval(0.0005)
 
     from mdm.db import open_env
+    from mdm.dicom.validate import check_object
     from mdm.keys import LocalKeyring, Scope
     from mdm.store import ObjectRef, ObjectStore
 
@@ -290,6 +294,7 @@ def _child_main(
                 return
             eid, obj, spec = job
             try:
+                check_object(obj.data, obj.sop_uid, str(spec.get("site", "?")))
                 meta = dict(spec.get("meta", {}))
                 meta.update(sop_class_uid=obj.sop_class_uid, transfer_syntax=obj.transfer_syntax)
                 info = store.put(
