@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -358,7 +358,7 @@ class Bridge:
             elif not self.catalog.listed_at("studies"):
                 raise RetrieveError("no site answered the study listing")
 
-        await self._listings.run("studies", run)
+        await self._refresh("studies", run)
 
     async def _ensure_series(self, study: Record) -> None:
         key = "series:" + study.uid
@@ -383,7 +383,7 @@ class Bridge:
             elif not self.catalog.listed_at(key):
                 raise RetrieveError(f"no site answered the series listing of study {study.uid}")
 
-        await self._listings.run(key, run)
+        await self._refresh(key, run)
 
     async def _ensure_instances(self, study: Record, series: Record) -> None:
         key = "images:" + series.uid
@@ -410,7 +410,25 @@ class Bridge:
             elif not self.catalog.listed_at(key):
                 raise RetrieveError(f"no site answered the instance listing of series {series.uid}")
 
+        await self._refresh(key, run)
+
+    async def _refresh(self, key: str, run: Callable[[], Awaitable[None]]) -> None:
+        """Run a listing; once one exists, a stale one is served while it refreshes.
+
+        ``ls`` never waits for a slow or dead site when the catalog has any answer: the
+        listing refreshes in the background and the next ``ls`` shows the result.
+        """
+        if self.catalog.listed_at(key) > 0:
+            if not self._listings.in_flight(key):
+                self.fetcher.nursery.start_soon(self._refresh_in_background, key, run)
+            return
         await self._listings.run(key, run)
+
+    async def _refresh_in_background(self, key: str, run: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await self._listings.run(key, run)
+        except MdmError as e:
+            log.info("background refresh of a listing failed: %s", e)
 
     def _negative_hit(self, kind: str, name: str) -> bool:
         t = self._negative.get((kind, name))
