@@ -76,10 +76,16 @@ def run_movescu(
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Peak resident memory of the daemon plus its receiver process, in MB."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        pids += [int(c) for c in (task / "children").read_text().split()]
+    total = 0.0
+    for p in pids:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) / 1024
+    return total
 
 
 def bench_one(name: str, nodelay: bool, files: list, work: Path, max_pdu: int) -> Row:
@@ -183,7 +189,7 @@ def table(rows: list[Row], count: int) -> str:
         f"loopback, 2-core machine; `scripts/bench --count {count}`.",
         "",
         "| PACS | movescu series | bridge cold read | cold / movescu | bridge warm re-read "
-        "| cold / warm | first byte (bridge) | one-instance movescu | daemon peak RSS |",
+        "| cold / warm | first byte (bridge) | one-instance movescu | peak RSS (daemon + receiver) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
