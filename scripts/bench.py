@@ -189,7 +189,8 @@ def table(rows: list[Row], count: int) -> str:
         f"loopback, 2-core machine; `scripts/bench --count {count}`.",
         "",
         "| PACS | movescu series | bridge cold read | cold / movescu | bridge warm re-read "
-        "| cold / warm | first byte (bridge) | one-instance movescu | peak RSS (daemon + receiver) |",
+        "| cold / warm | first byte (bridge) | one-instance movescu "
+        "| peak RSS (daemon + receiver) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
