@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 
 from mdm.access import AccessLevel, Decision, Resource, view_for
 from mdm.catalog import ROOT, Catalog, Level, Record
-from mdm.config import Config
+from mdm.config import Config, SiteSettings
 from mdm.db import open_env
 from mdm.dicom.procscp import ProcessStorageSCP, StoreParams
 from mdm.dicom.query import fan_out
@@ -794,6 +794,9 @@ class Bridge:
     ) -> None:
         try:
             await self._ensure_instances(study, series)
+            # The object being read first: its first byte matters more than the series'.
+            with trio.move_on_after(5):
+                await self.fetcher.wait(first)
             rest = [
                 self._target(study, series, i, prefer)
                 for i in self.catalog.children("IMAGE", series.uid)
@@ -903,6 +906,8 @@ async def open_bridge(
                 fetcher = Fetcher(config, store, retriever, nursery)
                 bridge = Bridge(config, session, catalog=catalog, store=store, fetcher=fetcher)
                 fetcher.audit = bridge.record
+                for site in config.sites:
+                    nursery.start_soon(_warm, fetcher, retriever, site)
                 refresh = getattr(session.resolver, "refresh", None)
                 if refresh is not None:
                     nursery.start_soon(_refresh_policy, refresh)
@@ -915,6 +920,11 @@ async def open_bridge(
             store.close()
     finally:
         env.close()
+
+
+async def _warm(fetcher: Fetcher, retriever: Retriever, site: SiteSettings) -> None:
+    """Open an association with each site in the background at start."""
+    await trio.to_thread.run_sync(retriever.warm, site, limiter=fetcher.limiter(site.name))
 
 
 async def _refresh_policy(refresh: Callable[[], object]) -> None:

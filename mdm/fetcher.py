@@ -136,6 +136,12 @@ class Fetcher:
             raise RetrieveError(f"object {target.sop_uid} was retrieved but is not in the cache")
         return info
 
+    async def wait(self, sop_uid: str) -> None:
+        """Wait until a pending retrieval of ``sop_uid`` has ended (at once if none)."""
+        p = self._pending.get(sop_uid)
+        if p is not None:
+            await p.done.wait()
+
     def prefetch(self, targets: Sequence[Target]) -> int:
         """Start retrieving those of ``targets`` not cached nor in flight; return how many."""
         rest = [

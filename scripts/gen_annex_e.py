@@ -182,8 +182,12 @@ def parse_anonymizer(text: str) -> dict[str, str]:
                 key = f"{values[0]:04X}{values[1]:04X}"
             else:  # (group, element, group mask, element mask): a repeating group
                 g, e, gm, em = values
-                gtxt = "".join(c if (gm >> (12 - 4 * i)) & 0xF else "x" for i, c in enumerate(f"{g:04X}"))
-                etxt = "".join(c if (em >> (12 - 4 * i)) & 0xF else "x" for i, c in enumerate(f"{e:04X}"))
+                gtxt = "".join(
+                    c if (gm >> (12 - 4 * i)) & 0xF else "x" for i, c in enumerate(f"{g:04X}")
+                )
+                etxt = "".join(
+                    c if (em >> (12 - 4 * i)) & 0xF else "x" for i, c in enumerate(f"{e:04X}")
+                )
                 key = gtxt + etxt
             out[key] = ANON_LISTS[target.id]
     return out
@@ -250,7 +254,9 @@ def build(src: Path) -> tuple[str, list[str]]:
         for k in only_theirs:
             report.append(f"  only {label}: {k} {describe(k)[0]} {other[k]}")
         for k in differ:
-            report.append(f"  differs ({label}): {k} {describe(k)[0]} ours={basic[k]} {label}={other[k]}")
+            report.append(
+                f"  differs ({label}): {k} {describe(k)[0]} ours={basic[k]} {label}={other[k]}"
+            )
 
     keys = set()
     for col in idis.values():
@@ -283,7 +289,9 @@ def build(src: Path) -> tuple[str, list[str]]:
         kw = kw or comment_kw.get(k, "")
         # Attributes newer than pydicom's dictionary: the name from dicom-anonymizer's comment.
         name = name or names26.get(k, "")
-        writer.writerow([k, kw, name, *[idis.get(src_col, {}).get(k, "") for src_col, _ in COLUMNS]])
+        writer.writerow(
+            [k, kw, name, *[idis.get(src_col, {}).get(k, "") for src_col, _ in COLUMNS]]
+        )
     return buf.getvalue(), report
 
 

@@ -343,6 +343,18 @@ class Retriever:
                 except Exception:
                     log.exception("error while closing idle associations")
 
+    def warm(self, site: SiteSettings) -> bool:
+        """Open one association with ``site`` ahead of its first retrieval, so the first
+        read does not pay for it. Failures are only logged (the site may be down now)."""
+        pool = self._pool(site)
+        try:
+            conn, _ = pool.acquire(site.retrieve, frozenset())
+        except Exception as e:  # a down site is normal here; the retrieval will say so
+            log.info("site %s: no association opened ahead of time: %s", site.name, e)
+            return False
+        pool.release(conn, True)
+        return True
+
     def pool_stats(self, site_name: str) -> PoolStats:
         """Counters of the association pool of ``site_name`` (zeros if never used)."""
         with self._lock:
