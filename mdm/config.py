@@ -30,7 +30,7 @@ _SIZE_UNITS = {
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash, 1..16 chars
-RETRIEVE_MODES = ("move", "get")
+RETRIEVE_MODES = ("move", "get", "auto")
 
 
 def parse_size(value: object) -> int:
@@ -136,9 +136,18 @@ class AuditSettings:
 
 @dataclass(frozen=True)
 class KeySettings:
-    """``[keys]``: where scope keys come from (a local keyring file by default)."""
+    """``[keys]``: where scope keys come from (a local keyring file by default).
+
+    With ``servers``, object keys are split ``threshold``-of-N across those key servers
+    (docs/KEYSERVICE.md); ``ca_file`` is the CA their TLS certificates are checked against.
+    """
 
     keyring: Path
+    servers: tuple[str, ...] = ()
+    threshold: int = 0
+    ca_file: Path | None = None
+    timeout: float = 5.0
+    """Deadline, in seconds, for the key servers to release a key."""
 
 
 @dataclass(frozen=True)
@@ -361,8 +370,33 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
         )
 
     ktab = top.table_("keys") or {}
-    k = _Section(p, "keys", ktab, {"keyring"})
-    keys = KeySettings(keyring=k.path_("keyring", p.parent / "keyring.json"))
+    k = _Section(p, "keys", ktab, {"keyring", "servers", "threshold", "ca_file", "timeout"})
+    servers_raw = ktab.get("servers", [])
+    if not isinstance(servers_raw, list) or not all(isinstance(u, str) for u in servers_raw):
+        raise ConfigError(p, "keys.servers", 'expected a list such as ["https://HOST:PORT"]')
+    for j, url in enumerate(servers_raw):
+        m_url = re.fullmatch(r"https://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})/?", url)
+        if m_url is None or not 1 <= int(m_url.group(2)) <= 65535:
+            raise ConfigError(p, f"keys.servers[{j}]", f"expected https://HOST:PORT, got {url!r}")
+    if len(set(servers_raw)) != len(servers_raw):
+        raise ConfigError(p, "keys.servers", "a key server is listed twice")
+    if servers_raw:
+        threshold = k.get_int("threshold", None, 2, len(servers_raw))
+        ca_file: Path | None = k.path_("ca_file")
+    else:
+        for key in ("threshold", "ca_file"):
+            if k.has(key):
+                raise ConfigError(p, f"keys.{key}", "only meaningful with keys.servers")
+        threshold, ca_file = 0, None
+    keys = KeySettings(
+        keyring=k.path_("keyring", p.parent / "keyring.json"),
+        servers=tuple(servers_raw),
+        threshold=threshold,
+        ca_file=ca_file,
+        timeout=k.duration("timeout", 5.0),
+    )
+    if keys.timeout <= 0:
+        raise ConfigError(p, "keys.timeout", "must be positive")
 
     identity = None
     itab = top.table_("identity")

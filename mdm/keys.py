@@ -30,6 +30,7 @@ from typing import Protocol
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from mdm.access import Resource
 from mdm.crypto import KEY_LEN, new_key, unwrap_key, wrap_key
 from mdm.errors import ConfigError, IntegrityError, KeyUnavailable
 from mdm.identity import Principal
@@ -64,11 +65,30 @@ class Scope:
 class KeyProvider(Protocol):
     """Seals object keys to scopes and opens them for readers."""
 
-    def seal(self, identity: bytes, scope: Scope, object_key: bytes) -> bytes:
-        """``object_key`` wrapped for ``scope``, bound to ``identity`` and ``scope``."""
+    def seal(
+        self,
+        identity: bytes,
+        scope: Scope,
+        object_key: bytes,
+        *,
+        resource: Resource | None = None,
+    ) -> bytes:
+        """``object_key`` wrapped for ``scope``, bound to ``identity`` and ``scope``.
+
+        ``resource``: the attributes a policy matches on (a key service seals them with the
+        key and decides on them at ``open``; the local keyring ignores them).
+        """
         ...
 
-    def open(self, principal: Principal, identity: bytes, scope: Scope, sealed: bytes) -> bytes:
+    def open(
+        self,
+        principal: Principal,
+        identity: bytes,
+        scope: Scope,
+        sealed: bytes,
+        *,
+        resource: Resource | None = None,
+    ) -> bytes:
         """The object key, or KeyUnavailable if it cannot be released or does not open."""
         ...
 
@@ -154,13 +174,28 @@ class LocalKeyring:
             return self._scopes.get(label)
 
     # -- KeyProvider ----------------------------------------------------------------------
-    def seal(self, identity: bytes, scope: Scope, object_key: bytes) -> bytes:
-        """Wrap ``object_key`` under the scope key (created on first use)."""
+    def seal(
+        self,
+        identity: bytes,
+        scope: Scope,
+        object_key: bytes,
+        *,
+        resource: Resource | None = None,
+    ) -> bytes:
+        """Wrap ``object_key`` under the scope key (created on first use); ignores ``resource``."""
         kek = self._scope_key(scope, create=True)
         assert kek is not None
         return _SEALED_VERSION + wrap_key(kek, object_key, _seal_aad(identity, scope))
 
-    def open(self, principal: Principal, identity: bytes, scope: Scope, sealed: bytes) -> bytes:
+    def open(
+        self,
+        principal: Principal,
+        identity: bytes,
+        scope: Scope,
+        sealed: bytes,
+        *,
+        resource: Resource | None = None,
+    ) -> bytes:
         """Unwrap a sealed object key. The caller has already checked policy for ``principal``."""
         kek = self._scope_key(scope, create=False)
         if kek is None:

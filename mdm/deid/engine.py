@@ -12,8 +12,9 @@ choices made here (docs/DEID.md says why):
   attributes (removed unless on the safe list under Retain Safe Private), person names (PN)
   not explicitly K, UIDs (remapped unless Retain UIDs or a well-known UID), public attributes
   unknown to the data dictionary (they may be newer PHI attributes), overlay groups 60xx
-  (they can carry burned-in text) and group lengths (stale after editing). In offset mode
-  every surviving date is shifted, so no real date sits next to shifted ones.
+  (they can carry burned-in text) and group lengths (stale after editing). Dates (DA, DT) the
+  table does not list follow the longitudinal option like those it does: removed when it is
+  off, kept when full, shifted in offset mode (no real date next to shifted ones).
 * Objects flagged BurnedInAnnotation=YES or RecognizableVisualFeatures=YES, or of a SOP class
   known to carry burned-in text (secondary captures, ultrasound, visible light photographs and
   video) unless flagged BurnedInAnnotation=NO, are refused unless ``allow_burned_in``.
@@ -31,9 +32,10 @@ import io
 import logging
 import re
 import warnings
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydicom import dcmread
 from pydicom.datadict import (
@@ -52,6 +54,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -228,9 +231,14 @@ def _default_action(tag: int, elem: DataElement, ctx: _Ctx) -> Action:
     if vr == "PN":
         return Action.REMOVE
     if vr == "UI":
-        return Action.KEEP if ctx.options.retain_uids else Action.UID
-    if vr in ("DA", "DT") and ctx.options.retain_longitudinal == "offset":
-        return Action.CLEAN
+        # A class UID names a kind of object (a SOP class, a coding scheme), never a patient.
+        keep = ctx.options.retain_uids or _is_class_uid(elem.keyword)
+        return Action.KEEP if keep else Action.UID
+    if vr in ("DA", "DT"):
+        # Temporal information is released by the longitudinal option alone, table or not.
+        return {"off": Action.REMOVE, "full": Action.KEEP, "offset": Action.CLEAN}[
+            ctx.options.retain_longitudinal
+        ]
     return Action.KEEP
 
 
@@ -340,8 +348,6 @@ def _perform(
 ) -> None:
     vr = elem.VR
     kw = elem.keyword
-    if vr == "UI" and _is_class_uid(kw) and action in (Action.UID, Action.DUMMY):
-        return  # a class UID names a kind of object, never a patient
     if action is Action.KEEP:
         if vr == "SQ":
             _walk_items(elem, ctx, d)
@@ -425,8 +431,6 @@ def _process(ds: Dataset, ctx: _Ctx, depth: int) -> None:
         elem = ds[tag]
         code = ctx.amap.lookup(int(tag))
         action = _default_action(int(tag), elem, ctx) if code is None else _single(code, elem.VR)
-        if elem.VR == "PN" and action is Action.KEEP and code is None:
-            action = Action.REMOVE  # belt and braces: a name is kept only when the table says K
         _perform(ds, tag, elem, action, ctx, depth)
     _process_private(ds, ctx)
 
@@ -515,6 +519,106 @@ def _process_meta(ds: Dataset, ctx: _Ctx) -> None:
         meta.MediaStorageSOPClassUID = UID(str(ds.SOPClassUID))
 
 
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+class _Walker:
+    """Checks that a byte string is a complete encoding: every element's header and value fit,
+    every undefined-length sequence and item is closed, and nothing trails. pydicom stops
+    quietly at a truncated element; a truncated object must be refused, not served short."""
+
+    def __init__(self, data: bytes, implicit: bool, little: bool) -> None:
+        self.data = data
+        self.implicit = implicit
+        self.order: Literal["little", "big"] = "little" if little else "big"
+
+    def _int(self, pos: int, size: int, order: Literal["little", "big"] | None = None) -> int:
+        if pos + size > len(self.data):
+            raise DeidMalformed(f"object is truncated at byte {pos}")
+        return int.from_bytes(self.data[pos : pos + size], order or self.order)
+
+    def _tag(self, pos: int) -> int:
+        return (self._int(pos, 2) << 16) | self._int(pos + 2, 2)
+
+    def header(self, pos: int) -> tuple[int, bytes, int, int]:
+        """(tag, VR or b"", value length, position of the value) of the element at ``pos``."""
+        tag = self._tag(pos)
+        if tag >> 16 == 0xFFFE or self.implicit:
+            return tag, b"", self._int(pos + 4, 4), pos + 8
+        vr = self.data[pos + 4 : pos + 6]
+        if len(vr) < 2:
+            raise DeidMalformed(f"object is truncated at byte {pos}")
+        if vr in _LONG_VRS:
+            return tag, vr, self._int(pos + 8, 4), pos + 12
+        return tag, vr, self._int(pos + 6, 2), pos + 8
+
+    def elements(self, pos: int, end: int | None, depth: int) -> int:
+        """Walk elements from ``pos`` to ``end`` (or to an item delimiter); the end position."""
+        if depth > MAX_DEPTH:
+            raise DeidMalformed(f"sequences nested deeper than {MAX_DEPTH} levels")
+        limit = len(self.data) if end is None else end
+        while pos < limit:
+            tag, vr, length, pos = self.header(pos)
+            if tag == _ITEM_END:
+                return pos
+            if length == _UNDEFINED and vr == b"UN":
+                # An undefined-length UN is a sequence encoded implicit VR little endian
+                # (PS3.5 6.2.2), whatever the transfer syntax.
+                pos = _Walker(self.data, implicit=True, little=True).items(pos, depth + 1)
+            elif length == _UNDEFINED:
+                pos = self.items(pos, depth + 1)
+            else:
+                pos += length
+            if pos > limit:
+                raise DeidMalformed(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) is truncated")
+        if end is None and depth > 0:
+            raise DeidMalformed("an item of undefined length is not closed")
+        return pos
+
+    def items(self, pos: int, depth: int) -> int:
+        """Walk the items of an undefined-length sequence (or fragments); the end position."""
+        while True:
+            tag, _vr, length, pos = self.header(pos)
+            if tag == _SEQ_END:
+                return pos
+            if tag != _ITEM:
+                raise DeidMalformed(f"expected an item at byte {pos - 8}")
+            if length == _UNDEFINED:
+                pos = self.elements(pos, None, depth)
+            else:
+                if pos + length > len(self.data):
+                    raise DeidMalformed(f"item at byte {pos - 8} is truncated")
+                pos += length
+
+
+def _check_complete(data: bytes, ds: Dataset) -> None:
+    """Refuse an encoding that pydicom read only in part (truncated, unclosed, trailing junk)."""
+    pos = 132 if data[128:132] == b"DICM" else 0
+    meta = _Walker(data, implicit=False, little=True)
+    while pos + 4 <= len(data) and meta._tag(pos) >> 16 == 0x0002:
+        _tag, _vr, length, value = meta.header(pos)
+        pos = value + length
+    if pos > len(data):
+        raise DeidMalformed("file meta information is truncated")
+    ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    body = data[pos:]
+    if ts == DeflatedExplicitVRLittleEndian:
+        try:
+            body = zlib.decompress(body, -zlib.MAX_WBITS)
+        except zlib.error:
+            raise DeidMalformed("deflated dataset does not inflate") from None
+    implicit, little = ds.original_encoding
+    if implicit is None:
+        implicit, little = ts == ImplicitVRLittleEndian, ts != ExplicitVRBigEndian
+    if not implicit and len(body) >= 6 and not body[4:6].isalpha():
+        implicit = True  # explicit VR announced but implicit found: pydicom switches too
+    _Walker(body, implicit=bool(implicit), little=bool(little)).elements(0, len(body), 0)
+
+
 def _read(data: bytes) -> Dataset:
     """Parse Part-10 bytes; a bare dataset (no preamble) gets file meta built from itself."""
     try:
@@ -537,6 +641,9 @@ def _read(data: bytes) -> Dataset:
         raise DeidMalformed("object has no SOP Class UID")
     if not (ds.get("SOPInstanceUID") or ds.file_meta.get("MediaStorageSOPInstanceUID")):
         raise DeidMalformed("object has no SOP Instance UID")
+    if len(ds) == 0:
+        raise DeidMalformed("object has no dataset")
+    _check_complete(data, ds)
     # Force every value to parse now, so a malformed element fails here and not half-way.
     for _ in ds.iterall():
         pass

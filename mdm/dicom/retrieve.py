@@ -347,12 +347,14 @@ class Retriever:
         """Open one association with ``site`` ahead of its first retrieval, so the first
         read does not pay for it. Failures are only logged (the site may be down now)."""
         pool = self._pool(site)
-        try:
-            conn, _ = pool.acquire(site.retrieve, frozenset())
-        except Exception as e:  # a down site is normal here; the retrieval will say so
-            log.info("site %s: no association opened ahead of time: %s", site.name, e)
-            return False
-        pool.release(conn, True)
+        modes = {"get": ["get"], "move": ["move"]}.get(site.retrieve, ["get", "move"])
+        for mode in modes:
+            try:
+                conn, _ = pool.acquire(mode, frozenset())
+            except Exception as e:  # a down site is normal here; the retrieval will say so
+                log.info("site %s: no %s association opened ahead of time: %s", site.name, mode, e)
+                return False
+            pool.release(conn, True)
         return True
 
     def pool_stats(self, site_name: str) -> PoolStats:

@@ -1,0 +1,474 @@
+"""One key server: an ASGI app served over TLS by hypercorn on trio.
+
+A mount POSTs the principal's JWT (``Authorization: Bearer``), an object's identity and scope,
+and the share sealed to this server. The server verifies the token (``[identity]``), opens the
+share with its scope key (the AEAD associated data proves it belongs to that object, scope,
+server and key), evaluates the policy (``[policy]``, hot-reloaded) on the resource attributes
+sealed with the share, and returns only its share, sealed again to an ephemeral key the client
+sent, so it never appears in clear even where TLS is terminated. Every release and refusal is
+an audit record. Admin endpoints (a credential made by ``mdm keys init``) drive rotation: the
+server re-seals its own shares to a new scope key, so no share ever leaves it in clear.
+
+Endpoints (JSON bodies, JSON answers, ``{"error": "..."}`` on failure):
+
+=====================================  ===========================================
+``GET  /v1/health``                    ``{"index": K}``
+``POST /v1/public-key``  (token)       ``{"scope"}`` -> ``{"index", "kid", "public"}``
+``POST /v1/open``        (token)       ``{"identity", "scope", "index", "kid", "sealed",
+                                       "reply_key"}`` -> ``{"index", "share"}``
+``POST /v1/secret``      (token)       ``{"reply_key"}`` -> ``{"index", "share"}``
+``POST /v1/admin/rotate/begin``        ``{"scope"}`` -> ``{"old", "kid", "public"}``
+``POST /v1/admin/rotate/reseal``       ``{"identity", "scope", "index", "kid", "sealed"}``
+                                       -> ``{"kid", "sealed"}``
+``POST /v1/admin/rotate/finish``       ``{"scope"}`` -> ``{"kid", "public"}``
+=====================================  ===========================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tomllib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from mdm.access import AccessLevel, Resource
+from mdm.audit import AuditLog
+from mdm.config import IdentitySettings, PolicySettings, _Section
+from mdm.errors import ConfigError, IntegrityError, UserError
+from mdm.identity import InvalidToken, Principal, TokenVerifier
+from mdm.keyservice.seal import open_from, public_bytes, seal_to
+from mdm.keyservice.store import KeyStore
+from mdm.keyservice.wire import (
+    INFO_REPLY,
+    INFO_SECRET,
+    INFO_SHARE,
+    b64d,
+    b64e,
+    parse_identity,
+    parse_scope,
+    parse_share_plaintext,
+    reply_aad,
+    resource_from_dict,
+    secret_aad,
+    share_aad,
+    share_plaintext,
+)
+from mdm.policy import PolicyResolver
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 256 * 1024
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UNVERIFIED = Principal(sub="-", issuer="-")
+ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
+ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """``server-K.toml``: one key server."""
+
+    path: Path
+    index: int
+    listen: tuple[str, ...]
+    certfile: Path
+    keyfile: Path
+    keystore: Path
+    audit_log: Path
+    identity: IdentitySettings
+    policy: PolicySettings
+
+
+def load_server_config(path: str | Path) -> ServerSettings:
+    """Read ``server-K.toml``; ConfigError naming the file and key."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(p, None, "no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(p, None, f"cannot read: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(p, None, f"TOML syntax error: {e}") from None
+    top = _Section(p, "", data, {"server", "identity", "policy"})
+    s = _Section(
+        p,
+        "server",
+        top.table_("server") or {},
+        {"index", "listen", "certfile", "keyfile", "keystore", "audit_log"},
+    )
+    listen = s.table.get("listen")
+    if (
+        not isinstance(listen, list)
+        or not listen
+        or not all(isinstance(x, str) and x for x in listen)
+    ):
+        raise ConfigError(p, "server.listen", 'expected a list such as ["127.0.0.1:8441"]')
+    itab, ptab = top.table_("identity"), top.table_("policy")
+    if itab is None:
+        raise ConfigError(p, "identity", "missing (required: tokens are verified with it)")
+    if ptab is None:
+        raise ConfigError(p, "policy", "missing (required: releases follow the policy)")
+    i_ = _Section(p, "identity", itab, {"issuer", "audience", "public_keys", "leeway"})
+    pol = _Section(p, "policy", ptab, {"dir"})
+    return ServerSettings(
+        path=p,
+        index=s.get_int("index", None, 1, 16),
+        listen=tuple(listen),
+        certfile=s.path_("certfile"),
+        keyfile=s.path_("keyfile"),
+        keystore=s.path_("keystore"),
+        audit_log=s.path_("audit_log"),
+        identity=IdentitySettings(
+            issuer=i_.get_str("issuer"),
+            audience=i_.get_str("audience"),
+            public_keys=i_.path_("public_keys"),
+            leeway=i_.duration("leeway", 30.0),
+        ),
+        policy=PolicySettings(dir=pol.path_("dir")),
+    )
+
+
+class Refused(Exception):
+    """A request the server refuses: HTTP status and a clear message (no key material)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _field(body: Mapping[str, Any], name: str) -> Any:
+    if name not in body:
+        raise Refused(400, f"request lacks {name!r}")
+    return body[name]
+
+
+def _b64_field(body: Mapping[str, Any], name: str) -> bytes:
+    try:
+        return b64d(_field(body, name))
+    except ValueError:
+        raise Refused(400, f"{name!r} is not base64") from None
+
+
+def _needed_level(scope_level: str, view: str) -> AccessLevel:
+    # The stricter of the scope's level and the object's view: identified material is never
+    # released on a de-identified grant, whichever of the two says "identified".
+    if "identified" in (scope_level, view):
+        return AccessLevel.IDENTIFIED
+    return AccessLevel.DEIDENTIFIED
+
+
+class KeyServiceApp:
+    """The ASGI application of one key server."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.index = settings.index
+        self.keys = KeyStore.load(settings.keystore)
+        if self.keys.index != settings.index:
+            raise ConfigError(
+                settings.keystore,
+                None,
+                f"key store belongs to server {self.keys.index}, not {settings.index}",
+            )
+        self.verifier = TokenVerifier(settings.identity)
+        self.resolver = PolicyResolver(settings.policy.dir, reload_interval=1.0, settle=0.25)
+        self.audit = AuditLog(settings.audit_log)
+
+    # -- ASGI -------------------------------------------------------------------------------
+    async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        """ASGI entry point: lifespan and HTTP."""
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await trio.to_thread.run_sync(self.audit.close)
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        body = b""
+        status, answer = 200, {}
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body += msg.get("body", b"")
+            if len(body) > MAX_BODY:
+                status, answer = 413, {"error": f"request larger than {MAX_BODY} bytes"}
+                break
+            if not msg.get("more_body"):
+                break
+        if status == 200:
+            headers = {
+                k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
+            }
+            auth = headers.get("authorization", "")
+            bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+            handler = partial(self.handle, scope["method"], scope["path"], bearer, body)
+            status, answer = await trio.to_thread.run_sync(handler)
+        data = json.dumps(answer).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(data)).encode()),
+                    (b"cache-control", b"no-store"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": data})
+
+    def handle(
+        self, method: str, path: str, bearer: str, body: bytes
+    ) -> tuple[int, dict[str, Any]]:
+        """Route one request (blocking: runs in a worker thread)."""
+        routes: dict[str, Callable[[str, dict[str, Any]], dict[str, Any]]] = {
+            "/v1/public-key": self._public_key,
+            "/v1/open": self._open,
+            "/v1/secret": self._secret,
+            "/v1/admin/rotate/begin": self._rotate_begin,
+            "/v1/admin/rotate/reseal": self._rotate_reseal,
+            "/v1/admin/rotate/finish": self._rotate_finish,
+        }
+        try:
+            if path == "/v1/health" and method == "GET":
+                return 200, {"index": self.index}
+            route = routes.get(path)
+            if route is None:
+                raise Refused(404, f"no such endpoint {path[:64]!r}")
+            if method != "POST":
+                raise Refused(405, "use POST")
+            try:
+                req = json.loads(body)
+            except ValueError:
+                raise Refused(400, "request body is not JSON") from None
+            if not isinstance(req, dict):
+                raise Refused(400, "request body must be a JSON object")
+            return 200, route(bearer, req)
+        except Refused as e:
+            return e.status, {"error": str(e)}
+        except Exception:
+            log.exception("key server %d: internal error on %s", self.index, path[:64])
+            return 500, {"error": "internal error (see the key server's log)"}
+
+    # -- helpers --------------------------------------------------------------------------
+    def _principal(self, bearer: str, action: str, resource: dict[str, str]) -> Principal:
+        try:
+            return self.verifier.verify(bearer)
+        except InvalidToken as e:
+            self._audit(_UNVERIFIED, action, "deny", resource, reason=str(e), token=e.code)
+            raise Refused(401, f"key server {self.index}: token refused: {e}") from None
+
+    def _audit(
+        self,
+        principal: Principal,
+        action: str,
+        decision: str,
+        resource: dict[str, str],
+        rule: str = "",
+        policy: str = "",
+        **extra: Any,
+    ) -> None:
+        extra = {k: (v[:256] if isinstance(v, str) else v) for k, v in extra.items()}
+        self.audit.record(
+            principal=principal,
+            action=action,
+            decision=decision,
+            resource=resource,
+            rule=rule,
+            policy=policy,
+            key_server=self.index,
+            **extra,
+        )
+
+    def _admin(self, bearer: str) -> None:
+        if not bearer or not self.keys.check_admin(bearer):
+            raise Refused(401, f"key server {self.index}: admin credential refused")
+
+    def _object(
+        self, req: dict[str, Any]
+    ) -> tuple[bytes, str, str, str, int, str, bytes, dict[str, str]]:
+        identity = _b64_field(req, "identity")
+        label = _field(req, "scope")
+        try:
+            scope = parse_scope(label)
+            view, sop_uid = parse_identity(identity)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise Refused(400, f"bad scope or identity: {e}") from None
+        audit_res = {"site": scope.site, "level": scope.level, "view": view[:32]}
+        if _UID.match(sop_uid) and len(sop_uid) <= 64:
+            audit_res["sop_uid"] = sop_uid
+        index, kid = _field(req, "index"), _field(req, "kid")
+        if isinstance(index, bool) or not isinstance(index, int) or not isinstance(kid, str):
+            raise Refused(400, "'index' must be an integer and 'kid' a string")
+        sealed = _b64_field(req, "sealed")
+        return identity, scope.label(), view, sop_uid, index, kid, sealed, audit_res
+
+    def _unseal(
+        self, identity: bytes, label: str, index: int, kid: str, sealed: bytes
+    ) -> tuple[bytes, dict[str, Any]]:
+        if index != self.index:
+            raise Refused(409, f"this is key server {self.index}, not key server {index}")
+        private = self.keys.private(label, kid)
+        if private is None:
+            raise Refused(
+                404,
+                f"key server {self.index} holds no key {kid[:16]!r} for scope {label} "
+                "(never made here, or destroyed by a rotation)",
+            )
+        try:
+            plain = open_from(private, sealed, share_aad(identity, label, index, kid), INFO_SHARE)
+            share, res = parse_share_plaintext(plain)
+        except (IntegrityError, ValueError):
+            raise Refused(
+                409,
+                f"key server {self.index}: the sealed share does not belong to this object, "
+                "scope and server (replayed or damaged material)",
+            ) from None
+        return share, res
+
+    # -- endpoints ------------------------------------------------------------------------
+    def _public_key(self, bearer: str, req: dict[str, Any]) -> dict[str, Any]:
+        label = _field(req, "scope")
+        try:
+            scope = parse_scope(label)
+        except ValueError as e:
+            raise Refused(400, f"bad scope: {e}") from None
+        self._principal(bearer, "key-public", {"site": scope.site, "level": scope.level})
+        got = self.keys.public(scope.label(), create=True)
+        assert got is not None
+        return {"index": self.index, "kid": got[0], "public": b64e(got[1])}
+
+    def _open(self, bearer: str, req: dict[str, Any]) -> dict[str, Any]:
+        identity, label, view, sop_uid, index, kid, sealed, ares = self._object(req)
+        try:
+            reply_key = b64d(_field(req, "reply_key"))
+            if len(reply_key) != 32:
+                raise ValueError("length")
+        except ValueError:
+            raise Refused(400, "'reply_key' must be a base64 X25519 public key") from None
+        principal = self._principal(bearer, "key-release", ares)
+        try:
+            share, res = self._unseal(identity, label, index, kid, sealed)
+            resource: Resource = resource_from_dict(res, sop_uid)
+        except Refused as e:
+            self._audit(principal, "key-release", "deny", ares, reason=str(e))
+            raise
+        except ValueError:
+            self._audit(principal, "key-release", "deny", ares, reason="malformed attributes")
+            raise Refused(409, "sealed resource attributes are malformed") from None
+        if resource.study_uid and _UID.match(resource.study_uid):
+            ares["study_uid"] = resource.study_uid
+        if resource.trial:
+            ares["trial"] = resource.trial[:256]
+        need = _needed_level(parse_scope(label).level, view)
+        decision = self.resolver.decide(principal, resource)
+        version = getattr(decision, "version", "") or self.resolver.version()
+        if decision.level < need:
+            self._audit(
+                principal, "key-release", "deny", ares, decision.rule, version, need=need.label
+            )
+            raise Refused(
+                403,
+                f"key server {self.index}: policy grants {principal.label()} "
+                f"{decision.level.label} access, {need.label} needed (rule {decision.rule})",
+            )
+        reply = seal_to(reply_key, share, reply_aad(identity, label, index), INFO_REPLY)
+        self._audit(principal, "key-release", "allow", ares, decision.rule, version)
+        return {"index": self.index, "share": b64e(reply)}
+
+    def _secret(self, bearer: str, req: dict[str, Any]) -> dict[str, Any]:
+        try:
+            reply_key = b64d(_field(req, "reply_key"))
+            if len(reply_key) != 32:
+                raise ValueError("length")
+        except ValueError:
+            raise Refused(400, "'reply_key' must be a base64 X25519 public key") from None
+        principal = self._principal(bearer, "secret-release", {"kind": "master-secret"})
+        reply = seal_to(reply_key, self.keys.secret_share, secret_aad(self.index), INFO_SECRET)
+        self._audit(principal, "secret-release", "allow", {"kind": "master-secret"})
+        return {"index": self.index, "share": b64e(reply)}
+
+    def _scope_label(self, req: dict[str, Any]) -> str:
+        try:
+            label = parse_scope(_field(req, "scope")).label()
+        except ValueError as e:
+            raise Refused(400, f"bad scope: {e}") from None
+        if self.keys.rotation(label) is None:
+            raise Refused(404, f"key server {self.index} has no key for scope {label}")
+        return label
+
+    def _rotate_begin(self, bearer: str, req: dict[str, Any]) -> dict[str, Any]:
+        self._admin(bearer)
+        label = self._scope_label(req)
+        old, kid, public = self.keys.begin_rotation(label)
+        return {"index": self.index, "old": old, "kid": kid, "public": b64e(public)}
+
+    def _rotate_reseal(self, bearer: str, req: dict[str, Any]) -> dict[str, Any]:
+        self._admin(bearer)
+        identity, label, _, _, index, kid, sealed, _ = self._object(req)
+        state = self.keys.rotation(label)
+        if state is None or state[1] is None:
+            raise Refused(409, f"scope {label} is not being rotated on key server {self.index}")
+        new_kid = state[1]
+        if kid == new_kid:
+            return {"kid": kid, "sealed": b64e(sealed)}
+        share, res = self._unseal(identity, label, index, kid, sealed)
+        new_private = self.keys.private(label, new_kid)
+        assert new_private is not None
+        # Re-sealed here, to this server's own new key: the share never leaves in clear.
+        out = seal_to(
+            public_bytes(new_private),
+            share_plaintext(share, res),
+            share_aad(identity, label, index, new_kid),
+            INFO_SHARE,
+        )
+        return {"kid": new_kid, "sealed": b64e(out)}
+
+    def _rotate_finish(self, bearer: str, req: dict[str, Any]) -> dict[str, Any]:
+        self._admin(bearer)
+        label = self._scope_label(req)
+        kid, public = self.keys.finish_rotation(label)
+        return {"index": self.index, "kid": kid, "public": b64e(public)}
+
+    def close(self) -> None:
+        """Close the audit log."""
+        self.audit.close()
+
+
+def serve(settings: ServerSettings) -> None:
+    """Run one key server until interrupted (hypercorn on trio, TLS on every listen address)."""
+    from hypercorn.config import Config as HyperConfig
+    from hypercorn.trio import serve as hyper_serve
+
+    for f in (settings.certfile, settings.keyfile):
+        if not f.is_file():
+            raise ConfigError(settings.path, None, f"TLS file {f} does not exist")
+    app = KeyServiceApp(settings)
+    cfg = HyperConfig()
+    cfg.bind = list(settings.listen)
+    cfg.certfile = str(settings.certfile)
+    cfg.keyfile = str(settings.keyfile)
+    cfg.accesslog = None
+    cfg.graceful_timeout = 1.0
+    log.info("key server %d listening on %s", settings.index, ", ".join(settings.listen))
+    try:
+        trio.run(partial(hyper_serve, app, cfg, mode="asgi"))  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        pass
+    except OSError as e:
+        raise UserError(f"key server {settings.index}: cannot serve: {e}") from None
+    finally:
+        app.close()
