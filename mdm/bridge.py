@@ -25,7 +25,7 @@ from typing import Any
 import trio
 from pydicom.dataset import Dataset
 
-from mdm.access import AccessLevel, Decision, Resource, view_for
+from mdm.access import AccessLevel, Decision, Resource
 from mdm.catalog import ROOT, Catalog, Level, Record
 from mdm.config import Config, SiteSettings
 from mdm.db import open_env
@@ -45,9 +45,10 @@ from mdm.fetcher import Fetcher, Target
 from mdm.flight import SingleFlight
 from mdm.identity import InvalidToken, Principal
 from mdm.keys import KeyProvider, LocalKeyring
-from mdm.names import is_uid, safe_name, uid_name
+from mdm.names import is_uid, safe_name
 from mdm.session import Session
 from mdm.store import ObjectInfo, ObjectReader, ObjectRef, ObjectStore
+from mdm.views import View, deid_options
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ class Node:
     series: Record | None = None
     instance: Record | None = None
     decision: Decision | None = None
+    view: View | None = None
     of: Node | None = None  # for metadata: the directory it describes
 
 
@@ -195,9 +197,13 @@ class Bridge:
         catalog: Catalog,
         store: ObjectStore,
         fetcher: Fetcher,
+        keys: KeyProvider,
     ) -> None:
         self.config = config
         self.session = session
+        self.keys = keys
+        self._views: dict[tuple[Any, ...], View] = {}
+        self._aliases: dict[str, str] = {}
         self.audit = session.audit
         self.catalog = catalog
         self.store = store
@@ -504,18 +510,53 @@ class Bridge:
             raise NotFound(uid)
         return rec
 
+    # ------------------------------------------------------------------ views and names
+    def view(self, d: Decision) -> View:
+        """The view a decision grants (names, metadata and content follow it)."""
+        key = (d.level, d.rule, getattr(d, "version", ""))
+        v = self._views.get(key)
+        if v is not None:
+            return v
+        if d.level >= AccessLevel.IDENTIFIED:
+            v = View("identified")
+        elif d.level >= AccessLevel.DEIDENTIFIED:
+            pol = getattr(self.resolver, "policy", None)
+            rule = pol.rule(d.rule) if pol is not None else None
+            options, scope = deid_options(d.rule, getattr(rule, "deid", None))
+            v = View("deidentified", scope, self.keys.secret("pseudonym:" + scope), options)
+        else:
+            v = View("metadata", d.rule, self.keys.secret("pseudonym:metadata:" + d.rule))
+        if len(self._views) > 1000:
+            self._views.clear()
+        self._views[key] = v
+        return v
+
+    def _name(self, v: View, uid: str) -> str:
+        name = v.uid_name(uid)
+        if name != uid:
+            self._aliases[name] = uid
+        return name
+
+    def _original(self, name: str) -> str:
+        return self._aliases.get(name, name)
+
     # ------------------------------------------------------------------ namespace
-    async def _patients(self, site: str | None) -> list[tuple[str, Record]]:
+    async def _patients(self, site: str | None) -> list[tuple[str, Record, View]]:
+        """(directory name, patient, view) of every visible patient; a patient whose studies
+        are seen in two views (e.g. identified here, de-identified there) appears twice."""
         await self._ensure_studies()
-        out = []
-        for p in self.catalog.children("PATIENT", ROOT):
-            if site is not None and site not in p.sites:
+        p = self.principal
+        out: dict[str, tuple[str, Record, View]] = {}
+        for rec in self.catalog.children("PATIENT", ROOT):
+            if not rec.sites or (site is not None and site not in rec.sites):
                 continue
-            if not p.sites:
-                continue
-            if any(self._visible(self.decide(s)) for s in self._studies_of(p.uid, site)):
-                out.append((safe_name(p.uid), p))
-        return out
+            for s in self._studies_of(rec.uid, site):
+                d = self.decide(s, principal=p)
+                if self._visible(d):
+                    v = self.view(d)
+                    name = v.patient_name(rec.uid)
+                    out.setdefault(name, (name, rec, v))
+        return list(out.values())
 
     def _studies_of(self, pid: str, site: str | None) -> list[Record]:
         return [
@@ -524,16 +565,52 @@ class Bridge:
             if s.sites and (site is None or site in s.sites)
         ]
 
-    async def _patient(self, name: str, site: str | None) -> Record:
+    async def _patient(self, name: str, site: str | None) -> tuple[Record, View]:
         if safe_name(name) == name:
             rec = self.catalog.get("PATIENT", name)
             if rec is not None and rec.sites and (site is None or site in rec.sites):
-                if any(self._visible(self.decide(s)) for s in self._studies_of(rec.uid, site)):
-                    return rec
-        for n, p in await self._patients(site):
+                for s in self._studies_of(rec.uid, site):
+                    d = self.decide(s)
+                    if self._visible(d) and self.view(d).patient_name(rec.uid) == name:
+                        return rec, self.view(d)
+        for n, rec, v in await self._patients(site):
             if n == name:
-                return p
+                return rec, v
         raise NotFound(name)
+
+    async def _study_named(self, name: str, principal: Principal) -> tuple[Record, Decision]:
+        if name not in self._aliases and name.startswith("2.25."):
+            # Perhaps a remapped UID never listed here: the listing teaches the aliases.
+            await self.listdir(("studies",))
+        study = await self.study(self._original(name))
+        d = self.decide(study, principal=principal)
+        if not self._visible(d) or self._name(self.view(d), study.uid) != name:
+            raise NotFound(name)
+        return study, d
+
+    async def _series_named(
+        self, study: Record, name: str, principal: Principal
+    ) -> tuple[Record, Decision]:
+        if name not in self._aliases and name.startswith("2.25."):
+            await self._ensure_series(study)
+            for se in self.catalog.children("SERIES", study.uid):
+                self._name(self.view(self.decide(study, se, principal)), se.uid)
+        series = await self.series(study, self._original(name))
+        d = self.decide(study, series, principal)
+        if not self._visible(d) or self._name(self.view(d), series.uid) != name:
+            raise NotFound(name)
+        return series, d
+
+    async def _instance_named(self, study: Record, series: Record, name: str, v: View) -> Record:
+        stem = name[: -len(".dcm")]
+        if stem not in self._aliases and stem.startswith("2.25.") and v.kind == "deidentified":
+            await self._ensure_instances(study, series)
+            for i in self.catalog.children("IMAGE", series.uid):
+                self._name(v, i.uid)
+        inst = await self.instance(study, series, self._original(stem))
+        if self._name(v, inst.uid) != stem:
+            raise NotFound(name)
+        return inst
 
     async def resolve(self, path: tuple[str, ...]) -> Node:
         """The node at ``path`` if this principal may see it; NotFound otherwise."""
@@ -548,9 +625,11 @@ class Bridge:
             raise NotFound(top)
         if n == 1:
             return Node(kind="top", path=path)
+        principal = self.principal
         rest = list(path[1:])
         site: str | None = None
         patient: Record | None = None
+        pview: View | None = None
         if top == "sites":
             site = rest.pop(0)
             if site not in {s.name for s in self.config.sites}:
@@ -558,27 +637,30 @@ class Bridge:
             if not rest:
                 return Node(kind="site", path=path, site=site)
         if top in ("patients", "sites"):
-            patient = await self._patient(rest.pop(0), site)
+            patient, pview = await self._patient(rest.pop(0), site)
             if not rest:
-                return Node(kind="patient", path=path, site=site, patient=patient)
-        study = await self.study(rest.pop(0))
+                return Node(kind="patient", path=path, site=site, patient=patient, view=pview)
+        study, d = await self._study_named(rest.pop(0), principal)
         if patient is not None and study.parent != patient.uid:
+            raise NotFound(study.uid)
+        if pview is not None and self.view(d).patient_name(study.parent) != path[-len(rest) - 2]:
             raise NotFound(study.uid)
         if site is not None and site not in study.sites:
             raise NotFound(study.uid)
-        d = self.decide(study)
-        if not self._visible(d):
-            raise NotFound(study.uid)
         if not rest:
             return Node(
-                kind="study", path=path, site=site, patient=patient, study=study, decision=d
+                kind="study",
+                path=path,
+                site=site,
+                patient=patient,
+                study=study,
+                decision=d,
+                view=self.view(d),
             )
-        series = await self.series(study, rest.pop(0))
+        series, d = await self._series_named(study, rest.pop(0), principal)
         if site is not None and site not in series.sites:
             raise NotFound(series.uid)
-        d = self.decide(study, series)
-        if not self._visible(d):
-            raise NotFound(series.uid)
+        v = self.view(d)
         if not rest:
             return Node(
                 kind="series",
@@ -588,11 +670,12 @@ class Bridge:
                 study=study,
                 series=series,
                 decision=d,
+                view=v,
             )
         fname = rest.pop(0)
         if rest or not fname.endswith(".dcm"):
             raise NotFound(fname)
-        inst = await self.instance(study, series, fname[: -len(".dcm")])
+        inst = await self._instance_named(study, series, fname, v)
         if site is not None and site not in inst.sites:
             raise NotFound(inst.uid)
         return Node(
@@ -604,10 +687,11 @@ class Bridge:
             series=series,
             instance=inst,
             decision=d,
+            view=v,
         )
 
-    def _file_entry(self, name: str, inst: Record) -> Entry:
-        info = self.store.info(ObjectRef(inst.uid))
+    def _file_entry(self, name: str, inst: Record, v: View) -> Entry:
+        info = self.store.info(ObjectRef(inst.uid, v.store_view))
         if info is not None:
             return Entry(name=name, is_dir=False, size=info.size, exact=True, mtime=self.started)
         return Entry(name=name, is_dir=False, size=0, exact=False, mtime=self.started)
@@ -617,8 +701,8 @@ class Bridge:
         node = await self.resolve(path)
         name = path[-1] if path else ""
         if node.kind == "instance":
-            assert node.instance is not None
-            return self._file_entry(name, node.instance)
+            assert node.instance is not None and node.view is not None
+            return self._file_entry(name, node.instance, node.view)
         if node.kind == "metadata":
             return Entry(name=name, is_dir=False, size=len(self.metadata(node)), mtime=self.started)
         return Entry(name=name, is_dir=True, mtime=self.started)
@@ -630,41 +714,41 @@ class Bridge:
         out: list[Entry] = []
         if node.kind in ("instance", "metadata"):
             raise NotFound("not a directory")
+        p = self.principal if node.kind != "root" else None
         if node.kind == "root":
             out = [Entry(n, True, mtime=t) for n in TOP]
         elif node.kind == "top" and path[0] == "sites":
             out = [Entry(s.name, True, mtime=t) for s in self.config.sites]
         elif (node.kind == "top" and path[0] == "patients") or node.kind == "site":
-            out = [Entry(n, True, mtime=t) for n, _ in await self._patients(node.site)]
+            out = [Entry(n, True, mtime=t) for n, _, _ in await self._patients(node.site)]
         elif node.kind == "top":  # studies
             await self._ensure_studies()
-            out = [
-                Entry(uid_name(s.uid), True, mtime=t)
-                for s in self.catalog.children("STUDY", ROOT)
-                if s.sites and self._visible(self.decide(s))
-            ]
+            for s in self.catalog.children("STUDY", ROOT):
+                d = self.decide(s, principal=p)
+                if s.sites and self._visible(d):
+                    out.append(Entry(self._name(self.view(d), s.uid), True, mtime=t))
         elif node.kind == "patient":
-            assert node.patient is not None
-            out = [
-                Entry(uid_name(s.uid), True, mtime=t)
-                for s in self._studies_of(node.patient.uid, node.site)
-                if self._visible(self.decide(s))
-            ]
+            assert node.patient is not None and node.view is not None
+            pname = path[-1]
+            for s in self._studies_of(node.patient.uid, node.site):
+                d = self.decide(s, principal=p)
+                if self._visible(d) and self.view(d).patient_name(s.parent) == pname:
+                    out.append(Entry(self._name(self.view(d), s.uid), True, mtime=t))
         elif node.kind == "study":
             assert node.study is not None
             await self._ensure_series(node.study)
-            out = [
-                Entry(uid_name(s.uid), True, mtime=t)
-                for s in self.catalog.children("SERIES", node.study.uid)
-                if s.sites
-                and (node.site is None or node.site in s.sites)
-                and self._visible(self.decide(node.study, s))
-            ]
+            for se in self.catalog.children("SERIES", node.study.uid):
+                if not se.sites or (node.site is not None and node.site not in se.sites):
+                    continue
+                d = self.decide(node.study, se, p)
+                if self._visible(d):
+                    out.append(Entry(self._name(self.view(d), se.uid), True, mtime=t))
         elif node.kind == "series":
-            assert node.study is not None and node.series is not None
+            assert node.study is not None and node.series is not None and node.view is not None
             await self._ensure_instances(node.study, node.series)
+            v = node.view
             out = [
-                self._file_entry(uid_name(i.uid) + ".dcm", i)
+                self._file_entry(self._name(v, i.uid) + ".dcm", i, v)
                 for i in self.catalog.children("IMAGE", node.series.uid)
                 if i.sites and (node.site is None or node.site in i.sites)
             ]
@@ -673,7 +757,7 @@ class Bridge:
         return [meta, *out]
 
     def metadata(self, node: Node) -> bytes:
-        """The ``.metadata.json`` document of a directory node, filtered by access level."""
+        """The ``.metadata.json`` document of a directory node, as its view allows."""
         of = node.of
         assert of is not None
         doc: dict[str, Any] = {"level": of.kind.upper()}
@@ -683,20 +767,15 @@ class Bridge:
             doc["principal"] = self.principal.sub
         elif of.kind == "site":
             doc["site"] = of.site
-        elif rec is not None:
-            level = of.decision.level if of.decision else self._patient_level(of)
+        elif rec is not None and of.view is not None:
             attrs = dict(rec.attrs)
-            if level < AccessLevel.IDENTIFIED:
-                attrs = {k: v for k, v in attrs.items() if k in NON_PHI}
-            doc["attributes"] = dict(sorted(attrs.items()))
+            if of.kind == "patient":
+                attrs.setdefault("PatientID", rec.uid)
+            level = {"patient": "PATIENT", "study": "STUDY", "series": "SERIES"}[of.kind]
+            doc["attributes"] = dict(sorted(of.view.attrs(level, attrs, NON_PHI).items()))
             doc["sites"] = sorted(rec.sites)
-            doc["access"] = level.label
+            doc["access"] = of.view.kind
         return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode()
-
-    def _patient_level(self, node: Node) -> AccessLevel:
-        assert node.patient is not None
-        levels = [self.decide(s).level for s in self._studies_of(node.patient.uid, node.site)]
-        return max(levels, default=AccessLevel.NONE)
 
     async def open(self, path: tuple[str, ...]) -> OpenFile:
         """Open a file for reading; retrieves the object first if it is not cached."""
@@ -706,19 +785,19 @@ class Bridge:
             return OpenFile(data=data, size=len(data))
         if node.kind != "instance":
             raise NotFound("not a file")
-        assert node.decision and node.instance and node.series and node.study
-        view = view_for(node.decision.level)
-        if view is None:
+        assert node.decision and node.instance and node.series and node.study and node.view
+        v = node.view
+        if v.kind == "metadata":
             self._audit_open(node, "deny")
             raise AccessDenied(f"{self.principal.label()} may see but not read {node.instance.uid}")
-        if view != "identified":
-            self._audit_open(node, "deny", reason="de-identified view not available")
-            raise AccessDenied("the de-identified view is not available in this version")
-        self._audit_open(node, "allow")
-        exact_before = self.store.info(ObjectRef(node.instance.uid)) is not None
-        info = await self.fetch_instance(node.study, node.series, node.instance, prefer=node.site)
-        # Unwrapping the key may touch the keyring file and LMDB: keep the trio thread free.
+        self._audit_open(node, "allow", view=v.kind)
+        ref = ObjectRef(node.instance.uid, v.store_view)
+        exact_before = self.store.info(ref) is not None
+        info = await self.fetch_instance(
+            node.study, node.series, node.instance, prefer=node.site, view=v
+        )
         principal = self.principal
+        # Unwrapping the key may touch the keyring file and LMDB: keep the trio thread free.
         reader = await trio.to_thread.run_sync(self.store.open, info.ref, principal)
         self.record(
             "key-unwrap",
@@ -736,7 +815,12 @@ class Bridge:
             if now - last[0] < 1.0:
                 return
             last[0] = now
-            if view_for(self.decide(study, series).level) != "identified":
+            d = self.decide(study, series)
+            nv = self.view(d)
+            if d.level < AccessLevel.DEIDENTIFIED or (nv.kind, nv.store_view) != (
+                v.kind,
+                v.store_view,
+            ):
                 raise AccessDenied("access revoked")
 
         return OpenFile(reader=reader, size=reader.size, exact_before=exact_before, recheck=recheck)
@@ -758,28 +842,48 @@ class Bridge:
             **extra,
         )
 
-    def _target(self, study: Record, series: Record, inst: Record, prefer: str | None) -> Target:
+    def _target(
+        self,
+        study: Record,
+        series: Record,
+        inst: Record,
+        prefer: str | None,
+        view: View | None = None,
+    ) -> Target:
         sites = sorted(inst.sites, key=lambda s: (s != prefer, -inst.sites[s], s))
+        deid = view is not None and view.kind == "deidentified"
         return Target(
             sop_uid=inst.uid,
             study_uid=study.uid,
             series_uid=series.uid,
             sop_class_uid=inst.attrs.get("SOPClassUID", ""),
             sites=tuple(sites),
+            view=view.store_view if view is not None else "identified",
+            program=view.scope if deid and view is not None else "",
+            deid=view.deid_spec() if deid and view is not None else None,
         )
 
     async def fetch_instance(
-        self, study: Record, series: Record, inst: Record, prefer: str | None = None
+        self,
+        study: Record,
+        series: Record,
+        inst: Record,
+        prefer: str | None = None,
+        view: View | None = None,
     ) -> ObjectInfo:
-        """The cached object of ``inst``, retrieved (with its series prefetched) if needed."""
-        info = self.store.info(ObjectRef(inst.uid))
+        """The cached object of ``inst`` in ``view``, retrieved (with its series prefetched)
+        if needed. A de-identified view's objects are de-identified as they arrive, so its
+        readers never need (nor unwrap) the key of an identified original."""
+        target = self._target(study, series, inst, prefer, view)
+        info = self.store.info(ObjectRef(inst.uid, target.view))
         if info is not None:
             return info
-        target = self._target(study, series, inst, prefer)
         if self.config.bridge.prefetch:
             # List the series (if needed) and fetch the rest of it in the background, while
             # this object is retrieved on its own: the first byte does not wait for either.
-            self.fetcher.nursery.start_soon(self._prefetch_series, study, series, inst.uid, prefer)
+            self.fetcher.nursery.start_soon(
+                self._prefetch_series, study, series, inst.uid, prefer, view
+            )
         # The retrieval has its own per-site deadlines; this bound covers fail-over over all
         # sites so a reader is never stuck.
         known = {x.name for x in self.config.sites}
@@ -790,15 +894,20 @@ class Bridge:
         raise RetrieveTimeout(f"object {inst.uid}: no site delivered it within {limit:.0f}s")
 
     async def _prefetch_series(
-        self, study: Record, series: Record, first: str, prefer: str | None
+        self,
+        study: Record,
+        series: Record,
+        first: str,
+        prefer: str | None,
+        view: View | None = None,
     ) -> None:
         try:
             await self._ensure_instances(study, series)
             # The object being read first: its first byte matters more than the series'.
             with trio.move_on_after(5):
-                await self.fetcher.wait(first)
+                await self.fetcher.wait(first, view.store_view if view else "identified")
             rest = [
-                self._target(study, series, i, prefer)
+                self._target(study, series, i, prefer, view)
                 for i in self.catalog.children("IMAGE", series.uid)
                 if i.uid != first and i.sites
             ]
@@ -904,7 +1013,9 @@ async def open_bridge(
         try:
             async with trio.open_nursery() as nursery:
                 fetcher = Fetcher(config, store, retriever, nursery)
-                bridge = Bridge(config, session, catalog=catalog, store=store, fetcher=fetcher)
+                bridge = Bridge(
+                    config, session, catalog=catalog, store=store, fetcher=fetcher, keys=keys
+                )
                 fetcher.audit = bridge.record
                 for site in config.sites:
                     nursery.start_soon(_warm, fetcher, retriever, site)

@@ -16,10 +16,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
 from mdm.config import Config, SiteSettings
+from mdm.deid import DeidOptions, deidentify
 from mdm.dicom.receiver import ReceivedObject, StoredNotice
 from mdm.dicom.retrieve import Retriever
 from mdm.dicom.validate import check_object
@@ -39,6 +41,22 @@ class Target:
     series_uid: str
     sop_class_uid: str = ""
     sites: tuple[str, ...] = ()
+    view: str = "identified"
+    """The store view the object is wanted in (``identified`` or a de-identified view)."""
+    program: str = ""
+    """Pseudonym scope of a de-identified view (part of the store scope)."""
+    deid: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    """De-identification secret and options, for a de-identified view."""
+
+    @property
+    def key(self) -> str:
+        """Single-flight key: one retrieval per object and view."""
+        return pending_key(self.sop_uid, self.view)
+
+
+def pending_key(sop_uid: str, view: str = "identified") -> str:
+    """The single-flight key of an object in a view."""
+    return f"{view}\0{sop_uid}"
 
 
 WRITERS = 2
@@ -103,7 +121,9 @@ class Fetcher:
         self._pending: dict[str, _Pending] = {}
         self._limiters = {s.name: trio.CapacityLimiter(s.max_associations) for s in config.sites}
         self._token = trio.lowlevel.current_trio_token()
-        self._queue: queue.Queue[tuple[ReceivedObject, Scope, dict[str, str], _Batch] | None]
+        self._queue: queue.Queue[
+            tuple[ReceivedObject, Scope, dict[str, str], _Batch, str, dict[str, Any] | None] | None
+        ]
         self._queue = queue.Queue(maxsize=WRITE_QUEUE)
         self._writers = [
             threading.Thread(target=self._writer, name=f"mdm-writer-{i}", daemon=True)
@@ -116,19 +136,19 @@ class Fetcher:
         """The concurrency limit of ``site`` (shared with queries)."""
         return self._limiters[site]
 
-    def pending(self, sop_uid: str) -> bool:
+    def pending(self, sop_uid: str, view: str = "identified") -> bool:
         """True while a retrieval that will deliver ``sop_uid`` is under way."""
-        return sop_uid in self._pending
+        return pending_key(sop_uid, view) in self._pending
 
     async def fetch(self, target: Target) -> ObjectInfo:
         """Return the stored object for ``target``, retrieving it if needed (single-flight)."""
-        ref = ObjectRef(target.sop_uid)
+        ref = ObjectRef(target.sop_uid, target.view)
         info = self.store.info(ref)
         if info is not None:
             return info
-        pend = self._pending.get(target.sop_uid)
+        pend = self._pending.get(target.key)
         if pend is None:
-            pend = self._start([target], level="IMAGE")[target.sop_uid]
+            pend = self._start([target], level="IMAGE")[target.key]
         await pend.done.wait()
         if pend.error is not None:
             raise pend.error
@@ -137,35 +157,27 @@ class Fetcher:
             raise RetrieveError(f"object {target.sop_uid} was retrieved but is not in the cache")
         return info
 
-    async def wait(self, sop_uid: str) -> None:
+    async def wait(self, sop_uid: str, view: str = "identified") -> None:
         """Wait until a pending retrieval of ``sop_uid`` has ended (at once if none)."""
-        p = self._pending.get(sop_uid)
+        p = self._pending.get(pending_key(sop_uid, view))
         if p is not None:
             await p.done.wait()
 
     def prefetch(self, targets: Sequence[Target]) -> int:
         """Start retrieving those of ``targets`` not cached nor in flight; return how many."""
-        rest = [
-            t
-            for t in targets
-            if t.sop_uid not in self._pending and self.store.info(ObjectRef(t.sop_uid)) is None
-        ]
+        rest = [t for t in targets if self._needed(t)]
         if rest:
             self._start(rest, level="SERIES")
         return len(rest)
 
     async def fetch_many(self, targets: Sequence[Target], *, level: str = "SERIES") -> None:
         """Retrieve all ``targets`` (grouped per series) and wait; raise the first error."""
-        todo = [
-            t
-            for t in targets
-            if t.sop_uid not in self._pending and self.store.info(ObjectRef(t.sop_uid)) is None
-        ]
+        todo = [t for t in targets if self._needed(t)]
         if todo:
             self._start(todo, level=level)
         first: MdmError | None = None
         for t in targets:
-            p = self._pending.get(t.sop_uid)
+            p = self._pending.get(t.key)
             if p is None:
                 continue
             await p.done.wait()
@@ -175,19 +187,22 @@ class Fetcher:
             raise first
 
     # ------------------------------------------------------------------------------------
+    def _needed(self, t: Target) -> bool:
+        return t.key not in self._pending and self.store.info(ObjectRef(t.sop_uid, t.view)) is None
+
     def _start(self, targets: Sequence[Target], *, level: str) -> dict[str, _Pending]:
-        pend = {t.sop_uid: _Pending() for t in targets}
+        pend = {t.key: _Pending() for t in targets}
         self._pending.update(pend)
-        # Group by series: one retrieval per series, as the PACS stores and moves them.
-        groups: dict[tuple[str, str], list[Target]] = {}
+        # Group by series (and view): one retrieval per series, as PACS store and move them.
+        groups: dict[tuple[str, str, str], list[Target]] = {}
         for t in targets:
-            groups.setdefault((t.study_uid, t.series_uid), []).append(t)
+            groups.setdefault((t.study_uid, t.series_uid, t.view), []).append(t)
         for group in groups.values():
             self.nursery.start_soon(self._run, group, level, pend)
         return pend
 
     async def _run(self, group: list[Target], level: str, pend: dict[str, _Pending]) -> None:
-        wanted = {t.sop_uid for t in group}
+        wanted = {t.key for t in group}
         first = group[0]
         site_order = list(first.sites) or [s.name for s in self.config.sites]
         errors: list[str] = []
@@ -239,37 +254,46 @@ class Fetcher:
         pend: dict[str, _Pending],
     ) -> None:
         first = group[0]
-        scope = Scope(site=site.name, level="identified")
+        deid = first.deid
+        scope = Scope(
+            site=site.name,
+            level="deidentified" if deid else "identified",
+            program=first.program,
+        )
+        view = first.view
         batch = _Batch()
         meta = {
             "study_uid": first.study_uid,
             "series_uid": first.series_uid,
             "site": site.name,
         }
+        sop_of = {t.key: t.sop_uid for t in group}
+        remaining_sops = {sop_of[k] for k in remaining}
 
         def sink(obj: ReceivedObject | StoredNotice) -> None:
             # Runs in a pynetdicom thread. Encrypting and writing happen in the writer
             # threads so the association keeps receiving (the queue is bounded: if the disk
             # falls behind, the sender is slowed down, memory is not blown). A receiver
             # process has stored the object already and only reports it.
-            if obj.sop_uid not in pend:
+            key = pending_key(obj.sop_uid, view)
+            if key not in pend:
                 return
             if isinstance(obj, StoredNotice):
                 if obj.error is not None:
                     err = obj.error if isinstance(obj.error, MdmError) else MdmError(str(obj.error))
-                    self._to_trio(self._finish, obj.sop_uid, err)
+                    self._to_trio(self._finish, key, err)
                 else:
-                    self._to_trio(self._stored, obj.sop_uid, obj.info, site.name)
+                    self._to_trio(self._stored, key, obj.info, site.name)
                 return
             batch.add()
-            self._queue.put((obj, scope, meta, batch))
+            self._queue.put((obj, scope, meta, batch, view, deid))
 
         started = time.monotonic()
         self.stats.retrievals += 1
         # Always an IMAGE-level request with the exact UID list (PS3.4 C.4.2.2.1 allows a
         # list of UIDs): a SERIES-level move would resend objects already cached or in
         # another flight, and the storage SCP refuses objects nobody asked for.
-        sop_uids = sorted(remaining)
+        sop_uids = sorted(remaining_sops)
         lvl = "IMAGE"
         sop_classes = {t.sop_class_uid for t in group if t.sop_class_uid} or None
         log.info(
@@ -296,10 +320,17 @@ class Fetcher:
                         study_uid=first.study_uid,
                         series_uid=first.series_uid,
                         sop_uids=sop_uids,
-                        expected=set(remaining),
+                        expected=set(remaining_sops),
                         sink=sink,
                         sop_classes=sop_classes,
-                        store_spec={"site": site.name, "level": scope.level, "meta": meta},
+                        store_spec={
+                            "site": site.name,
+                            "level": scope.level,
+                            "program": scope.program,
+                            "view": view,
+                            "deid": deid,
+                            "meta": meta,
+                        },
                     ),
                     limiter=self._limiters[site.name],
                 )
@@ -316,11 +347,12 @@ class Fetcher:
         log.info(
             "site %s delivered %d of %d object(s) in %.3fs",
             site.name,
-            len(outcome.received & remaining),
+            len(outcome.received & remaining_sops),
             len(remaining),
             time.monotonic() - started,
         )
-        self._audit_retrieval(site.name, first, len(outcome.received & remaining), len(remaining))
+        got = len(outcome.received & remaining_sops)
+        self._audit_retrieval(site.name, first, got, len(remaining))
 
     def _audit_retrieval(
         self, site: str, first: Target, got: int, wanted: int, error: str = ""
@@ -342,26 +374,32 @@ class Fetcher:
             job = self._queue.get()
             if job is None:
                 return
-            obj, scope, meta, batch = job
+            obj, scope, meta, batch, view, deid = job
+            key = pending_key(obj.sop_uid, view)
             try:
                 check_object(obj.data, obj.sop_uid, meta["site"])
+                data = obj.data
+                if deid is not None:
+                    data = deidentify(
+                        data, secret=deid["secret"], options=DeidOptions(**deid["options"])
+                    )
                 info = self.store.put(
-                    ObjectRef(obj.sop_uid),
+                    ObjectRef(obj.sop_uid, view),
                     scope,
-                    obj.data,
+                    data,
                     {
                         **meta,
                         "sop_class_uid": obj.sop_class_uid,
                         "transfer_syntax": obj.transfer_syntax,
                     },
                 )
-                self._to_trio(self._stored, obj.sop_uid, info, meta["site"])
+                self._to_trio(self._stored, key, info, meta["site"])
             except MdmError as e:
                 log.warning("object %s from site %s not stored: %s", obj.sop_uid, meta["site"], e)
-                self._to_trio(self._finish, obj.sop_uid, e)
+                self._to_trio(self._finish, key, e)
             except Exception as e:  # a bug must not kill the writer; readers get EIO
                 log.error("storing object %s failed", obj.sop_uid, exc_info=True)
-                self._to_trio(self._finish, obj.sop_uid, MdmError(f"cannot store object: {e}"))
+                self._to_trio(self._finish, key, MdmError(f"cannot store object: {e}"))
             finally:
                 batch.done()
             del obj, job

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import struct
 import threading
@@ -54,6 +55,8 @@ from mdm.keys import KeyProvider, Scope
 log = logging.getLogger(__name__)
 
 VIEWS = ("identified", "deidentified")
+# A de-identified view of one pseudonym scope and one set of options (mdm.views.View).
+_DEID_VIEW = re.compile(r"^deid/[A-Za-z0-9._-]{1,64}/[0-9a-f]{12}$")
 OBJECTS_DB = b"objects"
 LRU_DB = b"lru"
 META_DB = b"store-meta"
@@ -74,8 +77,10 @@ class ObjectRef:
     view: str = "identified"
 
     def __post_init__(self) -> None:
-        if self.view not in VIEWS:
-            raise ValueError(f"view must be one of {VIEWS}, got {self.view!r}")
+        if self.view not in VIEWS and not _DEID_VIEW.match(self.view):
+            raise ValueError(
+                f"view must be one of {VIEWS} or deid/SCOPE/OPTIONS, got {self.view!r}"
+            )
         if not self.sop_uid or "\0" in self.sop_uid:
             raise ValueError("sop_uid must be non-empty and hold no NUL")
 

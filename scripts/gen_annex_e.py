@@ -37,7 +37,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from pydicom.datadict import RepeatersDictionary, dictionary_description, keyword_for_tag
+from pydicom._dicom_dict import RepeatersDictionary
+from pydicom.datadict import dictionary_description, keyword_for_tag
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "mdm" / "deid" / "annex_e.csv"

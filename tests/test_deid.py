@@ -24,7 +24,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from mdm import synth
 from mdm.deid import (
@@ -93,7 +93,7 @@ class PhiObject:
         self.planted = 0
         self.pixels = bytes(range(256)) * 2  # 16x16 8-bit, recognisable
 
-    def _plant(self, ds: Dataset, tag: int, vr: str, idx: int, level: str) -> bool:
+    def _plant(self, ds: Dataset, tag: int, vr: str, idx: int, level: str, code: str = "") -> bool:
         lvl = LEVELS.index(level)
         text = f"PHI{idx:03d}{level}"
         if vr in TEXT_VRS:
@@ -121,6 +121,12 @@ class PhiObject:
             item = Dataset()
             item.PersonName = f"SQN{idx:03d}{level}"
             item.InstitutionName = f"SQI{idx:03d}{level}"
+            item.TextValue = f"SQT{idx:03d}{level}"  # not in the table: free text
+            self.tokens.append(f"SQT{idx:03d}{level}".encode())
+            if code in ("D", "X/D", "X/Z/D", "Z/D"):
+                # A dummy sequence must not keep what its items hold, listed or not.
+                item.CodeMeaning = f"SQC{idx:03d}{level}"
+                self.tokens.append(f"SQC{idx:03d}{level}".encode())
             item.UID = f"1.2.826.0.1.3680043.10.998.1{idx:03d}{lvl}"
             self.tokens += [f"SQN{idx:03d}{level}".encode(), f"SQI{idx:03d}{level}".encode()]
             self.tokens.append(item.UID.encode())
@@ -146,7 +152,7 @@ class PhiObject:
                 if level == "A":
                     self.skipped.append(f"{row.tag} {row.keyword}: VR {vr}")
                 continue
-            if self._plant(ds, tag, vr, idx, level):
+            if self._plant(ds, tag, vr, idx, level, row.codes["basic"]):
                 self.planted += 1
         # Beyond the table (the fail-safe rules): a person name, dates, an attribute unknown to
         # the dictionary, an overlay description.
@@ -157,6 +163,7 @@ class PhiObject:
                 (0x0008041F, "DT"),  # StudyUpdateDateTime
                 (0x00441234, "LO"),  # no such public attribute
                 (0x60000022, "LO"),  # OverlayDescription
+                (0x0040A160, "UT"),  # TextValue
             )
         ):
             assert load_table().rows and f"{tag:08X}" not in {r.tag for r in load_table().rows}
@@ -191,7 +198,7 @@ class PhiObject:
         top.PixelRepresentation = 0
         top.PixelData = self.pixels
         top.file_meta = FileMetaDataset()
-        top.file_meta.MediaStorageSOPClassUID = CT
+        top.file_meta.MediaStorageSOPClassUID = UID(CT)
         top.file_meta.MediaStorageSOPInstanceUID = top.SOPInstanceUID
         top.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         return top
@@ -424,7 +431,7 @@ def _with(data: bytes, **attrs: object) -> bytes:
         else:
             setattr(ds, k, v)
     if "SOPClassUID" in attrs:
-        ds.file_meta.MediaStorageSOPClassUID = attrs["SOPClassUID"]
+        ds.file_meta.MediaStorageSOPClassUID = UID(str(attrs["SOPClassUID"]))
     return _to_bytes(ds)
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from mdm.deid import map_uid
+from mdm.keys import LocalKeyring
 from mdm.localpacs import free_port
 from mdm.synth import TRIAL_PROTOCOL
 from tests.conftest import PacsPair
@@ -124,6 +126,11 @@ def test_each_principal_sees_exactly_its_grant(
         m = Mount(cfg, tmp_path / f"mnt-{name}", token_file=tok)
         with m:
             mnt = m.mountpoint
+            if level == "deidentified":
+                # A de-identified view shows remapped UIDs only (checked in test_e2e_deid).
+                secret = LocalKeyring.load(tmp_path / "keyring.json").secret("pseudonym:grid-trial")
+                assert visible_files(mnt) == {map_uid(u, secret=secret) for u in expected}
+                continue
             assert visible_files(mnt) == expected, name
             hidden = next(i for i in pair.instances if i.sop_uid not in expected)
             p = mnt / "studies" / hidden.study_uid / hidden.series_uid / f"{hidden.sop_uid}.dcm"
@@ -139,10 +146,10 @@ def test_each_principal_sees_exactly_its_grant(
                 same_dataset(p.read_bytes(), inst)
                 assert meta["attributes"]["PatientID"] == inst.patient_id
             else:
-                assert (
-                    "PatientID" not in meta["attributes"]
-                    and "PatientName" not in meta["attributes"]
-                )
+                # Below identified: a pseudonym at most, never the Patient ID or the name.
+                assert meta["attributes"].get("PatientID") != inst.patient_id
+                assert "PatientName" not in meta["attributes"]
+                assert inst.patient_id not in os.listdir(mnt / "patients")
                 assert inst.patient_name not in json.dumps(meta)
                 with pytest.raises(PermissionError):
                     p.read_bytes()

@@ -8,10 +8,12 @@ choices made here (docs/DEID.md says why):
   UIDs and sequences (the UIDs inside are remapped), Z otherwise. Without per-IOD module tables
   we cannot tell a type 3 attribute (removable) from a type 1/2 one; the kept form is valid for
   every type, so the object stays valid whatever its IOD.
+* D on a sequence empties it (walking its items would keep unlisted text inside them).
 * Attributes not in the table are kept, as the standard says, except (fail-safe): private
   attributes (removed unless on the safe list under Retain Safe Private), person names (PN)
-  not explicitly K, UIDs (remapped unless Retain UIDs or a well-known UID), public attributes
-  unknown to the data dictionary (they may be newer PHI attributes), overlay groups 60xx
+  not explicitly K, free text (LT, ST, UT: removed, or scrubbed under Clean Descriptors),
+  UIDs (remapped unless Retain UIDs or a well-known UID), public attributes unknown to the
+  data dictionary (they may be newer PHI attributes), overlay groups 60xx
   (they can carry burned-in text) and group lengths (stale after editing). Dates (DA, DT) the
   table does not list follow the longitudinal option like those it does: removed when it is
   off, kept when full, shifted in offset mode (no real date next to shifted ones).
@@ -123,6 +125,7 @@ _META_KEEP = frozenset(
     }
 )
 
+_FREE_TEXT_VRS = frozenset({"LT", "ST", "UT"})
 _TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "SH", "ST", "UC", "UT", "UR"})
 _STRING_VRS = _TEXT_VRS | {"PN", "DA", "DT", "TM", "AS", "IS", "DS", "UI"}
 _BINARY_NUMERIC = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "UV": 8, "SV": 8}
@@ -234,6 +237,9 @@ def _default_action(tag: int, elem: DataElement, ctx: _Ctx) -> Action:
         # A class UID names a kind of object (a SOP class, a coding scheme), never a patient.
         keep = ctx.options.retain_uids or _is_class_uid(elem.keyword)
         return Action.KEEP if keep else Action.UID
+    if vr in _FREE_TEXT_VRS:
+        # Free text can say anything: kept only when cleaned, like the listed descriptors.
+        return Action.CLEAN if ctx.options.clean_descriptors else Action.REMOVE
     if vr in ("DA", "DT"):
         # Temporal information is released by the longitudinal option alone, table or not.
         return {"off": Action.REMOVE, "full": Action.KEEP, "offset": Action.CLEAN}[
@@ -357,7 +363,10 @@ def _perform(
         elem.value = Sequence() if vr == "SQ" else None
     elif action is Action.DUMMY:
         if vr == "SQ":
-            _walk_items(elem, ctx, d)
+            # A dummy sequence is an empty one: a dummy item would need the IOD's item rules,
+            # and walking the items would keep what the table does not list inside them (the
+            # Text Value of an SR Content Sequence, the code meaning naming an institution).
+            elem.value = Sequence()
         elif vr == "UI":
             _map_uids(elem, ctx)
         elif kw == "PatientID":

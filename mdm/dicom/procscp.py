@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mdm.config import BridgeSettings
+from mdm.deid import DeidMalformed, DeidRefused
 from mdm.dicom.receiver import Expectation, ReceivedObject, Sink, StorageSCP, StoredNotice
 from mdm.errors import IntegrityError, MdmError, StoreFull
 
@@ -34,6 +35,12 @@ log = logging.getLogger(__name__)
 
 WRITERS = 2
 WRITE_QUEUE = 48
+_ERRORS: dict[str, type[MdmError]] = {
+    "StoreFull": StoreFull,
+    "IntegrityError": IntegrityError,
+    "DeidRefused": DeidRefused,
+    "DeidMalformed": DeidMalformed,
+}
 START_TIMEOUT = 60.0
 SYNC_TIMEOUT = 300.0
 
@@ -225,9 +232,7 @@ class ProcessStorageSCP(StorageSCP):
             exp._delivered(sop_uid)
             self._count("stored")
         else:
-            err_type = StoreFull if msg[3] == "StoreFull" else MdmError
-            if msg[3] == "IntegrityError":
-                err_type = IntegrityError
+            err_type = _ERRORS.get(msg[3], MdmError)
             log.warning("object %s not stored: %s", sop_uid, msg[4])
             notice = StoredNotice(sop_uid, None, err_type(msg[4]))
             exp.refused += 1
@@ -258,6 +263,7 @@ def _child_main(
     sys.setswitchinterval(0.0005)
 
     from mdm.db import open_env
+    from mdm.deid import DeidOptions, deidentify
     from mdm.dicom.validate import check_object
     from mdm.keys import LocalKeyring, Scope
     from mdm.store import ObjectRef, ObjectStore
@@ -297,10 +303,18 @@ def _child_main(
                 check_object(obj.data, obj.sop_uid, str(spec.get("site", "?")))
                 meta = dict(spec.get("meta", {}))
                 meta.update(sop_class_uid=obj.sop_class_uid, transfer_syntax=obj.transfer_syntax)
+                data = obj.data
+                deid = spec.get("deid")
+                if deid is not None:
+                    # A de-identified view is de-identified here, before anything is stored:
+                    # no identified copy is ever written for it.
+                    data = deidentify(
+                        data, secret=deid["secret"], options=DeidOptions(**deid["options"])
+                    )
                 info = store.put(
                     ObjectRef(obj.sop_uid, spec.get("view", "identified")),
-                    Scope(spec["site"], spec.get("level", "identified")),
-                    obj.data,
+                    Scope(spec["site"], spec.get("level", "identified"), spec.get("program", "")),
+                    data,
                     meta,
                 )
                 send(("stored", eid, obj.sop_uid, info.to_record()))

@@ -94,12 +94,17 @@ class HttpsPool:
             max_workers=max(4, 3 * len(self.servers)), thread_name_prefix="mdm-keys"
         )
 
+    def label(self, index: int) -> str:
+        """``key server K (host:port)``, for messages."""
+        host, port = self.addrs[index - 1]
+        return f"key server {index} ({host}:{port})"
+
     def post(
         self, index: int, path: str, body: dict[str, Any], bearer: str, timeout: float
     ) -> dict[str, Any]:
         """POST to server ``index`` (1-based); ServerError on any failure."""
         host, port = self.addrs[index - 1]
-        name = f"key server {index} ({host}:{port})"
+        name = self.label(index)
         conn = http.client.HTTPSConnection(host, port, context=self.ssl, timeout=max(timeout, 0.05))
         try:
             conn.request(
@@ -157,11 +162,11 @@ class HttpsPool:
                 except ServerError as e:
                     errors[i] = str(e)
                 except (IntegrityError, ValueError, KeyError, TypeError) as e:
-                    errors[i] = f"key server {i}: unusable answer ({e})"
+                    errors[i] = f"{self.label(i)}: unusable answer ({e})"
         for f in pending:
             i = futures[f]
             f.cancel()
-            errors.setdefault(i, f"key server {i}: no answer within the deadline")
+            errors.setdefault(i, f"{self.label(i)}: no answer within the deadline")
         return results, errors
 
     def close(self) -> None:
@@ -448,3 +453,23 @@ class KeyServiceProvider:
         with self._lock:
             self._master = None
         self._http.close()
+
+
+def provider_for(keys: KeySettings, token_file: Path | None) -> KeyServiceProvider | None:
+    """The key-service provider of ``[keys]``, or None if it names no servers (use the keyring).
+
+    ``token_file`` holds the principal's JWT; it is re-read on every request, so a renewed
+    token is used at once. Without it, only sealing in scopes of ``public-keys.json`` works.
+    """
+    if not keys.servers:
+        return None
+
+    def token() -> str:
+        if token_file is None:
+            raise KeyUnavailable("the key service needs a token (--token-file or MDM_TOKEN_FILE)")
+        try:
+            return token_file.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise KeyUnavailable(f"cannot read the token file {token_file}: {e.strerror}") from None
+
+    return KeyServiceProvider.from_settings(keys, token=token if token_file else None)

@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 MAX_BODY = 256 * 1024
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _UNVERIFIED = Principal(sub="-", issuer="-")
+_ADMIN = Principal(sub="keys-admin", issuer="mdm-keys")
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -414,6 +415,8 @@ class KeyServiceApp:
         self._admin(bearer)
         label = self._scope_label(req)
         old, kid, public = self.keys.begin_rotation(label)
+        site, level = label.split("/")[:2]
+        self._audit(_ADMIN, "rotate-begin", "allow", {"site": site, "level": level}, kid=kid)
         return {"index": self.index, "old": old, "kid": kid, "public": b64e(public)}
 
     def _rotate_reseal(self, bearer: str, req: dict[str, Any]) -> dict[str, Any]:
@@ -441,6 +444,8 @@ class KeyServiceApp:
         self._admin(bearer)
         label = self._scope_label(req)
         kid, public = self.keys.finish_rotation(label)
+        site, level = label.split("/")[:2]
+        self._audit(_ADMIN, "rotate-finish", "allow", {"site": site, "level": level}, kid=kid)
         return {"index": self.index, "kid": kid, "public": b64e(public)}
 
     def close(self) -> None:

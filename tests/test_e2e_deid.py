@@ -1,0 +1,136 @@
+"""De-identified views end to end: a real mount of a principal whose access is de-identified.
+
+Names, .metadata.json and file content are de-identified (PS3.15 Annex E, mdm.deid), the
+pseudonyms and remapped UIDs are consistent across files and across two mounts of the same
+scope, different under another scope, and the original identifiers appear nowhere.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from mdm.deid import map_uid, pseudonym
+from mdm.keys import LocalKeyring
+from mdm.localpacs import free_port
+from mdm.synth import TRIAL_PROTOCOL
+from tests.conftest import PacsPair
+from tests.mountutil import Mount, mdm
+from tests.test_e2e_policy import AUD, ISS, token
+
+pytestmark = pytest.mark.e2e
+
+POLICY = f"""
+[[allow]]
+id = "nant-grid"
+description = "grid jobs of the trial, de-identified, dates shifted per patient"
+principals = {{ groups = ["grid"] }}
+resources = {{ trial = "{TRIAL_PROTOCOL}" }}
+access = "deidentified"
+[allow.deid]
+scope = "nant"
+retain_longitudinal = "offset"
+
+[[allow]]
+id = "other-programme"
+description = "another programme on the same patients: not linkable with the first"
+principals = {{ groups = ["other"] }}
+resources = {{ trial = "{TRIAL_PROTOCOL}" }}
+access = "deidentified"
+[allow.deid]
+scope = "other"
+"""
+
+
+@pytest.fixture(scope="module")
+def idp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("idp-deid")
+    mdm("token", "init", str(d))
+    return d
+
+
+def config(pair: PacsPair, d: Path, idp: Path) -> Path:
+    (d / "policies").mkdir(parents=True, exist_ok=True)
+    (d / "policies" / "deid.toml").write_text(POLICY)
+    aet, port = f"MDMD{free_port() % 10000}", free_port()
+    pair.add_destination(aet, port)
+    extra = f"""
+[identity]
+issuer = "{ISS}"
+audience = "{AUD}"
+public_keys = "{idp / "jwks.json"}"
+[policy]
+dir = "{d / "policies"}"
+"""
+    return pair.write_config(d, bridge_options={"ae_title": aet, "port": port}, extra=extra)
+
+
+def tree(mnt: Path) -> set[str]:
+    out = set()
+    for root, dirs, files in os.walk(mnt / "studies"):
+        rel = os.path.relpath(root, mnt)
+        out |= {f"{rel}/{n}" for n in dirs + files if n != ".metadata.json"}
+    return out
+
+
+def test_deidentified_mount(orthanc_pair: PacsPair, idp: Path, tmp_path: Path) -> None:
+    pair = orthanc_pair
+    cfg = config(pair, tmp_path, idp)
+    trial = [i for i in pair.instances if i.trial == TRIAL_PROTOCOL]
+    grid = token(idp, tmp_path / "grid.jwt", "svc-grid", "grid")
+    originals = pair.instances
+    phi: set[bytes] = set()
+    for i in originals:
+        ds = pydicom.dcmread(io.BytesIO(i.read()))
+        phi |= {str(ds.PatientName).encode(), ds.PatientID.encode(), ds.AccessionNumber.encode()}
+        phi |= {i.study_uid.encode(), i.series_uid.encode(), i.sop_uid.encode()}
+        phi |= {str(ds.FrameOfReferenceUID).encode(), ds.PatientBirthDate.encode()}
+    with Mount(cfg, tmp_path / "mnt1", token_file=grid) as m:
+        mnt = m.mountpoint
+        secret = LocalKeyring.load(tmp_path / "keyring.json").secret("pseudonym:nant")
+        names = tree(mnt)
+        want_files = {map_uid(i.sop_uid, secret=secret) + ".dcm" for i in trial}
+        assert {n.rsplit("/", 1)[1] for n in names if n.endswith(".dcm")} == want_files
+        # Every file of one series: de-identified, consistent, pixels untouched.
+        series = pair.series(trial[0].series_uid)
+        sdir = mnt / "studies" / map_uid(trial[0].study_uid, secret=secret)
+        sdir = sdir / map_uid(trial[0].series_uid, secret=secret)
+        frames = set()
+        for inst in series:
+            raw = (sdir / f"{map_uid(inst.sop_uid, secret=secret)}.dcm").read_bytes()
+            for needle in phi:
+                assert needle not in raw, needle
+            ds = pydicom.dcmread(io.BytesIO(raw))
+            orig = pydicom.dcmread(io.BytesIO(inst.read()))
+            assert ds.PatientIdentityRemoved == "YES"
+            assert ds.PatientID == pseudonym(inst.patient_id, secret=secret)
+            assert ds.SOPInstanceUID == map_uid(inst.sop_uid, secret=secret)
+            assert ds.SeriesInstanceUID == map_uid(inst.series_uid, secret=secret)
+            assert ds.PixelData == orig.PixelData
+            frames.add(ds.FrameOfReferenceUID)
+        assert len(frames) == 1 and str(orig.FrameOfReferenceUID) not in frames
+        meta = (sdir.parent / ".metadata.json").read_bytes()
+        for needle in phi:
+            assert needle not in meta
+        assert json.loads(meta)["access"] == "deidentified"
+        # The patient directory carries the pseudonym.
+        assert (mnt / "patients" / pseudonym(trial[0].patient_id, secret=secret)).is_dir()
+        assert not (mnt / "patients" / trial[0].patient_id).exists()
+        assert not (mnt / "studies" / trial[0].study_uid).exists()
+    # A second mount of the same scope, looking a remapped path up without listing first.
+    with Mount(cfg, tmp_path / "mnt2", token_file=grid) as m:
+        i = trial[-1]
+        p = m.mountpoint / "studies" / map_uid(i.study_uid, secret=secret)
+        p = p / map_uid(i.series_uid, secret=secret) / f"{map_uid(i.sop_uid, secret=secret)}.dcm"
+        assert pydicom.dcmread(p).SOPInstanceUID == map_uid(i.sop_uid, secret=secret)
+        assert tree(m.mountpoint) == names
+    # Another scope: not linkable.
+    other = token(idp, tmp_path / "other.jwt", "svc-other", "other")
+    with Mount(cfg, tmp_path / "mnt3", token_file=other) as m:
+        other_names = tree(m.mountpoint)
+        assert other_names and not (other_names & names)
