@@ -41,6 +41,8 @@ def _setup_logging(level: str, log_file: Path | None = None) -> None:
     root.setLevel(level.upper())
     # pynetdicom is chatty at INFO (every association); keep its warnings only.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    # pydicom quotes invalid values word for word in its warnings: patient data. Errors only.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 def config_option(f: F) -> F:

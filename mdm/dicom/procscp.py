@@ -259,6 +259,7 @@ def _child_main(
     logging.getLogger().handlers[:] = [handler]
     logging.getLogger().setLevel(log_level)
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, log_level))
+    logging.getLogger("pydicom").setLevel(logging.ERROR)  # it quotes values: patient data
     # Same GIL trade-off as the mount: hand over often between receiving and writing threads.
     sys.setswitchinterval(0.0005)
 
