@@ -14,6 +14,7 @@ may not see does not exist (NotFound); what it may see but not read is AccessDen
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -265,12 +266,16 @@ class Bridge:
         self, study: Record, series: Record | None = None, principal: Principal | None = None
     ) -> Decision:
         """The principal's access decision on a study (or one of its series)."""
+        return self.resolver.decide(principal or self.principal, self.resource(study, series))
+
+    def resource(self, study: Record, series: Record | None = None) -> Resource:
+        """The policy attributes of a study (or one of its series)."""
         attrs = dict(study.attrs)
         if series is not None and series.attrs.get("Modality"):
             attrs["Modality"] = series.attrs["Modality"]
             attrs.pop("ModalitiesInStudy", None)
         sites = series.sites if series is not None else study.sites
-        res = Resource(
+        return Resource(
             sites=frozenset(sites),
             patient_id=study.parent or attrs.get("PatientID"),
             study_uid=study.uid,
@@ -283,7 +288,6 @@ class Bridge:
             ),
             study_date=attrs.get("StudyDate") or None,
         )
-        return self.resolver.decide(principal or self.principal, res)
 
     def _visible(self, d: Decision) -> bool:
         return d.level >= AccessLevel.METADATA
@@ -861,6 +865,7 @@ class Bridge:
             view=view.store_view if view is not None else "identified",
             program=view.scope if deid and view is not None else "",
             deid=view.deid_spec() if deid and view is not None else None,
+            resource=dataclasses.replace(self.resource(study, series), sop_uid=inst.uid),
         )
 
     async def fetch_instance(
@@ -976,7 +981,12 @@ async def open_bridge(
     keys: KeyProvider | None = None,
 ) -> AsyncIterator[Bridge]:
     """Start the store, the storage SCP and the fetcher; yield a :class:`Bridge`; stop them."""
-    keys = keys or LocalKeyring.load(config.keys.keyring, create=True)
+    if keys is None:
+        from mdm.keyservice.client import provider_for
+
+        keys = provider_for(config.keys, session.token_file) or LocalKeyring.load(
+            config.keys.keyring, create=True
+        )
     env = open_env(config.cache.dir)
     try:
         store = ObjectStore(
@@ -996,6 +1006,8 @@ async def open_bridge(
                     config.keys.keyring,
                     config.cache.max_bytes,
                     config.cache.chunk_size,
+                    config.keys,
+                    session.token_file,
                 ),
                 log_level=logging.getLogger().getEffectiveLevel(),
             )

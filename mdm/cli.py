@@ -387,12 +387,15 @@ def cache() -> None:
     """Inspect and manage the encrypted local cache."""
 
 
-def _open_store(config: Config) -> Any:
+def _open_store(config: Config, token_file: Path | None = None) -> Any:
     from mdm.db import open_env
     from mdm.keys import LocalKeyring
+    from mdm.keyservice.client import provider_for
     from mdm.store import ObjectStore
 
-    keys = LocalKeyring.load(config.keys.keyring, create=True)
+    keys = provider_for(config.keys, token_file) or LocalKeyring.load(
+        config.keys.keyring, create=True
+    )
     env = open_env(config.cache.dir)
     return ObjectStore(config.cache.dir, env, keys, config.cache.max_bytes, config.cache.chunk_size)
 
@@ -424,11 +427,17 @@ def _human(n: float) -> str:
 
 @cache.command("verify")
 @config_option
-def cache_verify(config_path: Path) -> None:
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path),
+    default=lambda: os.environ.get("MDM_TOKEN_FILE"),
+    help="With a key service or [identity]: the JWT whose keys are released.",
+)
+def cache_verify(config_path: Path, token_file: Path | None) -> None:
     """Decrypt and authenticate every chunk of every cached object."""
     config = _load(config_path)
-    store = _open_store(config)
-    problems = store.verify(_principal(config, None))
+    store = _open_store(config, token_file)
+    problems = store.verify(_principal(config, token_file))
     n = store.stats().objects
     for p in problems:
         click.echo(f"CORRUPT {p.ref.sop_uid}: {p.reason}")
@@ -456,10 +465,13 @@ def cache_evict(config_path: Path, evict_all: bool, uids: tuple[str, ...]) -> No
 # ---------------------------------------------------------------------------- subgroups
 def _register() -> None:
     from mdm.cli_audit import audit
+    from mdm.cli_keys import keys, keyserver
     from mdm.cli_policy import policy
     from mdm.cli_token import token
 
     main.add_command(token)
+    main.add_command(keys)
+    main.add_command(keyserver)
     main.add_command(audit)
     main.add_command(policy)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from mdm.access import Resource
 from mdm.config import Config, SiteSettings
 from mdm.deid import DeidOptions, deidentify
 from mdm.dicom.receiver import ReceivedObject, StoredNotice
@@ -47,6 +48,8 @@ class Target:
     """Pseudonym scope of a de-identified view (part of the store scope)."""
     deid: dict[str, Any] | None = field(default=None, compare=False, repr=False)
     """De-identification secret and options, for a de-identified view."""
+    resource: Resource | None = field(default=None, compare=False, repr=False)
+    """The policy attributes of the object (a key service seals them with its key)."""
 
     @property
     def key(self) -> str:
@@ -122,7 +125,16 @@ class Fetcher:
         self._limiters = {s.name: trio.CapacityLimiter(s.max_associations) for s in config.sites}
         self._token = trio.lowlevel.current_trio_token()
         self._queue: queue.Queue[
-            tuple[ReceivedObject, Scope, dict[str, str], _Batch, str, dict[str, Any] | None] | None
+            tuple[
+                ReceivedObject,
+                Scope,
+                dict[str, str],
+                _Batch,
+                str,
+                dict[str, Any] | None,
+                Resource | None,
+            ]
+            | None
         ]
         self._queue = queue.Queue(maxsize=WRITE_QUEUE)
         self._writers = [
@@ -286,7 +298,7 @@ class Fetcher:
                     self._to_trio(self._stored, key, obj.info, site.name)
                 return
             batch.add()
-            self._queue.put((obj, scope, meta, batch, view, deid))
+            self._queue.put((obj, scope, meta, batch, view, deid, first.resource))
 
         started = time.monotonic()
         self.stats.retrievals += 1
@@ -330,6 +342,7 @@ class Fetcher:
                             "view": view,
                             "deid": deid,
                             "meta": meta,
+                            "resource": first.resource,
                         },
                     ),
                     limiter=self._limiters[site.name],
@@ -374,7 +387,7 @@ class Fetcher:
             job = self._queue.get()
             if job is None:
                 return
-            obj, scope, meta, batch, view, deid = job
+            obj, scope, meta, batch, view, deid, resource = job
             key = pending_key(obj.sop_uid, view)
             try:
                 check_object(obj.data, obj.sop_uid, meta["site"])
@@ -392,6 +405,7 @@ class Fetcher:
                         "sop_class_uid": obj.sop_class_uid,
                         "transfer_syntax": obj.transfer_syntax,
                     },
+                    resource=resource,
                 )
                 self._to_trio(self._stored, key, info, meta["site"])
             except MdmError as e:

@@ -33,6 +33,7 @@ class Session:
     resolver: AccessResolver
     audit: AuditLog | None
     local_admin: bool
+    token_file: Path | None = None
 
     def close(self) -> None:
         """Flush and close the audit log."""
@@ -76,4 +77,4 @@ def open_session(config: Config, token_file: Path | None, *, audit: bool = True)
         config.policy.dir,
         resolver.version(),
     )
-    return Session(tokens.current, resolver, audit_log, False)
+    return Session(tokens.current, resolver, audit_log, False, token_file)

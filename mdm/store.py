@@ -40,6 +40,7 @@ from types import TracebackType
 
 import lmdb
 
+from mdm.access import Resource
 from mdm.crypto import (
     DEFAULT_CHUNK_SIZE,
     BlobHeader,
@@ -502,7 +503,13 @@ class ObjectStore:
         )
 
     def put(
-        self, ref: ObjectRef, scope: Scope, data: bytes, meta: dict[str, str] | None = None
+        self,
+        ref: ObjectRef,
+        scope: Scope,
+        data: bytes,
+        meta: dict[str, str] | None = None,
+        *,
+        resource: Resource | None = None,
     ) -> ObjectInfo:
         """Encrypt and store ``data`` as ``ref`` (idempotent: an existing object is kept).
 
@@ -539,7 +546,8 @@ class ObjectStore:
         try:
             identity = ref.identity()
             dek = new_key()
-            sealed = self.keys.seal(identity, scope, dek)
+            # A key service binds the policy attributes of the object to its sealed key.
+            sealed = self.keys.seal(identity, scope, dek, resource=resource)
             self._write_blob(name, ChunkCipher(dek, identity, header), data)
             now = time.time()
             info = ObjectInfo(

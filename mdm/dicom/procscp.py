@@ -53,6 +53,9 @@ class StoreParams:
     keyring: Path
     max_bytes: int
     chunk_size: int
+    keys: Any = None
+    """The ``[keys]`` settings (a key service seals without a server; see mdm.keyservice)."""
+    token_file: Path | None = None
 
 
 class ProcessStorageSCP(StorageSCP):
@@ -276,7 +279,10 @@ def _child_main(
             conn.send(msg)
 
     try:
-        keys = LocalKeyring.load(params.keyring, create=True)
+        from mdm.keyservice.client import provider_for
+
+        keys: Any = params.keys is not None and provider_for(params.keys, params.token_file)
+        keys = keys or LocalKeyring.load(params.keyring, create=True)
         store = ObjectStore(
             params.cache_dir, open_env(params.cache_dir), keys, params.max_bytes, params.chunk_size
         )
@@ -317,6 +323,7 @@ def _child_main(
                     Scope(spec["site"], spec.get("level", "identified"), spec.get("program", "")),
                     data,
                     meta,
+                    resource=spec.get("resource"),
                 )
                 send(("stored", eid, obj.sop_uid, info.to_record()))
             except MdmError as e:
