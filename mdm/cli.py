@@ -462,6 +462,40 @@ def cache_evict(config_path: Path, evict_all: bool, uids: tuple[str, ...]) -> No
     click.echo(f"{n} object(s) evicted")
 
 
+# ---------------------------------------------------------------------------- reidentify
+@main.command()
+@config_option
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path),
+    default=lambda: os.environ.get("MDM_TOKEN_FILE"),
+    help="Your JWT: you need identified access to the object (also $MDM_TOKEN_FILE).",
+)
+@click.option("--scope", required=True, help="The pseudonym scope ([allow.deid] scope or rule id).")
+@click.argument("values", nargs=-1, required=True)
+def reidentify(
+    config_path: Path, token_file: Path | None, scope: str, values: tuple[str, ...]
+) -> None:
+    """Map pseudonymous Patient IDs or remapped UIDs of a de-identified view back (audited)."""
+    from mdm.keys import LocalKeyring
+    from mdm.keyservice.client import provider_for
+    from mdm.reidentify import reidentify as run
+    from mdm.session import open_session
+
+    config = _load(config_path)
+    session = open_session(config, token_file)
+    try:
+        keys = provider_for(config.keys, token_file) or LocalKeyring.load(
+            config.keys.keyring, create=False
+        )
+        secret = keys.secret("pseudonym:" + scope)
+        for value in values:
+            for m in run(config, session, secret, value):
+                click.echo(f"{value}\t{m.kind}\t{m.original}")
+    finally:
+        session.close()
+
+
 # ---------------------------------------------------------------------------- subgroups
 def _register() -> None:
     from mdm.cli_audit import audit

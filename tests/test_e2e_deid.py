@@ -37,6 +37,13 @@ scope = "nant"
 retain_longitudinal = "offset"
 
 [[allow]]
+id = "radiology-a"
+description = "radiologists of SiteA: identified there (and so may re-identify)"
+principals = {{ groups = ["radiologists"] }}
+resources = {{ sites = ["SiteA"] }}
+access = "identified"
+
+[[allow]]
 id = "other-programme"
 description = "another programme on the same patients: not linkable with the first"
 principals = {{ groups = ["other"] }}
@@ -129,6 +136,16 @@ def test_deidentified_mount(orthanc_pair: PacsPair, idp: Path, tmp_path: Path) -
         p = p / map_uid(i.series_uid, secret=secret) / f"{map_uid(i.sop_uid, secret=secret)}.dcm"
         assert pydicom.dcmread(p).SOPInstanceUID == map_uid(i.sop_uid, secret=secret)
         assert tree(m.mountpoint) == names
+    # Re-identification: only for identified access to the object, and audited.
+    on_a = next(i for i in trial if "SiteA" in pair.sites_holding(i.sop_uid))
+    pseudo = pseudonym(on_a.patient_id, secret=secret)
+    rad = token(idp, tmp_path / "rad.jwt", "drad", "radiologists")
+    args = ["reidentify", "--config", str(cfg), "--scope", "nant", pseudo]
+    out = mdm(*args, "--token-file", str(rad))
+    assert on_a.patient_id in out.stdout
+    denied = mdm(*args, "--token-file", str(grid), check=False)
+    assert denied.returncode != 0 and on_a.patient_id not in denied.stdout + denied.stderr
+    assert "identified access" in denied.stderr
     # Another scope: not linkable.
     other = token(idp, tmp_path / "other.jwt", "svc-other", "other")
     with Mount(cfg, tmp_path / "mnt3", token_file=other) as m:
