@@ -371,54 +371,35 @@ class Bridge:
         await self._refresh("studies", run)
 
     async def _ensure_series(self, study: Record) -> None:
-        key = "series:" + study.uid
-        if self.catalog.fresh(key):
-            return
-
-        async def run() -> None:
-            answered = 0
-            q = _query("SERIES", SERIES_KEYS, StudyInstanceUID=study.uid)
-            for site, dss in await self._find("SERIES", q, list(study.sites) or None):
-                if dss is None:
-                    continue
-                answered += 1
-                recs = [
-                    r for r in self._to_records("SERIES", site, dss) if r.parent in ("", study.uid)
-                ]
-                for r in recs:
-                    r.parent = study.uid
-                self.catalog.merge(recs, replace_site=site, replace_scope=("SERIES", study.uid))
-            if answered:
-                self.catalog.merge([], listed=key)
-            elif not self.catalog.listed_at(key):
-                raise RetrieveError(f"no site answered the series listing of study {study.uid}")
-
-        await self._refresh(key, run)
+        q = _query("SERIES", SERIES_KEYS, StudyInstanceUID=study.uid)
+        await self._ensure_children("SERIES", study, q, f"series of study {study.uid}")
 
     async def _ensure_instances(self, study: Record, series: Record) -> None:
-        key = "images:" + series.uid
+        q = _query("IMAGE", IMAGE_KEYS, StudyInstanceUID=study.uid, SeriesInstanceUID=series.uid)
+        await self._ensure_children("IMAGE", series, q, f"instances of series {series.uid}")
+
+    async def _ensure_children(self, level: Level, parent: Record, q: Dataset, what: str) -> None:
+        """List the children of ``parent`` at ``level`` at the sites that hold it (TTL)."""
+        key = f"{level}:{parent.uid}"
         if self.catalog.fresh(key):
             return
 
         async def run() -> None:
             answered = 0
-            q = _query(
-                "IMAGE", IMAGE_KEYS, StudyInstanceUID=study.uid, SeriesInstanceUID=series.uid
-            )
-            for site, dss in await self._find("IMAGE", q, list(series.sites) or None):
+            for site, dss in await self._find(level, q, list(parent.sites) or None):
                 if dss is None:
                     continue
                 answered += 1
                 recs = [
-                    r for r in self._to_records("IMAGE", site, dss) if r.parent in ("", series.uid)
+                    r for r in self._to_records(level, site, dss) if r.parent in ("", parent.uid)
                 ]
                 for r in recs:
-                    r.parent = series.uid
-                self.catalog.merge(recs, replace_site=site, replace_scope=("IMAGE", series.uid))
+                    r.parent = parent.uid
+                self.catalog.merge(recs, replace_site=site, replace_scope=(level, parent.uid))
             if answered:
                 self.catalog.merge([], listed=key)
             elif not self.catalog.listed_at(key):
-                raise RetrieveError(f"no site answered the instance listing of series {series.uid}")
+                raise RetrieveError(f"no site answered the listing of the {what}")
 
         await self._refresh(key, run)
 
