@@ -164,6 +164,8 @@ def run_demo(workdir: Path, *, patients: int, foreground: bool) -> None:
 def _howto(workdir: Path, config: Path, mnt: Path, *, foreground: bool) -> str:
     mdm = ".venv/bin/mdm"
     rel = os.path.relpath(workdir)
+    if rel.startswith(".."):
+        rel = str(workdir)
     stop = "Ctrl-C here" if foreground else f"{mdm} demo --stop --dir {rel}"
     return f"""
 The federation of two local PACS (NORTH and SOUTH) is mounted at {mnt}
