@@ -764,7 +764,14 @@ class Bridge:
 
     async def open(self, path: tuple[str, ...]) -> OpenFile:
         """Open a file for reading; retrieves the object first if it is not cached."""
-        node = await self.resolve(path)
+        try:
+            node = await self.resolve(path)
+        except (NotFound, AccessDenied) as e:
+            # Audited too, with what the path names that is not PHI (a UID, never a name).
+            stem = path[-1].removesuffix(".dcm") if path else ""
+            res = {"sop_uid": stem} if path and path[-1].endswith(".dcm") and is_uid(stem) else {}
+            self.record("open", "deny", res, reason=type(e).__name__)
+            raise
         if node.kind == "metadata":
             data = self.metadata(node)
             return OpenFile(data=data, size=len(data))
