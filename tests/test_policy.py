@@ -486,11 +486,24 @@ def test_deid_table_kept(tmp_path: Path) -> None:
         principals = { groups = ["g"] }
         access = "deidentified"
         [allow.deid]
-        keep_dates = true
-        profile = "basic"
+        retain_longitudinal = "offset"
+        scope = "nant"
         """,
     )
-    assert p.rules[0].deid == {"keep_dates": True, "profile": "basic"}
+    assert p.rules[0].deid == {"retain_longitudinal": "offset", "scope": "nant"}
+
+
+def test_deid_table_validated(tmp_path: Path) -> None:
+    (tmp_path / "p.toml").write_text(
+        '[[allow]]\nid = "a"\nprincipals = { groups = ["g"] }\naccess = "deidentified"\n'
+        '[allow.deid]\nkeep_dates = true\nretain_uids = "yes"\nscope = "a b"\n'
+    )
+    with pytest.raises(PolicyError) as ei:
+        load_policy(tmp_path)
+    text = str(ei.value)
+    assert "p.toml:6: unknown de-identification option" in text
+    assert "p.toml:7: retain_uids must be true or false" in text
+    assert "p.toml:8: scope" in text
 
 
 # ---------------------------------------------------------------------------- test cases + CLI

@@ -264,6 +264,29 @@ def _expiry(ck: Checker, value: Any) -> tuple[datetime | None, str]:
     return None, ""
 
 
+def _check_deid(ck: Any, table: dict[str, Any], access: AccessLevel) -> None:
+    """Validate ``[allow.deid]``: the options of mdm.deid.DeidOptions plus ``scope``."""
+    from mdm.deid import DeidOptions
+
+    if access != AccessLevel.DEIDENTIFIED:
+        ck.warn(("deid",), "[allow.deid] only applies to access = 'deidentified'")
+    known = set(DeidOptions.__dataclass_fields__) | {"scope"}
+    for key, value in table.items():
+        if key not in known:
+            ck.err(
+                ("deid", key),
+                f"unknown de-identification option (known: {', '.join(sorted(known))})",
+            )
+        elif key == "scope":
+            if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+                ck.err(("deid", key), "scope: 1-64 letters, digits, '.', '_' or '-'")
+        elif key == "retain_longitudinal":
+            if value not in ("off", "full", "offset"):
+                ck.err(("deid", key), "retain_longitudinal must be 'off', 'full' or 'offset'")
+        elif not isinstance(value, bool):
+            ck.err(("deid", key), f"{key} must be true or false")
+
+
 def _principals(ck: Checker, value: Any, kw: dict[str, Any]) -> None:
     tab = ck.table(value, ("principals",))
     if tab is None:
@@ -370,6 +393,7 @@ def compile_rule(
             )
         if "deid" in tab and ck.table(tab["deid"], ("deid",)) is not None:
             kw["deid"] = dict(tab["deid"])
+            _check_deid(ck, kw["deid"], access)
     elif "access" in tab:
         ck.err(("access",), "a deny takes no access (its effect is always none)")
     if "expires" in tab:
