@@ -451,14 +451,16 @@ def cache_verify(config_path: Path, token_file: Path | None) -> None:
 @click.option("--all", "evict_all", is_flag=True, help="Evict every object not in use.")
 @click.argument("uids", nargs=-1)
 def cache_evict(config_path: Path, evict_all: bool, uids: tuple[str, ...]) -> None:
-    """Evict cached objects by SOP Instance UID, or all of them."""
+    """Evict cached objects by SOP Instance UID (every view of them), or all of them."""
     from mdm.store import ObjectRef
 
     if not evict_all and not uids:
         raise UserError("name SOP Instance UIDs to evict, or --all")
     store = _open_store(_load(config_path))
-    refs = None if evict_all else [ObjectRef(u) for u in uids]
-    n = store.evict(refs) if refs is not None else store.evict(store.list_refs())
+    wanted = set(uids)
+    # Every view of a named instance (identified and de-identified copies alike).
+    refs: list[ObjectRef] = [r for r in store.list_refs() if evict_all or r.sop_uid in wanted]
+    n = store.evict(refs)
     click.echo(f"{n} object(s) evicted")
 
 
