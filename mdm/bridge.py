@@ -949,13 +949,22 @@ class Bridge:
                         return await self._series_targets(st, se)
                     se = await self.series(st, str(ds.get("SeriesInstanceUID", "")))
                     inst = await self.instance(st, se, uid)
-                    return [self._target(st, se, inst, site)]
+                    return [self._target(st, se, inst, site, self._readable_view(st, se))]
         raise NotFound(uid)
+
+    def _readable_view(self, study: Record, series: Record) -> View:
+        """The view ``fetch`` caches a series in: the principal's own (never identified
+        copies for a de-identified principal); metadata-only access caches nothing."""
+        v = self.view(self.decide(study, series))
+        if v.kind == "metadata":
+            raise AccessDenied(f"{self.principal.label()} may not read series {series.uid}")
+        return v
 
     async def _series_targets(self, study: Record, series: Record) -> list[Target]:
         await self._ensure_instances(study, series)
+        v = self._readable_view(study, series)
         return [
-            self._target(study, series, i, None)
+            self._target(study, series, i, None, v)
             for i in self.catalog.children("IMAGE", series.uid)
             if i.sites
         ]

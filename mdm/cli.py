@@ -360,7 +360,9 @@ def fetch(config_path: Path, uids: tuple[str, ...], quiet: bool, token_file: Pat
                 targets += await bridge._targets_for(uid)
             bar = tqdm(total=len(targets), unit="obj", disable=quiet, file=sys.stderr)
             wanted = {t.sop_uid for t in targets}
-            already = sum(1 for t in targets if bridge.store.info(ObjectRef(t.sop_uid)) is not None)
+            already = sum(
+                1 for t in targets if bridge.store.info(ObjectRef(t.sop_uid, t.view)) is not None
+            )
             bar.update(already)
 
             def on_stored(info: Any) -> None:

@@ -146,6 +146,21 @@ def test_deidentified_mount(orthanc_pair: PacsPair, idp: Path, tmp_path: Path) -
     denied = mdm(*args, "--token-file", str(grid), check=False)
     assert denied.returncode != 0 and on_a.patient_id not in denied.stdout + denied.stderr
     assert "identified access" in denied.stderr
+    # `mdm fetch` as the de-identified principal caches de-identified objects only.
+    other_study = next(i.study_uid for i in trial if i.study_uid != trial[0].study_uid)
+    mdm("fetch", "--config", str(cfg), "--token-file", str(grid), "-q", other_study)
+    from mdm.db import open_env
+    from mdm.store import ObjectStore
+
+    env = open_env(tmp_path / "cache")
+    try:
+        refs = ObjectStore(
+            tmp_path / "cache", env, LocalKeyring.load(tmp_path / "keyring.json"), 2**30
+        ).list_refs()
+    finally:
+        env.close()
+    assert any(r.sop_uid in {i.sop_uid for i in trial if i.study_uid == other_study} for r in refs)
+    assert refs and all(r.view.startswith("deid/nant/") for r in refs)
     # Another scope: not linkable.
     other = token(idp, tmp_path / "other.jwt", "svc-other", "other")
     with Mount(cfg, tmp_path / "mnt3", token_file=other) as m:
