@@ -252,12 +252,19 @@ FIND_KEYS = {
 )
 @click.option("--site", "only_sites", multiple=True, help="Query only this site (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path),
+    default=lambda: os.environ.get("MDM_TOKEN_FILE"),
+    help="With [identity]: the JWT whose policy filters the answers (also $MDM_TOKEN_FILE).",
+)
 @click.argument("filters", nargs=-1)
 def find(
     config_path: Path,
     level: str,
     only_sites: tuple[str, ...],
     as_json: bool,
+    token_file: Path | None,
     filters: tuple[str, ...],
 ) -> None:
     """Federated C-FIND. FILTERS are KEY=VALUE with DICOM keywords (wildcards * and ?).
@@ -311,6 +318,11 @@ def find(
             cur["sites"].append(r.site.name)
     for e in errors:
         click.echo(f"mdm: warning: site {e}", err=True)
+    if config.identity is not None:
+        # The same policy as a mount: only what the principal may see, PHI only when identified.
+        from mdm.findfilter import filter_rows
+
+        merged = filter_rows(config, token_file, lvl, merged)
     rows = sorted(merged.values(), key=lambda r: [str(r.get(k, "")) for k in keys])
     if as_json:
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))

@@ -153,6 +153,25 @@ def test_each_principal_sees_exactly_its_grant(
                 assert inst.patient_name not in json.dumps(meta)
                 with pytest.raises(PermissionError):
                     p.read_bytes()
+
+    # `mdm find` under the same policy: each principal's answers are its grant, PHI only
+    # when identified.
+    def find(tok: str, lvl: str = "study") -> list[dict[str, object]]:
+        res = mdm("find", "--config", str(cfg), "--token-file", tok, "--json", "--level", lvl)
+        return json.loads(res.stdout)  # type: ignore[no-any-return]
+
+    rad_rows = find(str(tmp_path / "rad.jwt"))
+    assert {r["StudyInstanceUID"] for r in rad_rows} == {
+        i.study_uid for i in pair.instances if i.sop_uid in on_a
+    }
+    assert all(r["PatientName"] for r in rad_rows)
+    res_rows = find(str(tmp_path / "res.jwt"))
+    assert {r["StudyInstanceUID"] for r in res_rows} == {
+        i.study_uid for i in pair.instances if i.patient_id in cohort
+    }
+    for r in res_rows:
+        assert "PatientName" not in r and r["PatientID"] not in cohort
+    assert find(str(tmp_path / "nobody.jwt"), "series") == []
     # explain names the deciding rule for a real object, looked up by UID and by path.
     inst = next(i for i in pair.instances if i.sop_uid in on_a)
     rad = tmp_path / "rad.jwt"
