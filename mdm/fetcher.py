@@ -390,7 +390,13 @@ class Fetcher:
             obj, scope, meta, batch, view, deid, resource = job
             key = pending_key(obj.sop_uid, view)
             try:
-                check_object(obj.data, obj.sop_uid, meta["site"])
+                check_object(
+                    obj.data,
+                    obj.sop_uid,
+                    meta["site"],
+                    dataset_offset=obj.dataset_offset,
+                    transfer_syntax=obj.transfer_syntax,
+                )
                 data = obj.data
                 if deid is not None:
                     data = deidentify(

@@ -65,6 +65,9 @@ class Scope:
 class KeyProvider(Protocol):
     """Seals object keys to scopes and opens them for readers."""
 
+    remote: bool
+    """True when :meth:`open` waits on the network (callers run it off the event loop)."""
+
     def seal(
         self,
         identity: bytes,
@@ -132,6 +135,8 @@ class LocalKeyring:
     serialised across processes by an flock on ``<file>.lock``, re-reading the file under the
     lock so that two processes adding scopes never lose each other's keys. Thread-safe.
     """
+
+    remote = False
 
     def __init__(self, path: Path, master: bytes, scopes: dict[str, bytes]) -> None:
         self.path = path

@@ -501,3 +501,85 @@ def test_stopped_pacs_times_out_within_the_deadline(
         sink=got,
     )
     assert out.received == {inst.sop_uid}
+
+
+# --- the receive path's direct encodings, against the libraries' own -----------------------
+
+UID_CASES = [
+    ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1"),
+    ("1.2.840.10008.5.1.4.1.1.4", "1.2.33.4", "1.2.840.10008.1.2"),
+    (
+        "1.2.840.10008.5.1.4.1.1.7",
+        "1.2.826.0.1.3680043.8.498.1000884495910016097340218182547652993",
+        "1.2.840.10008.1.2.4.50",
+    ),
+]
+
+
+@pytest.mark.parametrize(("sop_class", "sop_uid", "syntax"), UID_CASES)
+def test_file_meta_is_byte_identical_to_pydicoms(sop_class: str, sop_uid: str, syntax: str) -> None:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import create_file_meta
+
+    from mdm.dicom.part10 import file_meta
+
+    ref = DicomBytesIO()
+    meta = create_file_meta(
+        sop_class_uid=sop_class, sop_instance_uid=sop_uid, transfer_syntax=syntax
+    )
+    write_file_meta_info(ref, meta, enforce_standard=True)
+    assert file_meta(sop_class, sop_uid, syntax) == ref.getvalue()
+    with pytest.raises(ValueError):
+        file_meta(sop_class, sop_uid + "é", syntax)
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xA700, 0x0124, 0xB000])
+@pytest.mark.parametrize(("sop_class", "sop_uid", "syntax"), UID_CASES)
+def test_store_response_is_byte_identical_to_pynetdicoms(
+    sop_class: str, sop_uid: str, syntax: str, status: int
+) -> None:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    from mdm.dicom.net import encode_store_response
+
+    for message_id in (1, 4242, 65535):
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo = message_id
+        rsp.AffectedSOPClassUID = sop_class
+        rsp.AffectedSOPInstanceUID = sop_uid
+        rsp.Status = status
+        msg = C_STORE_RSP()
+        msg.primitive_to_message(rsp)
+        ref = encode(msg.command_set, True, True)
+        assert encode_store_response(sop_class, sop_uid, message_id, status) == ref
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+def test_received_object_check_reads_only_the_head(data: list[Inst], syntax: str) -> None:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    from mdm.dicom.part10 import part10
+    from mdm.dicom.validate import check_object
+    from mdm.errors import IntegrityError
+
+    inst = data[0]
+    ds = pydicom.dcmread(io.BytesIO(inst.part10))
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, syntax == "1.2.840.10008.1.2"
+    write_dataset(buf, ds)
+    body = buf.getvalue()
+    obj = part10(inst.sop_class_uid, inst.sop_uid, syntax, body)
+    offset = len(obj) - len(body)
+    assert pydicom.dcmread(io.BytesIO(obj)).PixelData == inst.pixels
+    for fast in (True, False):
+        kw = {"dataset_offset": offset, "transfer_syntax": syntax} if fast else {}
+        check_object(obj, inst.sop_uid, "S", **kw)  # type: ignore[arg-type]
+        with pytest.raises(IntegrityError, match="another object"):
+            check_object(obj, inst.sop_uid + "1", "S", **kw)  # type: ignore[arg-type]
+        for broken in (obj[:offset], obj[:offset] + b"\x08\x00\x18\x00garbage", b"junk" * 40):
+            with pytest.raises(IntegrityError, match="S sent"):
+                check_object(broken, inst.sop_uid, "S", **kw)  # type: ignore[arg-type]

@@ -9,6 +9,11 @@ Everything here exists because of a pynetdicom default that does not suit a brid
 * a C-FIND/C-MOVE/C-GET waiting with ``dimse_timeout=None`` is never woken when the
   association dies, and a finite ``dimse_timeout`` cannot express "a deadline that resets
   while the peer makes progress"; :class:`Watchdog` provides both;
+* its reactor threads poll every millisecond (a ``time.sleep(0.001)`` loop in both the DUL
+  and the association thread): an idle pooled association costs two thousand wake-ups a
+  second, each taking the GIL from the thread serving readers, and a PDU that arrives while
+  the DUL sleeps waits for the end of that sleep. :class:`FastDUL` waits in ``select`` on
+  the socket and a wake-up pipe instead, and the association reactors block;
 * it logs request and response identifiers (patient names and IDs) at INFO, and pydicom logs
   invalid values it decodes: both switched off here, process-wide, because no log line of
   the bridge may carry PHI.
@@ -16,9 +21,14 @@ Everything here exists because of a pynetdicom default that does not suit a brid
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
+import select
 import socket
+import ssl
+import struct
 import threading
 import time
 from types import TracebackType
@@ -30,6 +40,11 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.status import (
     GENERAL_STATUS,
@@ -163,6 +178,10 @@ class TunedAE(ApplicationEntity):
         address: AddressInformation,
         tls_args: Any,
     ) -> AssociationSocket:
+        # Called by ``associate`` on the new association before it starts.
+        if type(assoc) is Association:
+            assoc.__class__ = FastRequestorAssociation
+        use_fast_dul(assoc)
         sock = FastAssociationSocket(assoc, address=address)
         sock.stall_timeout = self.stall_timeout
         sock.tls_args = tls_args
@@ -201,6 +220,264 @@ class _TunedServer(ThreadedAssociationServer):
         return client, address
 
 
+class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
+    """A queue whose ``put`` from another thread wakes the DUL reactor out of ``select``."""
+
+    def __init__(self, dul: FastDUL) -> None:
+        super().__init__()
+        self._dul = dul
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        if threading.current_thread() is not self._dul:
+            self._dul.wake()
+
+
+class FastDUL(DULServiceProvider):
+    """pynetdicom's DUL reactor, sleeping in ``select`` instead of a 1 ms polling loop.
+
+    The loop is pynetdicom's own (``DULServiceProvider.run_reactor``, 3.0) except for the
+    wait between idle rounds: it blocks until the socket has data, another thread queued a
+    primitive or an event (``_WakingQueue``), the reactor is stopped, or ``IDLE_WAIT``
+    passed (so the ARTIM and idle timers are still checked). A PDU is therefore read the
+    moment it arrives, and an idle association costs nothing.
+    """
+
+    IDLE_WAIT = 0.05
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        self.event_queue = _WakingQueue(self)
+        self.to_provider_queue = _WakingQueue(self)
+        self._wake_r = -1
+        self._wake_w = -1
+
+    def wake(self) -> None:
+        """Interrupt the reactor's wait (any thread)."""
+        w = self._wake_w
+        if w >= 0:
+            try:
+                os.write(w, b"\0")
+            except OSError:  # full (already woken) or closed (reactor ended)
+                pass
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self.wake()
+
+    def stop_dul(self) -> bool:
+        stopped = super().stop_dul()
+        self.wake()
+        return stopped
+
+    def _wait(self) -> None:
+        if not self.event_queue.empty() or not self.to_provider_queue.empty():
+            return
+        fds = [self._wake_r]
+        sock = self.socket
+        raw = sock.socket if sock is not None and sock._is_connected else None
+        if raw is not None:
+            if isinstance(raw, ssl.SSLSocket) and raw.pending():
+                return
+            try:
+                fd = raw.fileno()
+            except OSError:
+                fd = -1
+            if fd >= 0:
+                fds.append(fd)
+        try:
+            ready, _, _ = select.select(fds, [], [], self.IDLE_WAIT)
+        except (OSError, ValueError):  # the socket was closed under us: next round sees it
+            time.sleep(0.001)
+            return
+        if self._wake_r in ready:
+            try:
+                os.read(self._wake_r, 4096)
+            except OSError:
+                pass
+
+    def run_reactor(self) -> None:
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        try:
+            self._reactor_loop()
+        finally:
+            r, w = self._wake_r, self._wake_w
+            self._wake_r = self._wake_w = -1
+            os.close(w)
+            os.close(r)
+
+    def _reactor_loop(self) -> None:
+        self._idle_timer.start()
+        sock = cast(AssociationSocket, self.socket)
+        wait = False
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+                wait = True
+            if wait:
+                self._wait()
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:
+                # As pynetdicom does: bypass the state machine and send an A-ABORT.
+                log.error("DICOM upper layer failed (%s); aborting the association", exc)
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                with contextlib.suppress(Exception):  # the connection may be gone already
+                    sock.send(abort_pdu.encode())
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True
+                self._kill_thread = True
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                wait = True
+                continue
+            self.state_machine.do_action(event)
+            wait = False
+
+
+def use_fast_dul(assoc: Association) -> None:
+    """Give a not-yet-started association a :class:`FastDUL` (before ``set_socket``) and a
+    :class:`FastDIMSE`."""
+    assoc.dul = FastDUL(assoc)
+    assoc.dimse = FastDIMSE(assoc)
+
+
+_IMPLICIT_ELEMENT = struct.Struct("<HHI")  # group, element, 32-bit length
+
+
+def _implicit(element: int, value: bytes) -> bytes:
+    return _IMPLICIT_ELEMENT.pack(0x0000, element, len(value)) + value
+
+
+def _uid_value(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def encode_store_response(sop_class: str, sop_instance: str, message_id: int, status: int) -> bytes:
+    """The command set of a C-STORE-RSP without a data set (PS3.7 9.3.1.2), Implicit VR LE."""
+    body = b"".join(
+        (
+            _implicit(0x0002, _uid_value(sop_class)),
+            _implicit(0x0100, struct.pack("<H", 0x8001)),
+            _implicit(0x0120, struct.pack("<H", message_id)),
+            _implicit(0x0800, struct.pack("<H", 0x0101)),
+            _implicit(0x0900, struct.pack("<H", status)),
+            _implicit(0x1000, _uid_value(sop_instance)),
+        )
+    )
+    return _implicit(0x0000, struct.pack("<I", len(body))) + body
+
+
+class FastDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, with a direct encoding of plain C-STORE responses.
+
+    pynetdicom encodes every response command set through a pydicom ``Dataset`` twice (once
+    for the group length): about 1 ms of CPU per received object. A C-STORE-RSP that carries
+    only the mandatory fields is packed directly (:func:`encode_store_response`, checked
+    byte for byte against pynetdicom's encoding in ``tests/test_dicom_net.py``); anything
+    else (an error comment, offending elements, other messages) takes pynetdicom's path.
+    ``EVT_DIMSE_SENT`` is not triggered for the packed responses (nothing here binds it).
+    """
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        if (
+            type(primitive) is C_STORE
+            and primitive.MessageIDBeingRespondedTo is not None
+            and primitive.Status is not None
+            and primitive.ErrorComment is None
+            and primitive.OffendingElement is None
+            and primitive.AffectedSOPClassUID
+            and primitive.AffectedSOPInstanceUID
+        ):
+            try:
+                cmd = encode_store_response(
+                    str(primitive.AffectedSOPClassUID),
+                    str(primitive.AffectedSOPInstanceUID),
+                    int(primitive.MessageIDBeingRespondedTo),
+                    int(primitive.Status),
+                )
+            except (ValueError, struct.error):
+                cmd = b""
+            if cmd and (not self.maximum_pdu_size or len(cmd) + 6 <= self.maximum_pdu_size):
+                pdata = P_DATA()
+                pdata.presentation_data_value_list.append((context_id, b"\x03" + cmd))
+                self.dul.send_pdu(pdata)
+                return
+        super().send_msg(primitive, context_id)
+
+
+def _reactor_should_stop(assoc: Association) -> bool:
+    """pynetdicom's end-of-round checks of its association reactor (release requested by the
+    peer, abort, DUL gone, network idle timeout); True once the association is finished."""
+    if assoc.is_established and assoc.acse.is_release_requested():
+        assoc.acse.send_release(is_response=True)
+        assoc.is_released = True
+        assoc.is_established = False
+        evt.trigger(assoc, evt.EVT_RELEASED, {})
+        assoc.kill()
+        return True
+    if assoc.acse.is_aborted():
+        assoc.dul.receive_pdu(wait=False)
+        assoc.is_aborted = True
+        assoc.is_established = False
+        evt.trigger(assoc, evt.EVT_ABORTED, {})
+        assoc.kill()
+        return True
+    if not assoc.dul.is_alive():
+        assoc.kill()
+        return True
+    if assoc.dul.idle_timer_expired():
+        log.warning("association with %s: network timeout reached; aborting", assoc.name)
+        assoc.abort()
+        assoc.kill()
+        return True
+    return False
+
+
+class FastRequestorAssociation(Association):
+    """A requestor association whose idle reactor sleeps instead of polling every 1 ms.
+
+    pynetdicom's ``send_c_*`` methods pause the reactor (clear ``_reactor_checkpoint`` and
+    spin until ``_is_paused``) before they read responses; here the reactor counts as paused
+    while it sleeps, so a request never waits for the sleep to end. What the reactor checks
+    between sleeps (unsolicited requests, peer release or abort, DUL death) is noticed within
+    ``IDLE_WAIT``. Installed on an association built by ``ApplicationEntity.associate`` by
+    re-classing it (no state is added).
+    """
+
+    IDLE_WAIT = 0.02
+
+    def _run_reactor(self) -> None:
+        self._is_paused = False
+        while not self._kill:
+            self._is_paused = True
+            time.sleep(self.IDLE_WAIT)
+            self._reactor_checkpoint.wait()
+            if self._kill:
+                return
+            self._is_paused = False
+            context_id, msg = self.dimse.get_msg(block=False)
+            if msg:
+                self._serve_request(msg, cast(int, context_id))
+            if _reactor_should_stop(self):
+                return
+
+
 class FastAssociation(Association):
     """An acceptor association whose reactor waits on its message queue instead of polling.
 
@@ -223,27 +500,7 @@ class FastAssociation(Association):
                 context_id, msg = None, None
             if msg:
                 self._serve_request(msg, cast(int, context_id))
-            if self.is_established and self.acse.is_release_requested():
-                self.acse.send_release(is_response=True)
-                self.is_released = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_RELEASED, {})
-                self.kill()
-                return
-            if self.acse.is_aborted():
-                self.dul.receive_pdu(wait=False)
-                self.is_aborted = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_ABORTED, {})
-                self.kill()
-                return
-            if not self.dul.is_alive():
-                self.kill()
-                return
-            if self.dul.idle_timer_expired():
-                log.warning("inbound association: network timeout reached; aborting")
-                self.abort()
-                self.kill()
+            if _reactor_should_stop(self):
                 return
 
 
@@ -258,6 +515,7 @@ class _TunedRequestHandler(RequestHandler):
 
     def _create_association(self) -> Association:
         assoc = FastAssociation(self.ae, MODE_ACCEPTOR)
+        use_fast_dul(assoc)
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{time.strftime('%Y%m%d%H%M%S')}"
         sock = FastAssociationSocket(assoc, client_socket=self.request)

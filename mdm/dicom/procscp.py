@@ -307,7 +307,13 @@ def _child_main(
                 return
             eid, obj, spec = job
             try:
-                check_object(obj.data, obj.sop_uid, str(spec.get("site", "?")))
+                check_object(
+                    obj.data,
+                    obj.sop_uid,
+                    str(spec.get("site", "?")),
+                    dataset_offset=obj.dataset_offset,
+                    transfer_syntax=obj.transfer_syntax,
+                )
                 meta = dict(spec.get("meta", {}))
                 meta.update(sop_class_uid=obj.sop_class_uid, transfer_syntax=obj.transfer_syntax)
                 data = obj.data

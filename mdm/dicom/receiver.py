@@ -14,7 +14,8 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from io import BytesIO
+from typing import Any, cast
 
 from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
@@ -33,6 +34,7 @@ from mdm.dicom.net import (
     TunedAE,
     max_pdu_of,
 )
+from mdm.dicom.part10 import part10
 from mdm.errors import StoreFull
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,8 @@ class ReceivedObject:
     data: bytes
     """The Part-10 file: preamble, ``DICM``, file meta information and the dataset as sent."""
     calling_aet: str
+    dataset_offset: int = 0
+    """Where the dataset starts in ``data`` (0: unknown)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +306,17 @@ class StorageSCP:
                 sop_class,
             )
             return STORE_NOT_AUTHORISED
+        transfer_syntax = str(event.context.transfer_syntax)
+        dataset = cast(BytesIO, req.DataSet).getvalue()
+        try:
+            data = part10(sop_class, sop_uid, transfer_syntax, dataset)
+        except ValueError:
+            self._count("refused_sink_error")
+            exp.refused += 1
+            log.warning(
+                "C-STORE of %s from %r refused: unusable UID in the request", sop_uid, calling
+            )
+            return STORE_PROCESSING_FAILURE
         if not exp._claim(sop_uid):
             # A PACS may resend after a lost response: acknowledge, do not store twice.
             self._count("duplicates")
@@ -309,9 +324,10 @@ class StorageSCP:
         obj = ReceivedObject(
             sop_uid=sop_uid,
             sop_class_uid=sop_class,
-            transfer_syntax=str(event.context.transfer_syntax),
-            data=event.encoded_dataset(include_meta=True),
+            transfer_syntax=transfer_syntax,
+            data=data,
             calling_aet=calling,
+            dataset_offset=len(data) - len(dataset),
         )
         try:
             exp.sink(obj)

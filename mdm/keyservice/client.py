@@ -221,6 +221,8 @@ class KeyServiceProvider:
     ``public-keys.json`` beside ``ca_file``.
     """
 
+    remote = True
+
     def __init__(
         self,
         servers: Sequence[str],
