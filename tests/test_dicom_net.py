@@ -370,6 +370,35 @@ def test_move_of_one_image_reuses_the_pooled_association(
     assert retriever.pool_stats("POOLED").closed == 1
 
 
+def test_auto_mode_keeps_its_warm_get_and_move_associations(
+    pacs: LocalOrthanc, retriever: Retriever, data: list[Inst]
+) -> None:
+    """``retrieve = "auto"`` alternates C-GET and C-MOVE on one site: both reuse the
+    associations opened ahead of time (a mode switch is not a configuration change)."""
+    import dataclasses
+
+    site = site_of(pacs, "AUTO", retrieve="auto")
+    assert retriever.warm(site)
+    assert retriever.pool_stats("AUTO").opened == 2
+    got = Collector()
+    for n, inst in enumerate(data[:4]):
+        mode = "get" if n % 2 == 0 else "move"
+        out = retriever.retrieve(
+            dataclasses.replace(site, retrieve=mode),
+            level="IMAGE",
+            study_uid=inst.study_uid,
+            series_uid=inst.series_uid,
+            sop_uids=[inst.sop_uid],
+            expected={inst.sop_uid},
+            sink=got,
+            sop_classes={inst.sop_class_uid} if mode == "get" else None,
+        )
+        assert out.received == {inst.sop_uid}
+    stats = retriever.pool_stats("AUTO")
+    assert (stats.opened, stats.reused, stats.closed, stats.idle) == (2, 4, 0, 2)
+    check_pixels(got.objects, data[:4])
+
+
 def test_batch_of_images_in_one_series(
     pacs: LocalOrthanc, retriever: Retriever, data: list[Inst]
 ) -> None:

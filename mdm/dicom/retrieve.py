@@ -12,6 +12,7 @@ read. See docs/DICOM.md for the protocol details.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -321,7 +322,9 @@ class Retriever:
             if self.closed:
                 raise RetrieveError("the retriever is closed")
             pool = self._pools.get(site.name)
-            if pool is None or pool.site != site:
+            # The retrieve mode is chosen per call (``auto`` alternates C-GET and C-MOVE on the
+            # same site) and each connection records its own: it does not make a new pool.
+            if pool is None or dataclasses.replace(pool.site, retrieve=site.retrieve) != site:
                 if pool is not None:  # settings changed (reload): retire the old pool
                     pool.retired = True
                     pool.reap(time.monotonic(), everything=True)
