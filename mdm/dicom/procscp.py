@@ -155,11 +155,18 @@ class ProcessStorageSCP(StorageSCP):
 
     # --- routing -----------------------------------------------------------------------
     def expect(
-        self, sop_uids: Iterable[str], sink: Sink, spec: Mapping[str, Any] | None = None
+        self,
+        sop_uids: Iterable[str],
+        sink: Sink,
+        spec: Mapping[str, Any] | None = None,
+        *,
+        inbound: bool = True,
     ) -> Expectation:
-        """Register in the parent, then in the child (acknowledged before returning)."""
-        exp = super().expect(sop_uids, sink, spec)
-        if self._proc is None:
+        """Register in the parent, then (for objects that come to the listener) in the child,
+        acknowledged before returning. A C-GET's objects arrive on the parent's association:
+        no round trip to the child for those."""
+        exp = super().expect(sop_uids, sink, spec, inbound=inbound)
+        if self._proc is None or not inbound:
             return exp
         eid = next(self._ids)
         exp.proc_id = eid  # type: ignore[attr-defined]

@@ -241,14 +241,20 @@ class StorageSCP:
     # --- routing -----------------------------------------------------------------------
 
     def expect(
-        self, sop_uids: Iterable[str], sink: Sink, spec: Mapping[str, Any] | None = None
+        self,
+        sop_uids: Iterable[str],
+        sink: Sink,
+        spec: Mapping[str, Any] | None = None,
+        *,
+        inbound: bool = True,
     ) -> Expectation:
         """Accept C-STOREs of these SOP Instance UIDs and hand them to ``sink``.
 
         Register *before* sending the C-MOVE/C-GET. ``sink`` runs in a pynetdicom thread; if it
         raises, the PACS gets a failure status for that instance. Call ``cancel()`` (or use
         the expectation as a context manager) when the retrieval is over. ``spec`` tells a
-        receiver that stores objects itself where to store them (ignored here).
+        receiver that stores objects itself where to store them (ignored here). ``inbound``
+        False: the objects come on our own association (C-GET), never to the listener.
         """
         exp = Expectation(self, frozenset(sop_uids), sink)
         with self._lock:

@@ -426,7 +426,9 @@ class Retriever:
             if watch:  # an arriving object is progress, whatever the PACS's pending responses
                 watch[0].touch()
 
-        expectation = self.scp.expect(set(expected) | set(sop_uids or ()), tracked, store_spec)
+        expectation = self.scp.expect(
+            set(expected) | set(sop_uids or ()), tracked, store_spec, inbound=mode == "move"
+        )
         try:
             code = self._exchange(site, mode, need, identifier, watch, expectation)
         finally:
