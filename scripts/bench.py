@@ -6,6 +6,8 @@ For each PACS flavour (Orthanc with TCP_NODELAY=1 "tuned", and as Debian ships i
              one-instance movescu
   cold       `ls` + sequential read of every file of the series through a fresh mount
   warm       the same read after a remount (the bridge's encrypted cache, not the kernel's)
+  null       the same number of files of the same size read from a null pyfuse3 filesystem
+             (scripts/bench_nullfs.py): the floor under the warm read
 and the daemon's peak memory (VmHWM). Cold and warm reads are repeated ROUNDS times and the
 medians reported (this machine is shared and noisy). Results print as a table;
 --write-readme puts it in README.
@@ -29,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from mdm.localpacs import DcmtkStoreSCP, LocalOrthanc, free_port, movescu_command  # noqa: E402
 from mdm.synth import iter_series  # noqa: E402
+from scripts.bench_nullfs import measure as measure_nullfs  # noqa: E402
 from tests.mountutil import Mount  # noqa: E402
 
 BRIDGE_AET = "MDMBENCH"
@@ -45,6 +48,7 @@ class Row:
     warm: float
     peak_mb: float
     mb: float
+    floor: float
 
 
 def _env(nodelay: bool) -> dict[str, str]:
@@ -213,12 +217,15 @@ retrieve = "{retrieve}"
             warms.append(t_warm)
         assert len(served) == 1, f"reads of the series gave different sizes: {served}"
         t_move = statistics.median(moves)
+        # The floor under the warm read, measured now: pyfuse3 serving the same number of
+        # files of the same size from memory (scripts/bench_nullfs.py).
+        t_floor = statistics.median(measure_nullfs(len(files), round(mb * 1e6 / len(files))))
         t_cold, t_warm = statistics.median(colds), statistics.median(warms)
         print(
             f"  {name}: movescu / cold / warm (s):",
             *(f"{a:.2f}/{b:.2f}/{c:.2f}" for a, b, c in zip(moves, colds, warms, strict=True)),
         )
-        return Row(name, t_move, t_one, t_first, t_cold, t_warm, peak, mb)
+        return Row(name, t_move, t_one, t_first, t_cold, t_warm, peak, mb, t_floor)
     finally:
         pacs.stop()
         scp.stop()
@@ -231,14 +238,15 @@ def table(rows: list[Row], count: int, retrieve: str) -> str:
         f"`scripts/bench --count {count} --retrieve {retrieve}`.",
         "",
         "| PACS | movescu series | bridge cold read | cold / movescu | bridge warm re-read "
-        "| cold / warm | first byte (bridge) | one-instance movescu "
+        "| cold / warm | null pyfuse3 read | first byte (bridge) | one-instance movescu "
         "| peak RSS (daemon + receiver) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.pacs} | {r.movescu:.2f} s | {r.cold:.2f} s | {r.cold / r.movescu:.2f}x | "
-            f"{r.warm:.2f} s | {r.cold / r.warm:.1f}x | {r.first_byte * 1000:.0f} ms | "
+            f"{r.warm:.2f} s | {r.cold / r.warm:.1f}x | {r.floor:.2f} s | "
+            f"{r.first_byte * 1000:.0f} ms | "
             f"{r.movescu_one * 1000:.0f} ms | {r.peak_mb:.0f} MB |"
         )
     return "\n".join(lines)
