@@ -425,8 +425,21 @@ class Fetcher:
             del obj, job
 
     def _to_trio(self, fn: Callable[..., None], *args: object) -> None:
+        """Run ``fn(*args)`` in the trio thread, without waiting for it (any thread).
+
+        Callbacks run in the order they were queued, before the result of any ``to_thread``
+        call that finishes after they were queued, so a retrieval's own results are handled
+        before it is seen to end. A receiving thread does not wait for the event loop.
+        """
+
+        def call() -> None:
+            try:
+                fn(*args)
+            except Exception:  # a bug here must not stop the event loop
+                log.exception("handling a retrieved object failed")
+
         try:
-            trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+            self._token.run_sync_soon(call)
         except trio.RunFinishedError:
             pass  # shutting down: nobody waits any more
 
