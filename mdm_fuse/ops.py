@@ -56,6 +56,11 @@ class MdmOperations(pyfuse3.Operations):
         self._inodes: dict[tuple[str, ...], int] = {(): pyfuse3.ROOT_INODE}
         self._next_inode = itertools.count(pyfuse3.ROOT_INODE + 1)
         self._reported: dict[int, int] = {}
+        # The kernel's lookup count of each inode we handed out (lookup and readdirplus
+        # replies add one each; FORGET takes them away): at zero the inode is dropped, so a
+        # long-running mount that walks millions of names does not keep them all.
+        self._nlookup: dict[int, int] = {}
+        self.forgotten = 0
         self._files: dict[int, tuple[int, OpenFile]] = {}
         self._dirs: dict[int, list[Entry]] = {}
         self._dir_paths: dict[int, tuple[str, ...]] = {}
@@ -128,7 +133,9 @@ class MdmOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             path = (*self._path(parent_inode), sname)
             e = await self.bridge.lookup(path)
-            return self._attrs(path, e)
+            attrs = self._attrs(path, e)
+            self._referenced(attrs.st_ino)
+            return attrs
         raise AssertionError("unreachable")
 
     async def getattr(
@@ -167,6 +174,7 @@ class MdmOperations(pyfuse3.Operations):
             attrs = self._attrs((*base, e.name), e)
             if not pyfuse3.readdir_reply(token, os.fsencode(e.name), attrs, i + 1):
                 break
+            self._referenced(attrs.st_ino)
 
     def _dir_path(self, fh: int) -> tuple[str, ...]:
         return self._dir_paths[fh]
@@ -225,6 +233,22 @@ class MdmOperations(pyfuse3.Operations):
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         return not mode & os.W_OK
 
+    def _referenced(self, ino: int) -> None:
+        self._nlookup[ino] = self._nlookup.get(ino, 0) + 1
+
     async def forget(self, inode_list: Any) -> None:
-        # Inodes stay stable for the life of the mount: paths are few compared to memory.
-        return None
+        """The kernel dropped ``nlookup`` references to each inode: at zero, forget it."""
+        for ino, nlookup in inode_list:
+            if ino == pyfuse3.ROOT_INODE:
+                continue
+            left = self._nlookup.get(ino, 0) - nlookup
+            if left > 0:
+                self._nlookup[ino] = left
+                continue
+            self._nlookup.pop(ino, None)
+            self._reported.pop(ino, None)
+            path = self._paths.pop(ino, None)
+            if path is not None and self._inodes.get(path) == ino:
+                del self._inodes[path]
+            self.forgotten += 1
+        log.debug("forgot %d inode(s); %d known", len(inode_list), len(self._paths))

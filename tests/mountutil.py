@@ -44,8 +44,10 @@ class Mount:
         log: Path | None = None,
         strict: bool = True,
         token_file: Path | None = None,
+        log_level: str = "INFO",
     ):
         self.token_file = token_file
+        self.log_level = log_level
         self.config = config
         self.mountpoint = mountpoint
         self.log = log or mountpoint.parent / f"{mountpoint.name}.log"
@@ -64,7 +66,7 @@ class Mount:
                 "-m",
                 "mdm",
                 "--log-level",
-                "INFO",
+                self.log_level,
                 "mount",
                 str(self.mountpoint),
                 "--config",

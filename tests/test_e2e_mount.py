@@ -11,9 +11,11 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -145,6 +147,34 @@ def test_tools_read_uncached_files(orthanc_pair: PacsPair, tmp_path: Path) -> No
         assert ds.pixel_array.shape == (64, 64)
 
 
+def test_forgotten_inodes_are_dropped_and_names_still_resolve(
+    orthanc_pair: PacsPair, tmp_path: Path
+) -> None:
+    """The kernel's FORGET (here forced by dropping the dentry and inode caches) lets the
+    daemon drop its inodes, so a long-running mount does not keep every name it ever served;
+    the same names resolve again afterwards, to the same content."""
+    cfg = config(orthanc_pair, tmp_path, bridge_options={"prefetch": False})
+    with Mount(cfg, tmp_path / "mnt", log_level="DEBUG") as m:
+        names = [p for p in (m.mountpoint / "studies").rglob("*") if p.suffix == ".dcm"]
+        assert len(names) == len(orthanc_pair.instances)
+        first = study_path(m.mountpoint, orthanc_pair.instances[0])
+        before = first.read_bytes()
+        forgot = re.compile(r"forgot \d+ inode\(s\); (\d+) known")
+        seen = len(forgot.findall(m.log.read_text()))
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("2\n")
+        deadline = time.monotonic() + 10
+        while len(known := forgot.findall(m.log.read_text())) == seen:
+            assert time.monotonic() < deadline, "no FORGET reached the daemon"
+            time.sleep(0.1)
+        # The daemon holds far fewer inodes than the names it served (the root at least).
+        assert int(known[-1]) < len(names) // 2
+        again = [p for p in (m.mountpoint / "studies").rglob("*") if p.suffix == ".dcm"]
+        assert sorted(again) == sorted(names)
+        assert first.read_bytes() == before
+        same_dataset(before, orthanc_pair.instances[0])
+
+
 def test_c_get_reads(orthanc_pair: PacsPair, tmp_path: Path) -> None:
     cfg = config(orthanc_pair, tmp_path, retrieve="get")
     with Mount(cfg, tmp_path / "mnt") as m:
@@ -273,18 +303,16 @@ def test_site_down_failover_and_deadlines(orthanc_pair_private: PacsPair, tmp_pa
             box: dict[str, object] = {}
 
             def slow_read() -> None:
-                t0 = __import__("time").monotonic()
+                t0 = time.monotonic()
                 try:
                     study_path(mnt, only_a[1]).read_bytes()
                     box["err"] = None
                 except OSError as e:
                     box["err"] = e.errno
-                box["elapsed"] = __import__("time").monotonic() - t0
+                box["elapsed"] = time.monotonic() - t0
 
             t = threading.Thread(target=slow_read)
             t.start()
-            import time
-
             time.sleep(0.5)
             t0 = time.monotonic()
             os.listdir(mnt / "studies")
@@ -325,8 +353,6 @@ def test_kill9_during_retrieval_then_remount(orthanc_pair: PacsPair, tmp_path: P
 
         t = threading.Thread(target=read_all, daemon=True)
         t.start()
-        import time
-
         time.sleep(0.4)
         m.kill9()
         t.join(30)
