@@ -15,6 +15,7 @@ may not see does not exist (NotFound); what it may see but not read is AccessDen
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import time
@@ -981,8 +982,14 @@ async def open_bridge(
     session: Session,
     *,
     keys: KeyProvider | None = None,
+    get_if_port_busy: bool = False,
 ) -> AsyncIterator[Bridge]:
-    """Start the store, the storage SCP and the fetcher; yield a :class:`Bridge`; stop them."""
+    """Start the store, the storage SCP and the fetcher; yield a :class:`Bridge`; stop them.
+
+    ``get_if_port_busy``: if the storage SCP's port is taken (a mount of the same
+    configuration is running), go on without a listener and retrieve everything by C-GET,
+    which needs none (``mdm fetch`` beside a running mount).
+    """
     if keys is None:
         from mdm.keyservice.client import provider_for
 
@@ -1018,11 +1025,23 @@ async def open_bridge(
         try:
             scp.start()
         except OSError as e:
-            raise UserError(
-                f"{config.path}: bridge.port: cannot listen on "
-                f"{config.bridge.host}:{config.bridge.port}: {e.strerror} "
-                "(is a mount or fetch with this configuration already running?)"
-            ) from None
+            if not (get_if_port_busy and e.errno == errno.EADDRINUSE):
+                raise UserError(
+                    f"{config.path}: bridge.port: cannot listen on "
+                    f"{config.bridge.host}:{config.bridge.port}: {e.strerror} "
+                    "(is a mount or fetch with this configuration already running?)"
+                ) from None
+            log.warning(
+                "%s:%d is in use (a mount of this configuration is running?): retrieving by "
+                "C-GET, which needs no listener",
+                config.bridge.host,
+                config.bridge.port,
+            )
+            config = dataclasses.replace(
+                config,
+                sites=tuple(dataclasses.replace(s, retrieve="get") for s in config.sites),
+            )
+            scp = StorageSCP(config.bridge, allowed)  # routes our C-GETs' objects; no listener
         retriever = Retriever(config.bridge, scp)
         try:
             async with trio.open_nursery() as nursery:

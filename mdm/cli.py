@@ -366,7 +366,7 @@ def fetch(config_path: Path, uids: tuple[str, ...], quiet: bool, token_file: Pat
     session = open_session(config, token_file)
 
     async def go() -> int:
-        async with open_bridge(config, session) as bridge:
+        async with open_bridge(config, session, get_if_port_busy=True) as bridge:
             targets = []
             for uid in uids:
                 targets += await bridge._targets_for(uid)

@@ -273,6 +273,25 @@ def test_fetch_find_sites_commands(orthanc_pair: PacsPair, tmp_path: Path) -> No
     assert f"{n} object(s) evicted" in ev.stdout
 
 
+def test_fetch_beside_a_running_mount(orthanc_pair: PacsPair, tmp_path: Path) -> None:
+    """``mdm fetch`` with the configuration of a running mount: the storage SCP port is the
+    mount's, so fetch retrieves by C-GET, and the mount serves what it cached."""
+    cfg = config(orthanc_pair, tmp_path, retrieve="move", bridge_options={"prefetch": False})
+    study = orthanc_pair.instances[0].study_uid
+    mine = [i for i in orthanc_pair.instances if i.study_uid == study]
+    with Mount(cfg, tmp_path / "mnt") as m:
+        assert all(os.stat(study_path(m.mountpoint, i)).st_size == 0 for i in mine)
+        res = mdm("fetch", "--config", str(cfg), "--quiet", study)
+        assert f"{len(mine)} object(s) cached" in res.stdout
+        assert "retrieving by C-GET" in res.stderr
+        time.sleep(1.2)  # attribute cache (1 s) of the sizes seen as 0 before
+        for i in mine:
+            p = study_path(m.mountpoint, i)
+            assert os.stat(p).st_size > 0  # cached: the size is known before any read
+            same_dataset(p.read_bytes(), i)
+    assert "retrieving" not in m.log.read_text()  # the mount itself retrieved nothing
+
+
 def test_bad_config_exit_code(tmp_path: Path) -> None:
     p = tmp_path / "mdm.toml"
     p.write_text(
