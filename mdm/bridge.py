@@ -150,12 +150,16 @@ class OpenFile:
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes ``[offset, offset+length)`` (fewer at EOF)."""
+        return bytes(self.read_view(offset, length))
+
+    def read_view(self, offset: int, length: int) -> memoryview:
+        """Like :meth:`read`, without copying what is already in memory."""
         if self.recheck is not None:
             self.recheck()
         if self.data is not None:
-            return self.data[offset : offset + length]
+            return memoryview(self.data)[offset : offset + length]
         assert self.reader is not None
-        return self.reader.read(offset, length)
+        return self.reader.read_view(offset, length)
 
     def release(self) -> None:
         """Unpin the object; idempotent."""

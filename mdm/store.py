@@ -212,30 +212,33 @@ class ObjectReader:
 
     def read(self, offset: int, length: int) -> bytes:
         """Plaintext ``[offset, offset+length)``; b"" past EOF; IntegrityError on tampering."""
+        return bytes(self.read_view(offset, length))
+
+    def read_view(self, offset: int, length: int) -> memoryview:
+        """Like :meth:`read`, as a view of the decrypted chunk (no copy; read-only)."""
         if self._closed:
             raise ValueError("read from a closed ObjectReader")
         size = self._header.size
         if offset >= size or length <= 0:
-            return b""
+            return memoryview(b"")
         end = min(offset + length, size)
         # Readers ask for less than a chunk at a time (the kernel's 128 KiB): keep the last
         # decrypted span (memory only) so each chunk is authenticated and decrypted once.
         start_c, data_c = self._span
-        if start_c <= offset and end <= start_c + len(data_c):
-            return data_c[offset - start_c : end - start_c]
-        cs = self._header.chunk_size
-        a = offset // cs * cs
-        b = min(-(-end // cs) * cs, size)
-        try:
-            if self._cipher is None:
-                self._cipher = ChunkCipher(self._dek, self._identity, self._header)
-            span = decrypt_range(
-                self._dek, self._identity, self._fd, self._header, a, b - a, self._cipher
-            )
-        except IntegrityError as e:
-            raise IntegrityError(f"cached object {self.info.ref.sop_uid}: {e}") from None
-        self._span = (a, span)
-        return span[offset - a : end - a]
+        if not (start_c <= offset and end <= start_c + len(data_c)):
+            cs = self._header.chunk_size
+            a = offset // cs * cs
+            b = min(-(-end // cs) * cs, size)
+            try:
+                if self._cipher is None:
+                    self._cipher = ChunkCipher(self._dek, self._identity, self._header)
+                span = decrypt_range(
+                    self._dek, self._identity, self._fd, self._header, a, b - a, self._cipher
+                )
+            except IntegrityError as e:
+                raise IntegrityError(f"cached object {self.info.ref.sop_uid}: {e}") from None
+            self._span = start_c, data_c = (a, span)
+        return memoryview(data_c)[offset - start_c : end - start_c]
 
     def close(self) -> None:
         """Close the blob and unpin the object (idempotent)."""
