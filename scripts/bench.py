@@ -82,11 +82,23 @@ def run_movescu(
     return time.perf_counter() - t0
 
 
-def peak_rss_mb(pid: int) -> float:
-    """Peak resident memory of the daemon plus its receiver process, in MB."""
+def family(pid: int) -> list[int]:
+    """The daemon and its child processes (the receiver)."""
     pids = [pid]
     for task in Path(f"/proc/{pid}/task").iterdir():
         pids += [int(c) for c in (task / "children").read_text().split()]
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (its exited threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident memory of the daemon plus its receiver process, in MB."""
+    pids = family(pid)
     total = 0.0
     for p in pids:
         for line in Path(f"/proc/{p}/status").read_text().splitlines():
@@ -205,7 +217,21 @@ retrieve = "{retrieve}"
             )
             # Cold: a fresh mount, list then read every file in order.
             with Mount(cfg, mnt, strict=False) as m:
+                # The daemon's children: the receiver (and multiprocessing's idle tracker).
+                procs = {
+                    "daemon": [m.proc.pid],  # type: ignore[union-attr]
+                    "receiver": family(m.proc.pid)[1:],  # type: ignore[union-attr]
+                    "orthanc": [pacs.proc.pid],  # type: ignore[union-attr]
+                }
+                before = {k: sum(map(cpu_seconds, v)) for k, v in procs.items()}
+                me = os.times()
                 t_cold, total = read_series(sdir)
+                used = {k: sum(map(cpu_seconds, v)) - before[k] for k, v in procs.items()}
+                used["reader"] = sum(os.times()[:2]) - sum(me[:2])
+                print(
+                    f"  {name}: cold read CPU (s):",
+                    ", ".join(f"{k} {v:.2f}" for k, v in used.items()),
+                )
                 served.add(total)
                 peak = max(peak, peak_rss_mb(m.proc.pid))  # type: ignore[union-attr]
             colds.append(t_cold)
