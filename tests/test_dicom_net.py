@@ -370,18 +370,14 @@ def test_move_of_one_image_reuses_the_pooled_association(
     assert retriever.pool_stats("POOLED").closed == 1
 
 
-def test_auto_mode_keeps_its_warm_get_and_move_associations(
-    pacs: LocalOrthanc, retriever: Retriever, data: list[Inst]
-) -> None:
-    """``retrieve = "auto"`` alternates C-GET and C-MOVE on one site: both reuse the
-    associations opened ahead of time (a mode switch is not a configuration change)."""
+def alternate_get_and_move(
+    retriever: Retriever, site: SiteSettings, insts: list[Inst]
+) -> Collector:
+    """Retrieve each instance alone, by C-GET and C-MOVE in turn (as ``auto`` does)."""
     import dataclasses
 
-    site = site_of(pacs, "AUTO", retrieve="auto")
-    assert retriever.warm(site)
-    assert retriever.pool_stats("AUTO").opened == 2
     got = Collector()
-    for n, inst in enumerate(data[:4]):
+    for n, inst in enumerate(insts):
         mode = "get" if n % 2 == 0 else "move"
         out = retriever.retrieve(
             dataclasses.replace(site, retrieve=mode),
@@ -394,9 +390,37 @@ def test_auto_mode_keeps_its_warm_get_and_move_associations(
             sop_classes={inst.sop_class_uid} if mode == "get" else None,
         )
         assert out.received == {inst.sop_uid}
+    return got
+
+
+def test_auto_mode_keeps_its_warm_get_and_move_associations(
+    pacs: LocalOrthanc, retriever: Retriever, data: list[Inst]
+) -> None:
+    """``retrieve = "auto"`` alternates C-GET and C-MOVE on one site: both reuse the
+    associations opened ahead of time (a mode switch is not a configuration change)."""
+
+    site = site_of(pacs, "AUTO", retrieve="auto")
+    assert retriever.warm(site)
+    assert retriever.pool_stats("AUTO").opened == 2
+    got = alternate_get_and_move(retriever, site, data[:4])
     stats = retriever.pool_stats("AUTO")
     assert (stats.opened, stats.reused, stats.closed, stats.idle) == (2, 4, 0, 2)
     check_pixels(got.objects, data[:4])
+
+
+def test_a_retrieval_during_warm_up_waits_for_the_warm_associations(
+    pacs: LocalOrthanc, retriever: Retriever, data: list[Inst]
+) -> None:
+    """A mount read at once after start finds the associations still being opened ahead
+    of time: it waits for those instead of opening more."""
+
+    site = site_of(pacs, "WARMING", retrieve="auto")
+    warm = threading.Thread(target=retriever.warm, args=(site,))
+    warm.start()
+    alternate_get_and_move(retriever, site, data[:2])
+    warm.join(10)
+    stats = retriever.pool_stats("WARMING")
+    assert (stats.opened, stats.closed, stats.idle) == (2, 0, 2)
 
 
 def test_batch_of_images_in_one_series(

@@ -147,6 +147,7 @@ class _Conn:
     mode: str
     storage_classes: frozenset[str] = frozenset()
     last_used: float = field(default_factory=time.monotonic)
+    warming: bool = False
 
     def alive(self) -> bool:
         a = self.assoc
@@ -162,12 +163,21 @@ class _Pool:
         self.cond = threading.Condition()
         self.idle: list[_Conn] = []
         self.in_use = 0
+        # Associations being opened ahead of time (Retriever.warm), by mode: a retrieval
+        # that finds none idle waits for one of these rather than opening another.
+        self.warming: dict[str, int] = {}
         self.stats = PoolStats()
         self.retired = False
         self.ae = TunedAE(retriever.bridge.ae_title, site.timeout, retriever.bridge.max_pdu)
 
-    def acquire(self, mode: str, need: frozenset[str]) -> tuple[_Conn, bool]:
-        """A connection for ``mode`` covering the storage classes ``need``; (conn, reused)."""
+    def acquire(
+        self, mode: str, need: frozenset[str], *, warming: bool = False
+    ) -> tuple[_Conn, bool]:
+        """A connection for ``mode`` covering the storage classes ``need``; (conn, reused).
+
+        ``warming``: this is an association opened ahead of time, which retrievals that
+        start meanwhile wait for instead of opening their own.
+        """
         while True:
             victim: _Conn | None = None
             conn: _Conn | None = None
@@ -180,6 +190,9 @@ class _Pool:
                     if conn is not None:
                         self.in_use += 1
                         break
+                    if not warming and self.warming.get(mode, 0) > 0:
+                        self.cond.wait()  # released (or failed) soon: see release()
+                        continue
                     total = len(self.idle) + self.in_use
                     if total < self.site.max_associations:
                         self.in_use += 1
@@ -192,11 +205,18 @@ class _Pool:
             if victim is not None:
                 self._close(victim)
             if conn is None:
+                if warming:
+                    with self.cond:
+                        self.warming[mode] = self.warming.get(mode, 0) + 1
                 try:
-                    return self._open(mode, need), False
+                    opened = self._open(mode, need)
                 except BaseException:
+                    if warming:
+                        self._warmed(mode)
                     self._release_slot()
                     raise
+                opened.warming = warming  # counted until released into the pool
+                return opened, False
             if self._usable(conn):
                 with self.cond:
                     self.stats.reused += 1
@@ -259,18 +279,28 @@ class _Pool:
 
     def release(self, conn: _Conn, healthy: bool) -> None:
         """Give a connection back: pooled if healthy, closed otherwise."""
+        warmed, conn.warming = conn.warming, False
         if healthy and conn.alive() and not (self.retired or self.retriever.closed):
             conn.last_used = time.monotonic()
             with self.cond:
                 self.in_use -= 1
                 self.idle.append(conn)
-                self.cond.notify()
+                if warmed:
+                    self.warming[conn.mode] -= 1
+                self.cond.notify_all()
             return
         if healthy:
             self._close(conn)
         else:
             self._abort(conn)
+        if warmed:
+            self._warmed(conn.mode)
         self._release_slot()
+
+    def _warmed(self, mode: str) -> None:
+        with self.cond:
+            self.warming[mode] -= 1
+            self.cond.notify_all()
 
     def _release_slot(self) -> None:
         with self.cond:
@@ -353,7 +383,7 @@ class Retriever:
         modes = {"get": ["get"], "move": ["move"]}.get(site.retrieve, ["get", "move"])
         for mode in modes:
             try:
-                conn, _ = pool.acquire(mode, frozenset())
+                conn, _ = pool.acquire(mode, frozenset(), warming=True)
             except Exception as e:  # a down site is normal here; the retrieval will say so
                 log.info("site %s: no %s association opened ahead of time: %s", site.name, mode, e)
                 return False
