@@ -160,15 +160,17 @@ def test_forgotten_inodes_are_dropped_and_names_still_resolve(
         first = study_path(m.mountpoint, orthanc_pair.instances[0])
         before = first.read_bytes()
         forgot = re.compile(r"forgot \d+ inode\(s\); (\d+) known")
-        seen = len(forgot.findall(m.log.read_text()))
         subprocess.run(["sync"], check=True)
         Path("/proc/sys/vm/drop_caches").write_text("2\n")
-        deadline = time.monotonic() + 10
-        while len(known := forgot.findall(m.log.read_text())) == seen:
-            assert time.monotonic() < deadline, "no FORGET reached the daemon"
+        # The kernel sends FORGETs in batches; once its caches are dropped, the daemon holds
+        # hardly more than the root (it held an inode for every directory and file before).
+        deadline = time.monotonic() + 15
+        while True:
+            known = forgot.findall(m.log.read_text())
+            if known and int(known[-1]) <= 5:
+                break
+            assert time.monotonic() < deadline, f"inodes still known after FORGET: {known[-3:]}"
             time.sleep(0.1)
-        # The daemon holds far fewer inodes than the names it served (the root at least).
-        assert int(known[-1]) < len(names) // 2
         again = [p for p in (m.mountpoint / "studies").rglob("*") if p.suffix == ".dcm"]
         assert sorted(again) == sorted(names)
         assert first.read_bytes() == before
