@@ -54,6 +54,8 @@ from mdm.views import View, deid_options
 
 log = logging.getLogger(__name__)
 
+ACCESS_FLUSH_SECONDS = 5.0
+
 METADATA = ".metadata.json"
 TOP = ("studies", "patients", "sites")
 
@@ -1056,6 +1058,7 @@ async def open_bridge(
                 fetcher.audit = bridge.record
                 for site in config.sites:
                     nursery.start_soon(_warm, fetcher, retriever, site)
+                nursery.start_soon(_flush_access_times, store)
                 refresh = getattr(session.resolver, "refresh", None)
                 if refresh is not None:
                     nursery.start_soon(_refresh_policy, refresh)
@@ -1073,6 +1076,18 @@ async def open_bridge(
 async def _warm(fetcher: Fetcher, retriever: Retriever, site: SiteSettings) -> None:
     """Open an association with each site in the background at start."""
     await trio.to_thread.run_sync(retriever.warm, site, limiter=fetcher.limiter(site.name))
+
+
+async def _flush_access_times(store: ObjectStore) -> None:
+    """Move the cache's access times (LRU order) to the index every few seconds, in a worker
+    thread: a write transaction over a few hundred records takes milliseconds, which the
+    thread serving the filesystem should not spend."""
+    while True:
+        await trio.sleep(ACCESS_FLUSH_SECONDS)
+        try:
+            await trio.to_thread.run_sync(store.flush_access_times)
+        except Exception:
+            log.exception("writing access times to the cache index failed")
 
 
 async def _refresh_policy(refresh: Callable[[], object]) -> None:

@@ -65,9 +65,11 @@ _BYTES_KEY = b"stored_bytes"
 _U64 = struct.Struct(">Q")
 _NAME_LEN = 64
 # Access times live in memory and reach LMDB in batches, so that a read of a cached file does
-# not pay for an LMDB commit (an fsync). Losing them in a crash only blurs the LRU order.
-_TOUCH_FLUSH_COUNT = 256
-_TOUCH_FLUSH_SECONDS = 30.0
+# not pay for an LMDB commit (an fsync). Losing them in a crash only blurs the LRU order. A
+# long-lived user (the mount) calls flush_access_times() from a worker thread every few
+# seconds; open() flushes by itself only past a count or an age, as a bound.
+_TOUCH_FLUSH_COUNT = 4096
+_TOUCH_FLUSH_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -648,6 +650,21 @@ class ObjectStore:
                 with self.env.begin(write=True) as txn:
                     self._flush_touched(txn)
         return reader
+
+    def flush_access_times(self) -> int:
+        """Write the access times of recently opened objects into the index; how many.
+
+        A write transaction over every object opened since the last flush: call it off any
+        latency-sensitive thread.
+        """
+        with self._lock:
+            n = len(self._touched)
+            if n:
+                with self.env.begin(write=True) as txn:
+                    self._flush_touched(txn)
+            else:
+                self._last_flush = time.monotonic()
+        return n
 
     def _open(self, ref: ObjectRef, principal: Principal) -> ObjectReader:
         name = ref.blob_name()

@@ -250,6 +250,29 @@ def test_cap_evicts_least_recently_used(tmp_path: Path) -> None:
         e.close()
 
 
+def test_access_times_reach_the_index_when_flushed(cache: Env) -> None:
+    """Opens only mark objects in memory; flush_access_times() (the mount's periodic task)
+    writes them, and another store on the same index then sees the new LRU order."""
+    s = cache.store
+    refs = [ObjectRef(f"1.2.6.{i}") for i in range(3)]
+    for ref in refs:
+        s.put(ref, SCOPE, data_for(ref.sop_uid, 100))
+        time.sleep(0.002)
+    before = {r.sop_uid: s.info(r).last_access for r in refs}  # type: ignore[union-attr]
+    read_all(s, refs[0])
+    assert cache.env is not None  # a second store on the same index: another reader
+    other = ObjectStore(cache.root, cache.env, cache.keys, cache.max_bytes, CS)
+    try:
+        # Not yet in the index: the other store still sees the put time.
+        assert other.info(refs[0]).last_access == before[refs[0].sop_uid]  # type: ignore[union-attr]
+        assert s.flush_access_times() == 1
+        assert s.flush_access_times() == 0
+        after = other.info(refs[0]).last_access  # type: ignore[union-attr]
+        assert after > max(before.values())
+    finally:
+        other.close()
+
+
 def test_pinned_object_is_never_evicted(tmp_path: Path) -> None:
     e = Env(tmp_path, max_bytes=2 * blob_size(200))
     try:
