@@ -19,6 +19,7 @@ import errno
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ from mdm.views import View, deid_options
 log = logging.getLogger(__name__)
 
 ACCESS_FLUSH_SECONDS = 5.0
+MAX_ALIASES = 200_000
+"""Remapped UIDs remembered by a mount (about 250 bytes each)."""
 
 METADATA = ".metadata.json"
 TOP = ("studies", "patients", "sites")
@@ -211,7 +214,9 @@ class Bridge:
         self.session = session
         self.keys = keys
         self._views: dict[tuple[Any, ...], View] = {}
-        self._aliases: dict[str, str] = {}
+        # Remapped (de-identified) UID -> original, learnt from listings; bounded, oldest
+        # first out: a name no longer here is found again by listing its parent.
+        self._aliases: OrderedDict[str, str] = OrderedDict()
         self.audit = session.audit
         self.catalog = catalog
         self.store = store
@@ -525,8 +530,11 @@ class Bridge:
 
     def _name(self, v: View, uid: str) -> str:
         name = v.uid_name(uid)
-        if name != uid:
+        if name != uid and name not in self._aliases:
             self._aliases[name] = uid
+            if len(self._aliases) > MAX_ALIASES:
+                for _ in range(MAX_ALIASES // 10):
+                    self._aliases.popitem(last=False)
         return name
 
     def _original(self, name: str) -> str:
