@@ -798,23 +798,22 @@ class Bridge:
             self._audit_open(node, "deny")
             raise AccessDenied(f"{self.principal.label()} may see but not read {node.instance.uid}")
         self._audit_open(node, "allow", view=v.kind)
-        cached = self.store.info(ObjectRef(node.instance.uid, v.store_view))
-        exact_before = cached is not None
-        info = cached or await self.fetch_instance(
-            node.study, node.series, node.instance, prefer=node.site, view=v
-        )
         principal = self.principal
-        if self.store.keys.remote:
-            # Key servers answer over the network: keep the trio thread free meanwhile.
-            reader = await trio.to_thread.run_sync(self.store.open, info.ref, principal)
-        else:
-            # A local unwrap is one AES-GCM on a 32-byte key and an LMDB read (tens of µs);
-            # a thread hand-off would cost more than that and delay the reader's open.
-            reader = self.store.open(info.ref, principal)
+        # One index lookup when the object is cached (the open itself); retrieve otherwise.
+        try:
+            reader = await self._open_cached(ObjectRef(node.instance.uid, v.store_view), principal)
+            exact_before = True
+        except NotFound:
+            exact_before = False
+            info = await self.fetch_instance(
+                node.study, node.series, node.instance, prefer=node.site, view=v
+            )
+            reader = await self._open_cached(info.ref, principal)
+        scope = reader.info.scope
         self.record(
             "key-unwrap",
             "allow",
-            {"sop_uid": node.instance.uid, "site": info.scope.site, "level": info.scope.level},
+            {"sop_uid": node.instance.uid, "site": scope.site, "level": scope.level},
             principal=principal,
         )
         study, series = node.study, node.series
@@ -836,6 +835,15 @@ class Bridge:
                 raise AccessDenied("access revoked")
 
         return OpenFile(reader=reader, size=reader.size, exact_before=exact_before, recheck=recheck)
+
+    async def _open_cached(self, ref: ObjectRef, principal: Principal) -> ObjectReader:
+        """Open a cached object (NotFound if it is not cached)."""
+        if self.store.keys.remote:
+            # Key servers answer over the network: keep the trio thread free meanwhile.
+            return await trio.to_thread.run_sync(self.store.open, ref, principal)
+        # A local unwrap is one AES-GCM on a 32-byte key and an LMDB read (tens of µs); a
+        # thread hand-off would cost more than that and delay the reader's open.
+        return self.store.open(ref, principal)
 
     def _audit_open(self, node: Node, decision: str, **extra: Any) -> None:
         assert node.instance and node.series and node.study and node.decision

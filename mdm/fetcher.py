@@ -8,7 +8,6 @@ in the storage SCP's threads are encrypted and stored there, then reported back 
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import queue
@@ -323,11 +322,10 @@ class Fetcher:
         if site.retrieve == "auto":
             modes = ["get", "move"] if len(remaining) == 1 else ["move"]
         for i, mode in enumerate(modes):
-            msite = dataclasses.replace(site, retrieve=mode)
             try:
                 outcome = await trio.to_thread.run_sync(
-                    lambda msite=msite: self.retriever.retrieve(  # type: ignore[misc]
-                        msite,
+                    lambda mode=mode: self.retriever.retrieve(  # type: ignore[misc]
+                        site,
                         level=lvl,
                         study_uid=first.study_uid,
                         series_uid=first.series_uid,
@@ -344,6 +342,7 @@ class Fetcher:
                             "meta": meta,
                             "resource": first.resource,
                         },
+                        mode=mode,
                     ),
                     limiter=self._limiters[site.name],
                 )

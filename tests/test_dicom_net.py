@@ -344,22 +344,28 @@ def test_retrieve_series_delivers_decodable_identical_pixels(
         check_pixels(got.objects, want)
 
 
+def retrieve_one(retriever: Retriever, site: SiteSettings, inst: Inst, sink: Collector) -> None:
+    """Retrieve one instance alone (IMAGE level, as a reader's first byte does)."""
+    out = retriever.retrieve(
+        site,
+        level="IMAGE",
+        study_uid=inst.study_uid,
+        series_uid=inst.series_uid,
+        sop_uids=[inst.sop_uid],
+        expected={inst.sop_uid},
+        sink=sink,
+        sop_classes={inst.sop_class_uid} if site.retrieve == "get" else None,
+    )
+    assert out.received == {inst.sop_uid}
+
+
 def test_move_of_one_image_reuses_the_pooled_association(
     pacs: LocalOrthanc, retriever: Retriever, data: list[Inst]
 ) -> None:
     site = site_of(pacs, "POOLED")
     got = Collector()
     for n, inst in enumerate(data[:4]):
-        out = retriever.retrieve(
-            site,
-            level="IMAGE",
-            study_uid=inst.study_uid,
-            series_uid=inst.series_uid,
-            sop_uids=[inst.sop_uid],
-            expected={inst.sop_uid},
-            sink=got,
-        )
-        assert out.received == {inst.sop_uid}
+        retrieve_one(retriever, site, inst, got)
         stats = retriever.pool_stats("POOLED")
         assert stats.opened == 1
         assert stats.reused == n
@@ -378,18 +384,12 @@ def alternate_get_and_move(
 
     got = Collector()
     for n, inst in enumerate(insts):
-        mode = "get" if n % 2 == 0 else "move"
-        out = retriever.retrieve(
-            dataclasses.replace(site, retrieve=mode),
-            level="IMAGE",
-            study_uid=inst.study_uid,
-            series_uid=inst.series_uid,
-            sop_uids=[inst.sop_uid],
-            expected={inst.sop_uid},
-            sink=got,
-            sop_classes={inst.sop_class_uid} if mode == "get" else None,
+        retrieve_one(
+            retriever,
+            dataclasses.replace(site, retrieve="get" if n % 2 == 0 else "move"),
+            inst,
+            got,
         )
-        assert out.received == {inst.sop_uid}
     return got
 
 
@@ -544,16 +544,7 @@ def test_stopped_pacs_times_out_within_the_deadline(
     finally:
         pacs.resume()
     # ... and it recovers once the PACS is back
-    out = retriever.retrieve(
-        site,
-        level="IMAGE",
-        study_uid=inst.study_uid,
-        series_uid=inst.series_uid,
-        sop_uids=[inst.sop_uid],
-        expected={inst.sop_uid},
-        sink=got,
-    )
-    assert out.received == {inst.sop_uid}
+    retrieve_one(retriever, site, inst, got)
 
 
 # --- the receive path's direct encodings, against the libraries' own -----------------------

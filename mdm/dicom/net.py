@@ -181,7 +181,7 @@ class TunedAE(ApplicationEntity):
         # Called by ``associate`` on the new association before it starts.
         if type(assoc) is Association:
             assoc.__class__ = FastRequestorAssociation
-        use_fast_dul(assoc)
+        install_fast_layers(assoc)
         sock = FastAssociationSocket(assoc, address=address)
         sock.stall_timeout = self.stall_timeout
         sock.tls_args = tls_args
@@ -349,7 +349,7 @@ class FastDUL(DULServiceProvider):
             wait = False
 
 
-def use_fast_dul(assoc: Association) -> None:
+def install_fast_layers(assoc: Association) -> None:
     """Give a not-yet-started association a :class:`FastDUL` (before ``set_socket``) and a
     :class:`FastDIMSE`."""
     assoc.dul = FastDUL(assoc)
@@ -515,7 +515,7 @@ class _TunedRequestHandler(RequestHandler):
 
     def _create_association(self) -> Association:
         assoc = FastAssociation(self.ae, MODE_ACCEPTOR)
-        use_fast_dul(assoc)
+        install_fast_layers(assoc)
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{time.strftime('%Y%m%d%H%M%S')}"
         sock = FastAssociationSocket(assoc, client_socket=self.request)

@@ -421,8 +421,12 @@ class Retriever:
         sink: Callable[[Any], None],
         sop_classes: set[str] | None = None,
         store_spec: Mapping[str, Any] | None = None,
+        mode: str | None = None,
     ) -> RetrieveOutcome:
         """Retrieve a study, a series or a list of instances from ``site`` into ``sink``.
+
+        ``mode``: "get" or "move" for this call (default: from ``site.retrieve``, where
+        "auto" means C-MOVE).
 
         ``expected`` holds the SOP Instance UIDs that must arrive (from C-FIND); only these
         and ``sop_uids`` are accepted by the storage SCP. ``sink`` runs in a pynetdicom thread
@@ -436,9 +440,9 @@ class Retriever:
             raise ValueError(f"a {level}-level retrieval needs series_uid")
         if level == "IMAGE" and not sop_uids:
             raise ValueError("an IMAGE-level retrieval needs sop_uids")
-        if site.retrieve == "move" and not self.scp.running:
+        mode = mode or ("get" if site.retrieve == "get" else "move")
+        if mode == "move" and not self.scp.running:
             raise RetrieveError("the storage SCP is not running: C-MOVE has no destination")
-        mode = "get" if site.retrieve == "get" else "move"
         identifier = Dataset()
         identifier.QueryRetrieveLevel = level
         identifier.StudyInstanceUID = study_uid

@@ -49,13 +49,12 @@ def check_object(
     """
     if len(data) < 132 or data[128:132] != b"DICM":
         raise IntegrityError(f"site {site} sent a malformed object for {sop_uid} (no DICM header)")
-    syntax = UID(transfer_syntax) if transfer_syntax else None
-    if dataset_offset >= 132 and syntax is not None and syntax.is_transfer_syntax:
-        if not syntax.is_deflated:
-            got = _sop_uid_of_dataset(data, dataset_offset, syntax, sop_uid, site)
-            if got != sop_uid:
-                raise IntegrityError(f"site {site} sent another object ({got}) for {sop_uid}")
-            return
+    syntax = UID(transfer_syntax)
+    if dataset_offset >= 132 and syntax.is_transfer_syntax and not syntax.is_deflated:
+        got = _sop_uid_of_dataset(data, dataset_offset, syntax, sop_uid, site)
+        if got != sop_uid:
+            raise IntegrityError(f"site {site} sent another object ({got}) for {sop_uid}")
+        return
     try:
         ds = read_partial(io.BytesIO(data), stop_when=_past_sop_uid, specific_tags=[_SOP_UID])
         got = str(ds.get("SOPInstanceUID", "") or "")
