@@ -31,6 +31,7 @@ import ssl
 import struct
 import threading
 import time
+from io import BytesIO
 from types import TracebackType
 from typing import Any, cast
 
@@ -41,6 +42,7 @@ from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
@@ -63,6 +65,7 @@ from pynetdicom.transport import (
 )
 
 from mdm.config import SiteSettings
+from mdm.dicom.command import read_command
 from mdm.errors import RetrieveError, RetrieveTimeout
 
 log = logging.getLogger(__name__)
@@ -233,6 +236,26 @@ class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
             self._dul.wake()
 
 
+_PDU_TYPES = frozenset(range(0x01, 0x08))
+_PDV_LENGTH = struct.Struct(">L")
+
+
+def pdv_items(body: memoryview) -> list[tuple[int, memoryview]] | None:
+    """The (context ID, presentation data value) items of a P-DATA-TF body (PS3.8 9.3.5.1),
+    as views of ``body``; None if the items do not exactly fill it or one holds no data."""
+    items: list[tuple[int, memoryview]] = []
+    off, end = 0, len(body)
+    while off < end:
+        if off + 6 > end:
+            return None
+        (length,) = _PDV_LENGTH.unpack_from(body, off)
+        if length < 2 or off + 4 + length > end:
+            return None
+        items.append((body[off + 4], body[off + 5 : off + 4 + length]))
+        off += 4 + length
+    return items or None
+
+
 class FastDUL(DULServiceProvider):
     """pynetdicom's DUL reactor, sleeping in ``select`` instead of a 1 ms polling loop.
 
@@ -295,6 +318,63 @@ class FastDUL(DULServiceProvider):
                 os.read(self._wake_r, 4096)
             except OSError:
                 pass
+
+    def _read_pdu_data(self) -> None:
+        """Read one PDU, as pynetdicom does; a P-DATA-TF in the data-transfer state goes
+        straight to the DIMSE provider.
+
+        For a P-DATA-TF received in Sta6 pynetdicom's state machine has a single action
+        (DT-2: pass a P-DATA indication to DIMSE, stay in Sta6); getting there costs a
+        decode into PDU objects, two copies of the data and two queue hand-offs, for each
+        of the several PDUs of every object received. Here the PDV items are cut from the
+        received buffer (views, no copy) and handed to DIMSE in this thread, when nothing
+        is queued before them and nothing is bound to the PDU events. Every other PDU,
+        state, or malformed item list takes pynetdicom's path (``_decode_pdu``), which
+        raises the events it always raised.
+        """
+        sock = cast(AssociationSocket, self.socket)
+        try:
+            head = sock.recv(6)
+            if len(head) == 6:
+                pdu_type, _, length = struct.unpack(">BBL", head)
+                body = sock.recv(length) if pdu_type in _PDU_TYPES else bytearray()
+        except (OSError, TimeoutError) as exc:
+            log.warning("association with %s: connection lost mid-PDU (%s)", self.assoc.name, exc)
+            self.event_queue.put("Evt17")
+            return
+        if len(head) != 6:
+            self.event_queue.put("Evt17")
+            return
+        if pdu_type not in _PDU_TYPES:
+            log.warning("association with %s: unknown PDU type 0x%02X", self.assoc.name, pdu_type)
+            self.event_queue.put("Evt19")
+            return
+        if len(body) != length:
+            self.event_queue.put("Evt17")
+            return
+        if (
+            pdu_type == 0x04
+            and self.state_machine.current_state == "Sta6"
+            and self.event_queue.empty()
+            and not self.assoc.get_handlers(evt.EVT_DATA_RECV)
+            and not self.assoc.get_handlers(evt.EVT_PDU_RECV)
+        ):
+            items = pdv_items(memoryview(body))
+            if items is not None:
+                primitive = P_DATA()
+                # Views, not bytes: DIMSE only indexes, slices and copies them out.
+                primitive.presentation_data_value_list.extend(cast(Any, items))
+                self.assoc.dimse.receive_primitive(primitive)
+                return
+        head += body
+        try:
+            pdu, event = self._decode_pdu(head)
+        except Exception as exc:
+            log.warning("association with %s: undecodable PDU (%s)", self.assoc.name, exc)
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
 
     def run_reactor(self) -> None:
         self._wake_r, self._wake_w = os.pipe()
@@ -383,8 +463,73 @@ def encode_store_response(sop_class: str, sop_instance: str, message_id: int, st
     return _implicit(0x0000, struct.pack("<I", len(body))) + body
 
 
+class _FastMessage(DIMSEMessage):
+    """A DIMSE message being received whose command set, when it is one of the per-object
+    messages, is read by :func:`mdm.dicom.command.read_command` instead of pydicom.
+
+    pynetdicom's own ``decode_msg`` loop, except at the end of the command set: a message
+    ``read_command`` declines is handed back to pynetdicom whole (the message becomes a
+    plain ``DIMSEMessage`` and decodes its command set and what follows itself).
+    """
+
+    def __init__(self) -> None:  # pynetdicom's, without a subclass's command-set template
+        self.context_id = None
+        self.encoded_command_set = BytesIO()
+        self.data_set = BytesIO()
+        self.command_set = Dataset()
+        self._data_set_path = None
+        self._data_set_file = None
+        self._primitive: Any = None
+        self._dataset_keyword = ""
+
+    def decode_msg(self, primitive: P_DATA, assoc: Association | None = None) -> bool:
+        if primitive.__class__ != P_DATA:
+            return False
+        pdvs = primitive.presentation_data_value_list
+        for index, (context_id, data) in enumerate(pdvs):
+            control = data[0]
+            if control & 1:
+                self.encoded_command_set.write(data[1:])
+                if not control & 2:
+                    continue
+                raw = self.encoded_command_set.getvalue()
+                fast = None
+                if (
+                    assoc is not None
+                    and not assoc.get_handlers(evt.EVT_DIMSE_RECV)
+                    and not _config.STORE_RECV_CHUNKED_DATASET
+                ):
+                    fast = read_command(raw)
+                if fast is None:
+                    rest = P_DATA()
+                    rest.presentation_data_value_list.append((context_id, b"\x03" + raw))
+                    rest.presentation_data_value_list.extend(pdvs[index + 1 :])
+                    self.encoded_command_set = BytesIO()
+                    self.__class__ = DIMSEMessage  # type: ignore[assignment]
+                    return DIMSEMessage.decode_msg(self, rest, assoc)
+                self.context_id = context_id
+                self._primitive, has_data_set, self._dataset_keyword = fast
+                if not has_data_set:
+                    return True
+            else:
+                cast(BytesIO, self.data_set).write(data[1:])
+                if control & 2:
+                    return True
+        return False
+
+    def message_to_primitive(self) -> Any:
+        primitive = self._primitive
+        if self._dataset_keyword:
+            setattr(primitive, self._dataset_keyword, self.data_set)
+        primitive._context_id = self.context_id
+        primitive._dataset_path = None
+        primitive._dataset_file = None
+        return primitive
+
+
 class FastDIMSE(DIMSEServiceProvider):
-    """pynetdicom's DIMSE provider, with a direct encoding of plain C-STORE responses.
+    """pynetdicom's DIMSE provider, with direct encoding and decoding of the per-object
+    command sets.
 
     pynetdicom encodes every response command set through a pydicom ``Dataset`` twice (once
     for the group length): about 1 ms of CPU per received object. A C-STORE-RSP that carries
@@ -392,7 +537,14 @@ class FastDIMSE(DIMSEServiceProvider):
     byte for byte against pynetdicom's encoding in ``tests/test_dicom_net.py``); anything
     else (an error comment, offending elements, other messages) takes pynetdicom's path.
     ``EVT_DIMSE_SENT`` is not triggered for the packed responses (nothing here binds it).
+    Incoming C-STORE-RQ and C-MOVE/C-GET responses are read by :class:`_FastMessage` while
+    nothing is bound to ``EVT_DIMSE_RECV``.
     """
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        if self.message is None:
+            self.message = _FastMessage()
+        super().receive_primitive(primitive)
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         if (
@@ -478,6 +630,36 @@ class FastRequestorAssociation(Association):
                 return
 
 
+class _InlineStoreQueue(queue.Queue):  # type: ignore[type-arg]
+    """The DIMSE message queue of an inbound association: a C-STORE request on an accepted
+    context is served as it is put, on the DUL thread that decoded it, instead of waking the
+    association thread for it (one thread hand-off less per object received).
+
+    Only when nothing is queued before it (order kept) and nothing can make pynetdicom's
+    ``_serve_request`` abort (a rejected context, a release under way, an invalid
+    request): an abort waits for the DUL thread to end, which this thread cannot do.
+    The handler's response is queued to the DUL like any other and sent on its next round.
+    """
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__()
+        self._assoc = assoc
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        context_id, msg = item
+        assoc = self._assoc
+        if (
+            type(msg) is C_STORE
+            and msg.is_valid_request
+            and context_id in assoc._accepted_cx
+            and not assoc._sent_release
+            and self.empty()
+        ):
+            assoc._serve_request(msg, context_id)
+            return
+        super().put(item, block, timeout)
+
+
 class FastAssociation(Association):
     """An acceptor association whose reactor waits on its message queue instead of polling.
 
@@ -516,6 +698,7 @@ class _TunedRequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         assoc = FastAssociation(self.ae, MODE_ACCEPTOR)
         install_fast_layers(assoc)
+        assoc.dimse.msg_queue = _InlineStoreQueue(assoc)
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{time.strftime('%Y%m%d%H%M%S')}"
         sock = FastAssociationSocket(assoc, client_socket=self.request)
