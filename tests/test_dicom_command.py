@@ -233,3 +233,32 @@ def test_declines_what_it_does_not_know() -> None:
         b"1." + b"2" * 62, b"1." + b"2" * 63
     )
     assert read_command(long_uid) is None
+
+
+def test_pdv_items_cut_what_pynetdicom_decodes() -> None:
+    """P-DATA-TF bodies (one and several PDVs) cut by the DUL's fast path, against
+    pynetdicom's own PDU decoding; malformed item lists are declined."""
+    from pynetdicom.pdu import P_DATA_TF
+
+    from mdm.dicom.net import pdv_items
+
+    single = _pdatas(C_STORE_RQ(), _store_rq(), 0)
+    merged = P_DATA()
+    for p in single:
+        merged.presentation_data_value_list.extend(p.presentation_data_value_list)
+    for primitive in [*single, merged]:
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        encoded = pdu.encode()
+        body = memoryview(encoded)[6:]
+        ref = P_DATA_TF()
+        ref.decode(encoded)
+        want = [(cx, bytes(v)) for cx, v in ref.to_primitive().presentation_data_value_list]
+        got = pdv_items(body)
+        assert got is not None
+        assert [(cx, bytes(v)) for cx, v in got] == want
+        # an item that runs past the end, a short tail, an empty item, nothing at all
+        assert pdv_items(body[:-1]) is None
+        assert pdv_items(memoryview(bytes(body) + b"\x00\x00\x00")) is None
+        assert pdv_items(memoryview(bytes(body) + b"\x00\x00\x00\x01\x01\x00")) is None
+    assert pdv_items(memoryview(b"")) is None

@@ -506,6 +506,25 @@ def test_a_failing_sink_gives_the_pacs_a_failure_status(scp: StorageSCP, data: l
     assert status is not None and status != 0 and status >> 12 != 0xF
 
 
+def test_inbound_store_is_served_on_the_thread_that_read_it(
+    scp: StorageSCP, data: list[Inst]
+) -> None:
+    """A C-STORE on an accepted context is handled by the DUL thread that decoded it (no
+    hand-off to the association thread), and still answered."""
+    import threading
+
+    from mdm.dicom.net import FastDUL
+
+    threads: list[threading.Thread] = []
+
+    def sink(obj: ReceivedObject) -> None:
+        threads.append(threading.current_thread())
+
+    with scp.expect([data[2].sop_uid], sink):
+        assert _push(scp.port, PACS_AET, data[2]) == 0x0000
+    assert len(threads) == 1 and isinstance(threads[0], FastDUL)
+
+
 # --- deadlines -------------------------------------------------------------------------------
 
 
