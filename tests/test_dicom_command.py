@@ -262,3 +262,20 @@ def test_pdv_items_cut_what_pynetdicom_decodes() -> None:
         assert pdv_items(memoryview(bytes(body) + b"\x00\x00\x00")) is None
         assert pdv_items(memoryview(bytes(body) + b"\x00\x00\x00\x01\x01\x00")) is None
     assert pdv_items(memoryview(b"")) is None
+
+
+def test_pdata_tf_encoding_is_byte_identical_to_pynetdicoms() -> None:
+    from pynetdicom.pdu import P_DATA_TF
+
+    from mdm.dicom.net import encode_pdata_tf, encode_store_response
+
+    for cx, pdv in [
+        (1, b"\x03" + encode_store_response(CT, "1.2.3.4.5", 7, 0)),
+        (255, b"\x02" + bytes(range(256)) * 3),
+        (3, b"\x03"),
+    ]:
+        primitive = P_DATA()
+        primitive.presentation_data_value_list.append((cx, pdv))
+        ref = P_DATA_TF()
+        ref.from_primitive(primitive)
+        assert encode_pdata_tf(cx, pdv) == ref.encode()

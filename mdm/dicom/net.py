@@ -463,6 +463,9 @@ def encode_store_response(sop_class: str, sop_instance: str, message_id: int, st
     return _implicit(0x0000, struct.pack("<I", len(body))) + body
 
 
+_NO_COMMAND_SET = Dataset()
+
+
 class _FastMessage(DIMSEMessage):
     """A DIMSE message being received whose command set, when it is one of the per-object
     messages, is read by :func:`mdm.dicom.command.read_command` instead of pydicom.
@@ -476,7 +479,8 @@ class _FastMessage(DIMSEMessage):
         self.context_id = None
         self.encoded_command_set = BytesIO()
         self.data_set = BytesIO()
-        self.command_set = Dataset()
+        # Never read on this path (EVT_DIMSE_RECV has no handler); a fallback decodes its own.
+        self.command_set = _NO_COMMAND_SET
         self._data_set_path = None
         self._data_set_file = None
         self._primitive: Any = None
@@ -527,6 +531,14 @@ class _FastMessage(DIMSEMessage):
         return primitive
 
 
+def encode_pdata_tf(context_id: int, pdv: bytes) -> bytes:
+    """A P-DATA-TF PDU of one presentation data value item (PS3.8 9.3.5)."""
+    return _PDATA_HEAD.pack(0x04, 0, len(pdv) + 5, len(pdv) + 1, context_id) + pdv
+
+
+_PDATA_HEAD = struct.Struct(">BBLLB")  # PDU type, reserved, PDU length, item length, context
+
+
 class FastDIMSE(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider, with direct encoding and decoding of the per-object
     command sets.
@@ -566,11 +578,30 @@ class FastDIMSE(DIMSEServiceProvider):
             except (ValueError, struct.error):
                 cmd = b""
             if cmd and (not self.maximum_pdu_size or len(cmd) + 6 <= self.maximum_pdu_size):
+                if self._send_now(context_id, b"\x03" + cmd):
+                    return
                 pdata = P_DATA()
                 pdata.presentation_data_value_list.append((context_id, b"\x03" + cmd))
                 self.dul.send_pdu(pdata)
                 return
         super().send_msg(primitive, context_id)
+
+    def _send_now(self, context_id: int, pdv: bytes) -> bool:
+        """Write a one-PDV P-DATA-TF straight to the socket when called on the DUL thread
+        (an inbound C-STORE served inline) in the data-transfer state with nothing queued
+        before it: what the state machine would do (Sta6 + Evt9: DT-1, stay in Sta6), without
+        the queue round and pynetdicom's PDU encoder. False: send the usual way."""
+        dul = self.dul
+        if (
+            threading.current_thread() is not dul
+            or dul.state_machine.current_state != "Sta6"
+            or not dul.to_provider_queue.empty()
+            or dul.socket is None
+            or self.assoc.get_handlers(evt.EVT_PDU_SENT)
+        ):
+            return False
+        dul.socket.send(encode_pdata_tf(context_id, pdv))
+        return True
 
 
 def _reactor_should_stop(assoc: Association) -> bool:
@@ -635,7 +666,9 @@ class _InlineStoreQueue(queue.Queue):  # type: ignore[type-arg]
     context is served as it is put, on the DUL thread that decoded it, instead of waking the
     association thread for it (one thread hand-off less per object received).
 
-    Only when nothing is queued before it (order kept) and nothing can make pynetdicom's
+    Only once the association thread has marked the association established (the first
+    P-DATA can arrive before it has: pynetdicom's service class then answers nothing),
+    when nothing is queued before it (order kept), and when nothing can make pynetdicom's
     ``_serve_request`` abort (a rejected context, a release under way, an invalid
     request): an abort waits for the DUL thread to end, which this thread cannot do.
     The handler's response is queued to the DUL like any other and sent on its next round.
@@ -650,6 +683,7 @@ class _InlineStoreQueue(queue.Queue):  # type: ignore[type-arg]
         assoc = self._assoc
         if (
             type(msg) is C_STORE
+            and assoc.is_established
             and msg.is_valid_request
             and context_id in assoc._accepted_cx
             and not assoc._sent_release

@@ -62,7 +62,7 @@ def file_meta(
 
 
 def part10(
-    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, dataset: bytes
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, dataset: bytes | memoryview
 ) -> bytes:
     """The whole Part-10 file: preamble, ``DICM``, file meta, then ``dataset`` as given."""
     return b"".join(

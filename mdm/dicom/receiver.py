@@ -313,9 +313,11 @@ class StorageSCP:
             )
             return STORE_NOT_AUTHORISED
         transfer_syntax = str(event.context.transfer_syntax)
-        dataset = cast(BytesIO, req.DataSet).getvalue()
         try:
-            data = part10(sop_class, sop_uid, transfer_syntax, dataset)
+            # A view of the received bytes: the Part-10 file is their only copy.
+            with cast(BytesIO, req.DataSet).getbuffer() as dataset:
+                data = part10(sop_class, sop_uid, transfer_syntax, dataset)
+                dataset_offset = len(data) - dataset.nbytes
         except ValueError:
             self._count("refused_sink_error")
             exp.refused += 1
@@ -333,7 +335,7 @@ class StorageSCP:
             transfer_syntax=transfer_syntax,
             data=data,
             calling_aet=calling,
-            dataset_offset=len(data) - len(dataset),
+            dataset_offset=dataset_offset,
         )
         try:
             exp.sink(obj)
