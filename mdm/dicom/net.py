@@ -134,8 +134,20 @@ class FastAssociationSocket(AssociationSocket):
             # recv() once select() saw data, so this bounds a peer that stops mid-PDU.
             self.socket.settimeout(self.stall_timeout)
 
-    def recv(self, nr_bytes: int) -> bytearray:
-        """Read exactly ``nr_bytes`` (fewer only if the peer closed), in as few calls as can be."""
+    readable = False
+    """Set by FastDUL when its ``select`` just saw data: the next ``ready`` needs no second
+    ``select``. Only the DUL thread reads the socket, so the data is still there."""
+
+    @property
+    def ready(self) -> bool:
+        if self.readable:
+            self.readable = False
+            return True
+        return super().ready
+
+    def recv(self, nr_bytes: int, quickack: bool = True) -> bytearray:
+        """Read exactly ``nr_bytes`` (fewer only if the peer closed), in as few calls as can be.
+        ``quickack=False``: leave quick-ack mode alone (a PDU header, its body follows)."""
         sock = self.socket
         assert sock is not None
         buf = bytearray(nr_bytes)
@@ -149,7 +161,7 @@ class FastAssociationSocket(AssociationSocket):
                 got += n
         finally:
             view.release()
-        if _HAS_QUICKACK:
+        if _HAS_QUICKACK and quickack:
             # Linux leaves quick-ack mode on its own; re-arm it so our C-STORE-RSP/C-FIND
             # requests are not held behind a delayed ACK.
             try:
@@ -313,6 +325,8 @@ class FastDUL(DULServiceProvider):
         except (OSError, ValueError):  # the socket was closed under us: next round sees it
             time.sleep(0.001)
             return
+        if len(fds) > 1 and fds[1] in ready and isinstance(sock, FastAssociationSocket):
+            sock.readable = True
         if self._wake_r in ready:
             try:
                 os.read(self._wake_r, 4096)
@@ -334,7 +348,10 @@ class FastDUL(DULServiceProvider):
         """
         sock = cast(AssociationSocket, self.socket)
         try:
-            head = sock.recv(6)
+            if isinstance(sock, FastAssociationSocket):
+                head = sock.recv(6, quickack=False)
+            else:
+                head = sock.recv(6)
             if len(head) == 6:
                 pdu_type, _, length = struct.unpack(">BBL", head)
                 body = sock.recv(length) if pdu_type in _PDU_TYPES else bytearray()
