@@ -528,6 +528,66 @@ def test_inbound_store_is_served_on_the_thread_that_read_it(
 # --- deadlines -------------------------------------------------------------------------------
 
 
+def test_a_slow_move_that_keeps_progressing_is_not_cut_off(
+    pacs: LocalOrthanc, retriever: Retriever, data: list[Inst]
+) -> None:
+    """The deadline is a progress deadline: each object that arrives (and each pending
+    C-MOVE response) restarts it, so a C-MOVE longer than the timeout completes."""
+    ct = [i for i in data if i.sop_class_uid == data[0].sop_class_uid]
+    series = [i for i in ct if i.series_uid == ct[0].series_uid]
+    assert len(series) >= 5
+    got = Collector()
+
+    def slow(obj: ReceivedObject) -> None:
+        time.sleep(0.25)
+        got(obj)
+
+    started = time.monotonic()
+    out = retriever.retrieve(
+        site_of(pacs, "SLOWSINK", retrieve="move", timeout=0.7),
+        level="SERIES",
+        study_uid=series[0].study_uid,
+        series_uid=series[0].series_uid,
+        expected={i.sop_uid for i in series},
+        sink=slow,
+    )
+    assert time.monotonic() - started > 0.7 * 1.5
+    assert out.received == {i.sop_uid for i in series} and not out.missing
+
+
+def test_pending_responses_go_to_the_progress_callback() -> None:
+    from io import BytesIO
+
+    from pynetdicom.dimse_primitives import C_FIND, C_MOVE
+
+    from mdm.dicom.net import ProgressQueue
+
+    def rsp(status: int, **kw: object) -> C_MOVE:
+        p = C_MOVE()
+        p.MessageIDBeingRespondedTo = 1
+        p.Status = status
+        p.Identifier = BytesIO()
+        for k, v in kw.items():
+            setattr(p, k, v)
+        return p
+
+    q = ProgressQueue()
+    seen: list[int] = []
+    q.put((1, rsp(0xFF00)))  # no callback: queued as pynetdicom would
+    q.on_pending = lambda: seen.append(1)
+    q.put((1, rsp(0xFF00, NumberOfRemainingSuboperations=3)))
+    q.put((1, rsp(0xFF01)))
+    final, commented = rsp(0x0000), rsp(0xFF00, ErrorComment="odd")
+    with_identifier = rsp(0xFF00, Identifier=BytesIO(b"\x08\x00\x58\x00\x00\x00\x00\x00"))
+    find = C_FIND()
+    find.MessageIDBeingRespondedTo, find.Status = 1, 0xFF00
+    for item in (final, commented, with_identifier, find, None):
+        q.put((1, item))
+    assert seen == [1, 1]
+    queued = [q.get_nowait()[1] for _ in range(q.qsize())]
+    assert len(queued) == 6 and queued[1:] == [final, commented, with_identifier, find, None]
+
+
 def test_stopped_pacs_times_out_within_the_deadline(
     pacs: LocalOrthanc, retriever: Retriever, data: list[Inst]
 ) -> None:

@@ -31,6 +31,7 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable
 from io import BytesIO
 from types import TracebackType
 from typing import Any, cast
@@ -43,7 +44,7 @@ from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
@@ -197,6 +198,7 @@ class TunedAE(ApplicationEntity):
         if type(assoc) is Association:
             assoc.__class__ = FastRequestorAssociation
         install_fast_layers(assoc)
+        assoc.dimse.msg_queue = ProgressQueue()
         sock = FastAssociationSocket(assoc, address=address)
         sock.stall_timeout = self.stall_timeout
         sock.tls_args = tls_args
@@ -676,6 +678,38 @@ class FastRequestorAssociation(Association):
                 self._serve_request(msg, cast(int, context_id))
             if _reactor_should_stop(self):
                 return
+
+
+_PENDING = (0xFF00, 0xFF01)
+
+
+class ProgressQueue(queue.Queue):  # type: ignore[type-arg]
+    """The DIMSE message queue of an outbound association. While a retrieval has set
+    :attr:`on_pending`, a pending C-MOVE/C-GET response that carries nothing but its
+    sub-operation counts is reported to it on the DUL thread, and not queued for the thread
+    that reads the responses: that thread then wakes for C-STOREs (C-GET) and for the final
+    response only, not once more per object. pynetdicom does nothing with a pending
+    response but count and log it (its response generator; there is no DIMSE timeout to
+    reset here, the Watchdog is the deadline and ``on_pending`` touches it).
+    """
+
+    on_pending: Callable[[], None] | None = None
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        report = self.on_pending
+        msg = item[1]
+        if (
+            report is not None
+            and type(msg) in (C_MOVE, C_GET)
+            and msg.MessageIDBeingRespondedTo is not None
+            and msg.Status in _PENDING
+            and msg.ErrorComment is None
+            and msg.OffendingElement is None
+            and (msg.Identifier is None or not msg.Identifier.getvalue())
+        ):
+            report()
+            return
+        super().put(item, block, timeout)
 
 
 class _InlineStoreQueue(queue.Queue):  # type: ignore[type-arg]

@@ -38,6 +38,7 @@ from mdm.dicom.net import (
     TRANSFER_SYNTAXES,
     VERIFICATION,
     WARNING,
+    ProgressQueue,
     TunedAE,
     Watchdog,
     abort_association,
@@ -522,9 +523,18 @@ class Retriever:
                 )
             healthy = False
             answered = False
+            pending: list[int] = []
+            progress = conn.assoc.dimse.msg_queue
             try:
                 wd = Watchdog(conn.assoc, site.timeout)
                 watch[:] = [wd]
+                if isinstance(progress, ProgressQueue):
+                    # Pending responses touch the deadline on the DUL thread, unqueued.
+                    def on_pending(wd: Watchdog = wd, seen: list[int] = pending) -> None:
+                        wd.touch()
+                        seen.append(1)
+
+                    progress.on_pending = on_pending
                 with wd:
                     if mode == "move":
                         responses = conn.assoc.send_c_move(
@@ -543,6 +553,7 @@ class Retriever:
                             final = code
                             break
                 watch.clear()
+                answered = answered or bool(pending)
                 if final is not None:
                     healthy = not wd.tripped
                     return final
@@ -563,6 +574,8 @@ class Retriever:
             except ValueError as e:  # pynetdicom: no accepted context / cannot encode
                 raise RetrieveError(f"site {site.name}: C-{mode.upper()} not sent: {e}") from None
             finally:
+                if isinstance(progress, ProgressQueue):
+                    progress.on_pending = None
                 watch.clear()
                 pool.release(conn, healthy)
         raise AssertionError("unreachable")  # pragma: no cover
