@@ -600,15 +600,7 @@ def test_stopped_pacs_times_out_within_the_deadline(
     inst = data[0]
     got = Collector()
     # Warm the pool so the silent peer is met both on a pooled association and a new one.
-    retriever.retrieve(
-        site,
-        level="IMAGE",
-        study_uid=inst.study_uid,
-        series_uid=inst.series_uid,
-        sop_uids=[inst.sop_uid],
-        expected={inst.sop_uid},
-        sink=got,
-    )
+    retrieve_one(retriever, site, inst, got)
     pacs.pause()
     try:
         for _ in range(2):

@@ -67,6 +67,7 @@ from pynetdicom.transport import (
 
 from mdm.config import SiteSettings
 from mdm.dicom.command import read_command
+from mdm.dicom.part10 import ui_value
 from mdm.errors import RetrieveError, RetrieveTimeout
 
 log = logging.getLogger(__name__)
@@ -198,7 +199,6 @@ class TunedAE(ApplicationEntity):
         if type(assoc) is Association:
             assoc.__class__ = FastRequestorAssociation
         install_fast_layers(assoc)
-        assoc.dimse.msg_queue = ProgressQueue()
         sock = FastAssociationSocket(assoc, address=address)
         sock.stall_timeout = self.stall_timeout
         sock.tls_args = tls_args
@@ -450,9 +450,11 @@ class FastDUL(DULServiceProvider):
 
 def install_fast_layers(assoc: Association) -> None:
     """Give a not-yet-started association a :class:`FastDUL` (before ``set_socket``) and a
-    :class:`FastDIMSE`."""
+    :class:`FastDIMSE` whose message queue fits its role: :class:`ProgressQueue` for ours,
+    :class:`_InlineStoreQueue` for a PACS's (inbound C-STOREs)."""
     assoc.dul = FastDUL(assoc)
     assoc.dimse = FastDIMSE(assoc)
+    assoc.dimse.msg_queue = ProgressQueue() if assoc.is_requestor else _InlineStoreQueue(assoc)
 
 
 _IMPLICIT_ELEMENT = struct.Struct("<HHI")  # group, element, 32-bit length
@@ -462,21 +464,16 @@ def _implicit(element: int, value: bytes) -> bytes:
     return _IMPLICIT_ELEMENT.pack(0x0000, element, len(value)) + value
 
 
-def _uid_value(uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
 def encode_store_response(sop_class: str, sop_instance: str, message_id: int, status: int) -> bytes:
     """The command set of a C-STORE-RSP without a data set (PS3.7 9.3.1.2), Implicit VR LE."""
     body = b"".join(
         (
-            _implicit(0x0002, _uid_value(sop_class)),
+            _implicit(0x0002, ui_value(sop_class)),
             _implicit(0x0100, struct.pack("<H", 0x8001)),
             _implicit(0x0120, struct.pack("<H", message_id)),
             _implicit(0x0800, struct.pack("<H", 0x0101)),
             _implicit(0x0900, struct.pack("<H", status)),
-            _implicit(0x1000, _uid_value(sop_instance)),
+            _implicit(0x1000, ui_value(sop_instance)),
         )
     )
     return _implicit(0x0000, struct.pack("<I", len(body))) + body
@@ -597,11 +594,11 @@ class FastDIMSE(DIMSEServiceProvider):
             except (ValueError, struct.error):
                 cmd = b""
             if cmd and (not self.maximum_pdu_size or len(cmd) + 6 <= self.maximum_pdu_size):
-                if self._send_now(context_id, b"\x03" + cmd):
-                    return
-                pdata = P_DATA()
-                pdata.presentation_data_value_list.append((context_id, b"\x03" + cmd))
-                self.dul.send_pdu(pdata)
+                pdv = b"\x03" + cmd  # last fragment of a command set
+                if not self._send_now(context_id, pdv):
+                    pdata = P_DATA()
+                    pdata.presentation_data_value_list.append((context_id, pdv))
+                    self.dul.send_pdu(pdata)
                 return
         super().send_msg(primitive, context_id)
 
@@ -629,17 +626,11 @@ def _reactor_should_stop(assoc: Association) -> bool:
     if assoc.is_established and assoc.acse.is_release_requested():
         assoc.acse.send_release(is_response=True)
         assoc.is_released = True
-        assoc.is_established = False
-        evt.trigger(assoc, evt.EVT_RELEASED, {})
-        assoc.kill()
-        return True
+        return _ended(assoc, evt.EVT_RELEASED)
     if assoc.acse.is_aborted():
         assoc.dul.receive_pdu(wait=False)
         assoc.is_aborted = True
-        assoc.is_established = False
-        evt.trigger(assoc, evt.EVT_ABORTED, {})
-        assoc.kill()
-        return True
+        return _ended(assoc, evt.EVT_ABORTED)
     if not assoc.dul.is_alive():
         assoc.kill()
         return True
@@ -649,6 +640,13 @@ def _reactor_should_stop(assoc: Association) -> bool:
         assoc.kill()
         return True
     return False
+
+
+def _ended(assoc: Association, event: Any) -> bool:
+    assoc.is_established = False
+    evt.trigger(assoc, event, {})
+    assoc.kill()
+    return True
 
 
 class FastRequestorAssociation(Association):
@@ -722,7 +720,7 @@ class _InlineStoreQueue(queue.Queue):  # type: ignore[type-arg]
     when nothing is queued before it (order kept), and when nothing can make pynetdicom's
     ``_serve_request`` abort (a rejected context, a release under way, an invalid
     request): an abort waits for the DUL thread to end, which this thread cannot do.
-    The handler's response is queued to the DUL like any other and sent on its next round.
+    The handler's response goes straight to the socket (``FastDIMSE._send_now``).
     """
 
     def __init__(self, assoc: Association) -> None:
@@ -783,7 +781,6 @@ class _TunedRequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         assoc = FastAssociation(self.ae, MODE_ACCEPTOR)
         install_fast_layers(assoc)
-        assoc.dimse.msg_queue = _InlineStoreQueue(assoc)
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{time.strftime('%Y%m%d%H%M%S')}"
         sock = FastAssociationSocket(assoc, client_socket=self.request)

@@ -19,7 +19,8 @@ _SHORT = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length
 _LONG = struct.Struct("<HH2s2xI")  # group, element, VR, reserved, 32-bit length
 
 
-def _ui(value: str) -> bytes:
+def ui_value(value: str) -> bytes:
+    """A UI value as encoded: ASCII, padded with a NUL to an even length."""
     raw = value.encode("ascii")
     return raw + b"\x00" if len(raw) % 2 else raw
 
@@ -51,10 +52,10 @@ def file_meta(
     body = b"".join(
         (
             _LONG.pack(0x0002, 0x0001, b"OB", 2) + b"\x00\x01",
-            _short(0x0002, b"UI", _ui(sop_class_uid)),
-            _short(0x0003, b"UI", _ui(sop_instance_uid)),
-            _short(0x0010, b"UI", _ui(transfer_syntax)),
-            _short(0x0012, b"UI", _ui(implementation_uid)),
+            _short(0x0002, b"UI", ui_value(sop_class_uid)),
+            _short(0x0003, b"UI", ui_value(sop_instance_uid)),
+            _short(0x0010, b"UI", ui_value(transfer_syntax)),
+            _short(0x0012, b"UI", ui_value(implementation_uid)),
             _short(0x0013, b"SH", _text(implementation_version)),
         )
     )
