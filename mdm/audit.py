@@ -137,6 +137,16 @@ def _self_hash_ok(line: bytes) -> bool:
     )
 
 
+def line_digest(line: bytes) -> str:
+    """SHA-256 (hex) of a line without its newline: what ``prev``, ``.head`` and anchors hold."""
+    return _sha(line)
+
+
+def record_seq(line: bytes) -> int | None:
+    """The ``seq`` of a line, or None if it is not a record."""
+    return _parse_seq(line)
+
+
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -317,6 +327,23 @@ class AuditLog:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
             self._maybe_fsync()
             return seq
+
+    def checkpoint(self) -> tuple[str, int, str] | None:
+        """``(chain, seq, head)`` of the file now: the SHA-256 of its first line, the seq of
+        its last record and that line's SHA-256 (None if it is empty or the log closed)."""
+        with self._lock:
+            if self._fd < 0:
+                return None
+            self._reopen_if_rotated()
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                self._sync_tail()
+                if self._seq == 0:
+                    return None
+                first = os.pread(self._fd, 65536, 0).split(b"\n", 1)[0]
+                return _sha(first), self._seq, self._prev
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _reopen_if_rotated(self) -> None:
         try:

@@ -1,7 +1,8 @@
 """``mdm audit verify|tail``: check and read the hash-chained audit log.
 
 Registered in :mod:`mdm.cli` with ``main.add_command(audit)``. ``verify`` exits 0 when the chain
-is intact and 1 when it is not, listing every problem with its line number.
+is intact and agrees with every anchor the key servers signed, and 1 when it does not, listing
+every problem with its line number.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 import click
 
 from mdm.audit import follow, read_tail, summarize, verify_report
-from mdm.config import load_config
+from mdm.audit_anchor import check_anchors, collect_anchors
+from mdm.config import Config, load_config
 from mdm.errors import UserError
 
 
@@ -52,15 +54,37 @@ def audit() -> None:
 @audit.command("verify")
 @_config
 @_log
-def audit_verify(config_path: Path, log_path: Path | None) -> None:
-    """Check the hash chain; exit 1 naming each edited, removed or reordered line."""
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path),
+    default=lambda: os.environ.get("MDM_TOKEN_FILE"),
+    help="A JWT to ask the key servers for the log's anchors (also $MDM_TOKEN_FILE).",
+)
+def audit_verify(config_path: Path, log_path: Path | None, token_file: Path | None) -> None:
+    """Check the hash chain and the key servers' anchors; exit 1 naming each problem."""
     path = _log_path(config_path, log_path)
-    count, problems = verify_report(path)
+    config: Config | None = None
+    if log_path is None or config_path.exists():
+        config = load_config(config_path)
+    token = None
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise UserError(f"cannot read the token file {token_file}: {e.strerror}") from None
+    # Anchors first, then the log: every anchor then refers to records already in the file.
+    anchors = collect_anchors(path, config.keys if config else None, token)
+    count, base = verify_report(path)
+    problems = [(path, p) for p in base] + anchors.problems
+    more, notes = check_anchors(path, anchors.anchors)
+    problems += more
+    for note in anchors.notes + notes:
+        click.echo(f"{path}: {note}")
     if not problems:
         click.echo(f"{path}: {count} records, chain intact")
         return
-    for p in problems:
-        click.echo(f"{path}: {p}")
+    for where, p in problems:
+        click.echo(f"{where}: {p}")
     click.echo(f"{path}: {count} lines, {len(problems)} problem(s): chain NOT intact")
     sys.exit(1)
 

@@ -5,7 +5,8 @@
   said in the log; a token given anyway is an error;
 - with ``[identity]``: a valid token is mandatory and ``[policy]`` is required; the policy is
   loaded at once (a broken policy refuses to start) and hot-reloaded afterwards;
-- with ``[audit]``: every open, retrieval and key use is recorded.
+- with ``[audit]``: every open, retrieval and key use is recorded; with ``[keys] servers`` too,
+  the log is anchored at the key servers (mdm.audit_anchor).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from mdm.access import AccessResolver, LocalAdminResolver
 from mdm.audit import AuditLog
+from mdm.audit_anchor import AuditAnchorer, anchorer_for
 from mdm.config import Config
 from mdm.errors import ConfigError, UserError
 from mdm.identity import LOCAL_ADMIN, Principal, TokenFile, TokenVerifier
@@ -34,9 +36,13 @@ class Session:
     audit: AuditLog | None
     local_admin: bool
     token_file: Path | None = None
+    anchor: AuditAnchorer | None = None
+    """Sends the audit log's checkpoints to the key servers (with ``[keys] servers``)."""
 
     def close(self) -> None:
-        """Flush and close the audit log."""
+        """Anchor the last records, then flush and close the audit log."""
+        if self.anchor is not None:
+            self.anchor.close()
         if self.audit is not None:
             self.audit.close()
 
@@ -77,4 +83,5 @@ def open_session(config: Config, token_file: Path | None, *, audit: bool = True)
         config.policy.dir,
         resolver.version(),
     )
-    return Session(tokens.current, resolver, audit_log, False, token_file)
+    anchor = anchorer_for(audit_log, config.keys, token_file) if audit_log is not None else None
+    return Session(tokens.current, resolver, audit_log, False, token_file, anchor)

@@ -21,6 +21,10 @@ Endpoints (JSON bodies, JSON answers, ``{"error": "..."}`` on failure):
 ``POST /v1/admin/rotate/reseal``       ``{"identity", "scope", "index", "kid", "sealed"}``
                                        -> ``{"kid", "sealed"}``
 ``POST /v1/admin/rotate/finish``       ``{"scope"}`` -> ``{"kid", "public"}``
+``POST /v1/anchor``      (token)       ``{"log", "chain", "seq", "head"}`` -> ``{"index",
+                                       "anchor"}`` (mdm.keyservice.anchor)
+``POST /v1/anchor/list`` (token)       ``{"log", "after"}`` -> ``{"index", "public",
+                                       "anchors", "next"}``
 =====================================  ===========================================
 """
 
@@ -43,6 +47,7 @@ from mdm.audit import AuditLog
 from mdm.config import IdentitySettings, PolicySettings, _Section
 from mdm.errors import ConfigError, IntegrityError, UserError
 from mdm.identity import InvalidToken, Principal, TokenVerifier
+from mdm.keyservice.anchor import AnchorBook, AnchorConflict, AnchorRequestError, book_path
 from mdm.keyservice.seal import open_from, public_bytes, seal_to
 from mdm.keyservice.store import KeyStore
 from mdm.keyservice.wire import (
@@ -182,6 +187,9 @@ class KeyServiceApp:
         self.verifier = TokenVerifier(settings.identity)
         self.resolver = PolicyResolver(settings.policy.dir, reload_interval=1.0, settle=0.25)
         self.audit = AuditLog(settings.audit_log)
+        self.anchors = AnchorBook(
+            book_path(settings.keystore, self.index), self.index, self.keys.anchor_key
+        )
 
     # -- ASGI -------------------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
@@ -242,6 +250,8 @@ class KeyServiceApp:
             "/v1/admin/rotate/begin": self._rotate_begin,
             "/v1/admin/rotate/reseal": self._rotate_reseal,
             "/v1/admin/rotate/finish": self._rotate_finish,
+            "/v1/anchor": self._anchor,
+            "/v1/anchor/list": self._anchor_list,
         }
         try:
             if path == "/v1/health" and method == "GET":
@@ -448,9 +458,47 @@ class KeyServiceApp:
         self._audit(_ADMIN, "rotate-finish", "allow", {"site": site, "level": level}, kid=kid)
         return {"index": self.index, "kid": kid, "public": b64e(public)}
 
+    def _anchor(self, bearer: str, req: dict[str, Any]) -> dict[str, Any]:
+        res = {"kind": "audit-anchor"}
+        principal = self._principal(bearer, "audit-anchor", res)
+        args = (req.get("log"), req.get("chain"), req.get("seq"), req.get("head"))
+        try:
+            anchor, new = self.anchors.checkpoint(*args)  # type: ignore[arg-type]
+        except AnchorRequestError as e:
+            raise Refused(400, str(e)) from None
+        except AnchorConflict as e:
+            self._audit(principal, "audit-anchor", "deny", res, log_id=args[0], reason=str(e))
+            raise Refused(409, f"key server {self.index}: {e}") from None
+        if new:
+            self._audit(
+                principal,
+                "audit-anchor",
+                "allow",
+                res,
+                log_id=anchor.log,
+                chain=anchor.chain,
+                anchor_seq=anchor.seq,
+                head=anchor.head,
+            )
+        return {"index": self.index, "anchor": anchor.to_dict()}
+
+    def _anchor_list(self, bearer: str, req: dict[str, Any]) -> dict[str, Any]:
+        self._principal(bearer, "audit-anchor-list", {"kind": "audit-anchor"})
+        try:
+            page, nxt = self.anchors.list(req.get("log"), req.get("after", 0))  # type: ignore[arg-type]
+        except AnchorRequestError as e:
+            raise Refused(400, str(e)) from None
+        return {
+            "index": self.index,
+            "public": b64e(self.keys.anchor_public()),
+            "anchors": [a.to_dict() for a in page],
+            "next": nxt,
+        }
+
     def close(self) -> None:
-        """Close the audit log."""
+        """Close the audit log and the anchor book."""
         self.audit.close()
+        self.anchors.close()
 
 
 def serve(settings: ServerSettings) -> None:

@@ -7,8 +7,9 @@ Writes into DIR::
     server-K.keys.json (0600)            server K's key store (scope keys, secret share)
     server-K.toml                        server K's config: listen, TLS, key store, audit log,
                                          and the [identity] and [policy] of mdm.toml
-    public-keys.json                     every server's public scope keys and the
-                                         master-secret commitments (read by mounts)
+    public-keys.json                     every server's public scope keys, the
+                                         master-secret commitments (read by mounts) and
+                                         the public keys of the servers' audit anchors
     admin.key (0600)                     the admin credential for ``mdm keys rotate``
 """
 
@@ -131,6 +132,7 @@ def init_deployment(
     master_shares = dict(sss.split(master, threshold, shares))
     labels = [Scope(s.name, lv).label() for s in config.sites for lv in LEVELS]
     public_scopes: dict[str, dict[str, dict[str, str]]] = {label: {} for label in labels}
+    anchor_public: dict[str, str] = {}
     configs: list[Path] = []
     urls: list[str] = []
     ident, pol = config.identity, config.policy
@@ -156,6 +158,7 @@ def init_deployment(
         store = KeyStore.create(
             d / f"server-{k}.keys.json", k, admin_hash(admin), master_shares[k], labels
         )
+        anchor_public[str(k)] = b64e(store.anchor_public())
         for label in labels:
             got = store.public(label)
             assert got is not None
@@ -186,6 +189,7 @@ def init_deployment(
         "threshold": threshold,
         "servers": urls,
         "scopes": public_scopes,
+        "anchor": anchor_public,
         "secret": {
             "check": b64e(sss.commit(SECRET_CONTEXT, 0, master)),
             "commitments": {

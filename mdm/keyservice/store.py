@@ -3,7 +3,7 @@
 One JSON file, mode 0600, refused if group/other may access it or another user owns it::
 
     {"version": 1, "index": K, "admin": "<sha256 hex of the admin credential>",
-     "secret_share": b64,
+     "secret_share": b64, "anchor_key": b64 raw Ed25519 private key (signs audit anchors),
      "scopes": {"SiteA/identified": {"current": kid, "pending": kid | null,
                                       "keys": {kid: b64 raw X25519 private key}}}}
 
@@ -26,6 +26,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from mdm.errors import ConfigError
@@ -67,6 +69,7 @@ class KeyStore:
         admin: str,
         secret_share: bytes,
         scopes: dict[str, ScopeKeys],
+        anchor_key: Ed25519PrivateKey | None = None,
     ) -> None:
         self.path = path
         self.index = index
@@ -74,6 +77,8 @@ class KeyStore:
         self.secret_share = secret_share
         self._scopes = scopes
         self._lock = threading.Lock()
+        self.anchor_key = anchor_key or Ed25519PrivateKey.generate()
+        """Signs audit anchors (mdm.keyservice.anchor); its public half is in public-keys.json."""
 
     @classmethod
     def create(
@@ -116,11 +121,23 @@ class KeyStore:
                     raise ValueError("scope names a key it does not hold")
                 scopes[label] = sk
             share = b64d(d["secret_share"])
-            return cls(path, int(d["index"]), str(d["admin"]), share, scopes)
+            anchor = d.get("anchor_key")
+            anchor_key = Ed25519PrivateKey.from_private_bytes(b64d(anchor)) if anchor else None
+            ks = cls(path, int(d["index"]), str(d["admin"]), share, scopes, anchor_key)
         except ConfigError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(path, None, f"malformed key store ({type(e).__name__})") from None
+        if anchor_key is None:  # a key store made before audit anchors: give it its key
+            ks._save()
+            log.info("key store %s: made its audit anchor key", path)
+        return ks
+
+    def anchor_public(self) -> bytes:
+        """The raw public key of the audit anchor key."""
+        return self.anchor_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
 
     def _save(self) -> None:
         doc = {
@@ -128,6 +145,13 @@ class KeyStore:
             "index": self.index,
             "admin": self._admin,
             "secret_share": b64e(self.secret_share),
+            "anchor_key": b64e(
+                self.anchor_key.private_bytes(
+                    serialization.Encoding.Raw,
+                    serialization.PrivateFormat.Raw,
+                    serialization.NoEncryption(),
+                )
+            ),
             "scopes": {
                 label: {
                     "current": s.current,
