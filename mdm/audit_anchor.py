@@ -290,9 +290,20 @@ class Anchors:
 
 
 def _list_server(
+    pool: HttpsPool, index: int, lids: list[str], bearer: str, timeout: float
+) -> tuple[list[dict[str, Any]], bytes | None]:
+    """All the anchors server ``index`` holds for the logs ``lids``, and its anchor key."""
+    out: list[dict[str, Any]] = []
+    public: bytes | None = None
+    for lid in lids:
+        got, public = _list_one(pool, index, lid, bearer, timeout)
+        out.extend(got)
+    return out, public
+
+
+def _list_one(
     pool: HttpsPool, index: int, lid: str, bearer: str, timeout: float
 ) -> tuple[list[dict[str, Any]], bytes | None]:
-    """All the anchors server ``index`` holds for log ``lid``, and its public anchor key."""
     host, port = pool.addrs[index - 1]
     out: list[dict[str, Any]] = []
     public: bytes | None = None
@@ -383,11 +394,13 @@ def collect_anchors(path: Path, keys: KeySettings | None, token: str | None) -> 
             f"{ap.name} only, which whoever can write the log can delete"
         )
         return res
+    # The log's name here, and any other under which it was anchored (moved, host renamed).
+    lids = [lid, *sorted({a.log for a in res.anchors} - {lid})]
     pool = HttpsPool(keys.servers, keys.ca_file)
     workers = cf.ThreadPoolExecutor(max_workers=len(keys.servers))
     try:
         futures = {
-            workers.submit(_list_server, pool, i, lid, token, keys.timeout): i
+            workers.submit(_list_server, pool, i, lids, token, keys.timeout): i
             for i in range(1, len(keys.servers) + 1)
         }
         answered: list[int] = []
@@ -412,7 +425,7 @@ def collect_anchors(path: Path, keys: KeySettings | None, token: str | None) -> 
                 except ValueError:
                     failed.append(f"{pool.label(i)}: sent a malformed anchor")
                     continue
-                if a.server != i or a.log != lid:
+                if a.server != i or a.log not in lids:
                     failed.append(f"{pool.label(i)}: sent another server's or log's anchor")
                     continue
                 add(a, Path(pool.label(i)), 0)
@@ -434,11 +447,17 @@ def collect_anchors(path: Path, keys: KeySettings | None, token: str | None) -> 
     return res
 
 
-def _age(t: str, now: datetime) -> str:
+def _parse_time(t: str) -> datetime:
     try:
-        s = (now - datetime.fromisoformat(t)).total_seconds()
+        return datetime.fromisoformat(t)
     except ValueError:
-        return "unknown age"
+        return datetime.max.replace(tzinfo=UTC)
+
+
+def _age(t: str, now: datetime) -> str:
+    s = (now - _parse_time(t)).total_seconds()
+    if s < 0:
+        return "in the future"
     if s < 120:
         return f"{s:.0f} s ago"
     if s < 7200:
@@ -458,10 +477,18 @@ def _hash_at(fc: FileChain, seq: int) -> str:
 
 
 def check_anchors(
-    path: Path, anchors: list[Anchor], now: datetime | None = None
+    path: Path,
+    anchors: list[Anchor],
+    now: datetime | None = None,
+    since: datetime | None = None,
 ) -> tuple[list[tuple[Path, AuditProblem]], list[str]]:
-    """Check the log and its rotated files against every anchor; ``(problems, notes)``."""
+    """Check the log and its rotated files against every anchor; ``(problems, notes)``.
+
+    A chain last anchored before ``since`` (a rotated file deleted after its retention) is not
+    looked for; one that is found is checked all the same.
+    """
     now = now or datetime.now(UTC)
+    retired = 0
     problems: list[tuple[Path, AuditProblem]] = []
     notes: list[str] = []
     live = read_chain(path)
@@ -475,6 +502,9 @@ def check_anchors(
         newest = max(group, key=lambda a: (a.seq, a.time))
         who = f"{_servers(group, newest.seq)} anchored seq {newest.seq} at {newest.time}"
         fc = files.get(chain)
+        if fc is None and since is not None and _parse_time(newest.time) < since:
+            retired += 1
+            continue
         if fc is None:
             if live is None or live.count == 0:
                 state = "missing" if live is None else "empty"
@@ -530,6 +560,8 @@ def check_anchors(
                 f"{newest.time} ({_age(newest.time, now)}); {after} record(s) after it are not "
                 "anchored yet (whoever can write the log could have appended or changed them)"
             )
+    if retired:
+        notes.append(f"{retired} chain(s) last anchored before {since:%Y-%m-%d} not looked for")
     if live is not None and live.chain is not None and live.chain not in groups and anchors:
         notes.append("no anchor covers this file yet (a new or rotated log)")
     return problems, notes

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -60,7 +61,15 @@ def audit() -> None:
     default=lambda: os.environ.get("MDM_TOKEN_FILE"),
     help="A JWT to ask the key servers for the log's anchors (also $MDM_TOKEN_FILE).",
 )
-def audit_verify(config_path: Path, log_path: Path | None, token_file: Path | None) -> None:
+@click.option(
+    "--since",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    default=None,
+    help="Do not look for rotated files last anchored before this day (deleted by retention).",
+)
+def audit_verify(
+    config_path: Path, log_path: Path | None, token_file: Path | None, since: datetime | None
+) -> None:
     """Check the hash chain and the key servers' anchors; exit 1 naming each problem."""
     path = _log_path(config_path, log_path)
     config: Config | None = None
@@ -76,7 +85,9 @@ def audit_verify(config_path: Path, log_path: Path | None, token_file: Path | No
     anchors = collect_anchors(path, config.keys if config else None, token)
     count, base = verify_report(path)
     problems = [(path, p) for p in base] + anchors.problems
-    more, notes = check_anchors(path, anchors.anchors)
+    more, notes = check_anchors(
+        path, anchors.anchors, since=since.replace(tzinfo=UTC) if since else None
+    )
     problems += more
     for note in anchors.notes + notes:
         click.echo(f"{path}: {note}")

@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +83,8 @@ def writer(dep: ks.Deployment, tmp_path: Path) -> Iterator[Writer]:
         w.close()
 
 
-def run_verify(mdm: click.Group, w: Writer, *, token: bool = True) -> Result:
-    args = ["audit", "verify", "--config", str(w.config)]
+def run_verify(mdm: click.Group, w: Writer, *more: str, token: bool = True) -> Result:
+    args = ["audit", "verify", "--config", str(w.config), *more]
     if token:
         args += ["--token-file", str(w.token_file)]
     return CliRunner().invoke(mdm, args, env={"MDM_TOKEN_FILE": None})
@@ -270,6 +271,12 @@ def test_rotation_is_not_tampering_but_a_lost_rotated_file_is(
     assert_detected(run_verify(mdm, writer), f"{old}: line 6: 2 record(s) removed from the end")
     old.unlink()
     assert_detected(run_verify(mdm, writer), "or a rotated file is gone")
+    # Deleted after its retention: --since DAY stops looking for chains anchored before DAY.
+    today = datetime.now(UTC).date()
+    r = run_verify(mdm, writer, "--since", str(today + timedelta(days=1)))
+    assert r.exit_code == 0 and "1 chain(s) last anchored before" in r.output, r.output
+    r = run_verify(mdm, writer, "--since", str(today - timedelta(days=1)))
+    assert_detected(r, "or a rotated file is gone")
 
 
 def test_verify_without_token_uses_the_local_anchors_only(writer: Writer, mdm: click.Group) -> None:

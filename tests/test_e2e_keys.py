@@ -49,6 +49,8 @@ audience = "{AUD}"
 public_keys = "{idp / "jwks.json"}"
 [policy]
 dir = "{tmp_path / "policies"}"
+[audit]
+log = "{tmp_path / "audit.jsonl"}"
 """
     cfg = pair.write_config(tmp_path, bridge_options={"ae_title": aet, "port": port}, extra=extra)
     ports = [free_port() for _ in range(3)]
@@ -100,6 +102,9 @@ dir = "{tmp_path / "policies"}"
         with Mount(cfg, tmp_path / "mnt", token_file=tok) as m:
             for i in on_a:
                 same_dataset(study_path(m.mountpoint, i).read_bytes(), i)
+        # The mount anchored its audit log at the key servers (on unmount at the latest).
+        out = mdm("audit", "verify", "--config", str(cfg), "--token-file", str(tok)).stdout
+        assert "signed by key servers 1, 2, 3" in out and "0 record(s) after it" in out, out
         # Remount: the objects are cached; their keys come from the servers again.
         procs[3].send_signal(signal.SIGSTOP)  # a silent server: 2 of 3 answer
         with Mount(cfg, tmp_path / "mnt", token_file=tok) as m:
