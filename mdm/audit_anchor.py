@@ -221,7 +221,10 @@ class AuditAnchorer:
 
 
 def anchorer_for(
-    audit: AuditLog, keys: KeySettings, token_file: Path | None
+    audit: AuditLog,
+    keys: KeySettings,
+    token_file: Path | None,
+    interval: float = DEFAULT_INTERVAL,
 ) -> AuditAnchorer | None:
     """The anchorer of a log under ``[keys] servers`` (None without servers or a token)."""
     if not keys.servers:
@@ -230,7 +233,7 @@ def anchorer_for(
         log.warning("audit anchor: no token, so the audit log is not anchored at the key servers")
         return None
     tf = token_file
-    return AuditAnchorer(audit, keys, lambda: tf.read_text(encoding="utf-8"))
+    return AuditAnchorer(audit, keys, lambda: tf.read_text(encoding="utf-8"), interval=interval)
 
 
 # -- verification -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import click
 
 from mdm.audit import follow, read_tail, summarize, verify_report
 from mdm.audit_anchor import check_anchors, collect_anchors
+from mdm.audit_syslog import check_copy
 from mdm.config import Config, load_config
 from mdm.errors import UserError
 
@@ -67,8 +68,20 @@ def audit() -> None:
     default=None,
     help="Do not look for rotated files last anchored before this day (deleted by retention).",
 )
+@click.option(
+    "--against",
+    "copies",
+    type=click.Path(path_type=Path, dir_okay=False),
+    multiple=True,
+    help="A copy of the records kept off this host (what [audit] syslog sent): each of its "
+    "records must be in the log unchanged.",
+)
 def audit_verify(
-    config_path: Path, log_path: Path | None, token_file: Path | None, since: datetime | None
+    config_path: Path,
+    log_path: Path | None,
+    token_file: Path | None,
+    since: datetime | None,
+    copies: tuple[Path, ...],
 ) -> None:
     """Check the hash chain and the key servers' anchors; exit 1 naming each problem."""
     path = _log_path(config_path, log_path)
@@ -85,10 +98,13 @@ def audit_verify(
     anchors = collect_anchors(path, config.keys if config else None, token)
     count, base = verify_report(path)
     problems = [(path, p) for p in base] + anchors.problems
-    more, notes = check_anchors(
-        path, anchors.anchors, since=since.replace(tzinfo=UTC) if since else None
-    )
+    since_utc = since.replace(tzinfo=UTC) if since else None
+    more, notes = check_anchors(path, anchors.anchors, since=since_utc)
     problems += more
+    for copy in copies:
+        more, copy_notes = check_copy(path, copy, since_utc)
+        problems += more
+        notes += copy_notes
     for note in anchors.notes + notes:
         click.echo(f"{path}: {note}")
     if not problems:

@@ -132,6 +132,11 @@ class AuditSettings:
     """``[audit]``: the append-only, hash-chained audit log."""
 
     log: Path
+    syslog: str | None = None
+    """``udp://HOST:PORT``, ``tcp://HOST:PORT`` or ``unix:/dev/log``: where each record is
+    copied as it is written (RFC 5424), off the writing host (docs/AUDIT.md)."""
+    anchor_interval: float = 5.0
+    """With ``[keys] servers``: seconds between checkpoints sent to the key servers."""
 
 
 @dataclass(frozen=True)
@@ -274,6 +279,7 @@ class _Section:
         return v
 
 
+_SYSLOG = re.compile(r"^((udp|tcp)://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}|unix:/\S+)$")
 _TOP = {"bridge", "cache", "site", "identity", "policy", "audit", "keys"}
 
 
@@ -416,8 +422,14 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
     audit = None
     atab = top.table_("audit")
     if atab is not None:
-        a = _Section(p, "audit", atab, {"log"})
-        audit = AuditSettings(log=a.path_("log"))
+        a = _Section(p, "audit", atab, {"log", "syslog", "anchor_interval"})
+        syslog = a.get_str("syslog", "") or None
+        if syslog is not None and not _SYSLOG.match(syslog):
+            raise a._err("syslog", "expected udp://HOST:PORT, tcp://HOST:PORT or unix:/PATH")
+        interval = a.duration("anchor_interval", 5.0)
+        if not 0.1 <= interval <= 3600:
+            raise a._err("anchor_interval", "expected between 0.1s and 1h")
+        audit = AuditSettings(log=a.path_("log"), syslog=syslog, anchor_interval=interval)
 
     return Config(
         path=p,

@@ -49,7 +49,12 @@ class Session:
 
 def open_session(config: Config, token_file: Path | None, *, audit: bool = True) -> Session:
     """Build the session of ``config``; raise a UserError (clear message, exit code) if not."""
-    audit_log = AuditLog(config.audit.log) if audit and config.audit is not None else None
+    audit_log = None
+    if audit and config.audit is not None:
+        from mdm.audit_syslog import SyslogSink
+
+        sink = SyslogSink(config.audit.syslog) if config.audit.syslog else None
+        audit_log = AuditLog(config.audit.log, sink=sink)
     if config.identity is None:
         if token_file is not None:
             raise ConfigError(
@@ -83,5 +88,7 @@ def open_session(config: Config, token_file: Path | None, *, audit: bool = True)
         config.policy.dir,
         resolver.version(),
     )
-    anchor = anchorer_for(audit_log, config.keys, token_file) if audit_log is not None else None
+    anchor = None
+    if audit_log is not None and config.audit is not None:
+        anchor = anchorer_for(audit_log, config.keys, token_file, config.audit.anchor_interval)
     return Session(tokens.current, resolver, audit_log, False, token_file, anchor)
