@@ -290,6 +290,9 @@ class Anchors:
     anchors: list[Anchor] = field(default_factory=list)
     problems: list[tuple[Path, AuditProblem]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    caveat: str = ""
+    """Why the verdict rests on local files only (key servers configured but not asked, or
+    none answered); empty when they were asked, or when there are none."""
 
 
 def _list_server(
@@ -396,6 +399,7 @@ def collect_anchors(path: Path, keys: KeySettings | None, token: str | None) -> 
             "the key servers were not asked (no --token-file): checked against "
             f"{ap.name} only, which whoever can write the log can delete"
         )
+        res.caveat = "key servers not asked"
         return res
     # The log's name here, and any other under which it was anchored (moved, host renamed).
     lids = [lid, *sorted({a.log for a in res.anchors} - {lid})]
@@ -445,6 +449,7 @@ def collect_anchors(path: Path, keys: KeySettings | None, token: str | None) -> 
             f"no key server answered: checked against {ap.name} only, which whoever can write "
             "the log can delete"
         )
+        res.caveat = "no key server answered"
     for msg in failed:
         res.notes.append(msg)
     return res

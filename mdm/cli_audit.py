@@ -108,7 +108,8 @@ def audit_verify(
     for note in anchors.notes + notes:
         click.echo(f"{path}: {note}")
     if not problems:
-        click.echo(f"{path}: {count} records, chain intact")
+        caveat = f" (as far as local files show: {anchors.caveat})" if anchors.caveat else ""
+        click.echo(f"{path}: {count} records, chain intact{caveat}")
         return
     for where, p in problems:
         click.echo(f"{where}: {p}")

@@ -289,6 +289,7 @@ def test_verify_without_token_uses_the_local_anchors_only(writer: Writer, mdm: c
     anchors_path(writer.path).unlink()  # without the servers, this hides the truncation
     r = run_verify(mdm, writer, token=False)
     assert r.exit_code == 0 and "which whoever can write the log can delete" in r.output
+    assert "4 records, chain intact (as far as local files show: key servers not asked)" in r.output
 
 
 def test_session_anchors_the_log_it_writes(dep: ks.Deployment, tmp_path: Path) -> None:
@@ -328,6 +329,7 @@ def test_servers_down_do_not_stop_the_writer(
             # verify still checks the local anchors, and says the servers did not answer.
             r = run_verify(mdm, writer)
             assert r.exit_code == 0 and "no key server answered" in r.output, r.output
+            assert "chain intact (as far as local files show: no key server answered)" in r.output
             assert "last anchor: seq 3" in r.output and "4 record(s) after it" in r.output
     finally:
         for k in (1, 2, 3):
