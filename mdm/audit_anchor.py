@@ -346,72 +346,98 @@ def _list_one(
 def collect_anchors(path: Path, keys: KeySettings | None, token: str | None) -> Anchors:
     """The log's anchors from ``<log>.anchors`` and (with servers and a token) the servers.
 
-    Every anchor's signature is checked against ``public-keys.json``; one that does not verify
-    is a problem (a forged or damaged anchor), and is not used.
+    Every anchor's signature is checked against ``public-keys.json`` (or, for a server missing
+    there, the key it sent over verified TLS); one that does not verify, or that names no known
+    server, is a problem (a forged or damaged anchor) and is not used.
     """
     res = Anchors()
-    lid = log_id(path)
     pubkeys = load_anchor_keys(_public_file(keys)) if keys and keys.ca_file else {}
     seen: set[tuple[str, str, int, str, int]] = set()
 
     def add(a: Anchor, where: Path, line_no: int) -> None:
         pub = pubkeys.get(a.server)
-        if pub is not None and not a.verify(pub):
-            res.problems.append(
-                (
-                    where,
-                    AuditProblem(
-                        line_no,
-                        f"anchor of seq {a.seq} does not carry key server {a.server}'s "
-                        "signature (forged or damaged)",
-                    ),
-                )
+        if pub is None and pubkeys:
+            why = f"anchor of seq {a.seq} names key server {a.server}, which does not exist"
+        elif pub is not None and not a.verify(pub):
+            why = (
+                f"anchor of seq {a.seq} does not carry key server {a.server}'s signature "
+                "(forged or damaged)"
             )
+        else:
+            key = (a.log, a.chain, a.seq, a.head, a.server)
+            if key not in seen:
+                seen.add(key)
+                res.anchors.append(a)
             return
-        key = (a.log, a.chain, a.seq, a.head, a.server)
-        if key not in seen:
-            seen.add(key)
-            res.anchors.append(a)
+        res.problems.append((where, AuditProblem(line_no, why)))
 
     ap = anchors_path(path)
-    try:
-        local = ap.read_bytes().splitlines()
-    except FileNotFoundError:
-        local = []
-    except OSError as e:
-        res.notes.append(f"cannot read {ap}: {e.strerror}")
-        local = []
-    for n, line in enumerate(local, 1):
-        try:
-            add(Anchor.from_dict(json.loads(line)), ap, n)
-        except (ValueError, TypeError, AttributeError):
-            res.problems.append((ap, AuditProblem(n, "not a valid anchor (garbled or edited)")))
+    local = _read_local(ap, res)
     if keys is None or not keys.servers or keys.ca_file is None:
         res.notes.append(
             "no key servers configured: the log is not anchored, and a rewrite of the whole "
             "file and its .head is not detected (docs/AUDIT.md)"
         )
-        return res
-    if not pubkeys:
-        res.notes.append(f"{_public_file(keys)} holds no anchor keys: signatures not checked")
-    if not token:
+    elif not token:
         res.notes.append(
             "the key servers were not asked (no --token-file): checked against "
             f"{ap.name} only, which whoever can write the log can delete"
         )
         res.caveat = "key servers not asked"
-        return res
-    # The log's name here, and any other under which it was anchored (moved, host renamed).
-    lids = [lid, *sorted({a.log for a in res.anchors} - {lid})]
+    else:
+        # The log's name here, and any other under which it was anchored (moved, host renamed).
+        lid = log_id(path)
+        lids = [lid, *sorted({a.log for a, _ in local} - {lid})]
+        for i, a in _ask_servers(keys, lids, token, pubkeys, res):
+            add(a, Path(f"key server {i}"), 0)
+        if res.caveat:
+            res.notes.append(
+                f"no key server answered: checked against {ap.name} only, which whoever can "
+                "write the log can delete"
+            )
+    if keys is not None and keys.servers and not pubkeys:
+        res.notes.append(f"{_public_file(keys)} holds no anchor keys: signatures not checked")
+    for a, n in local:  # after the servers: they may have supplied a missing public key
+        add(a, ap, n)
+    return res
+
+
+def _read_local(ap: Path, res: Anchors) -> list[tuple[Anchor, int]]:
+    try:
+        lines = ap.read_bytes().splitlines()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        res.notes.append(f"cannot read {ap}: {e.strerror}")
+        return []
+    out: list[tuple[Anchor, int]] = []
+    for n, line in enumerate(lines, 1):
+        try:
+            out.append((Anchor.from_dict(json.loads(line)), n))
+        except (ValueError, TypeError, AttributeError):
+            res.problems.append((ap, AuditProblem(n, "not a valid anchor (garbled or edited)")))
+    return out
+
+
+def _ask_servers(
+    keys: KeySettings,
+    lids: list[str],
+    token: str,
+    pubkeys: dict[int, Ed25519PublicKey],
+    res: Anchors,
+) -> list[tuple[int, Anchor]]:
+    """Every anchor the servers hold for ``lids``; fills in missing public keys; notes."""
+    assert keys.ca_file is not None
     pool = HttpsPool(keys.servers, keys.ca_file)
     workers = cf.ThreadPoolExecutor(max_workers=len(keys.servers))
+    out: list[tuple[int, Anchor]] = []
+    answered: list[int] = []
+    failed: list[str] = []
     try:
         futures = {
             workers.submit(_list_server, pool, i, lids, token, keys.timeout): i
             for i in range(1, len(keys.servers) + 1)
         }
-        answered: list[int] = []
-        failed: list[str] = []
         for f in cf.as_completed(futures):
             i = futures[f]
             try:
@@ -435,7 +461,7 @@ def collect_anchors(path: Path, keys: KeySettings | None, token: str | None) -> 
                 if a.server != i or a.log not in lids:
                     failed.append(f"{pool.label(i)}: sent another server's or log's anchor")
                     continue
-                add(a, Path(pool.label(i)), 0)
+                out.append((i, a))
     finally:
         workers.shutdown(wait=False, cancel_futures=True)
         pool.close()
@@ -445,14 +471,9 @@ def collect_anchors(path: Path, keys: KeySettings | None, token: str | None) -> 
             f"({', '.join(str(i) for i in sorted(answered))})"
         )
     else:
-        res.notes.append(
-            f"no key server answered: checked against {ap.name} only, which whoever can write "
-            "the log can delete"
-        )
         res.caveat = "no key server answered"
-    for msg in failed:
-        res.notes.append(msg)
-    return res
+    res.notes.extend(failed)
+    return out
 
 
 def _parse_time(t: str) -> datetime:

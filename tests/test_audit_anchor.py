@@ -7,6 +7,7 @@ beat the plain hash chain (``verify`` of mdm.audit finds nothing), then to be re
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -245,11 +246,14 @@ def test_forged_or_edited_anchor_lines(writer: Writer, mdm: click.Group) -> None
     lines = ap.read_bytes().splitlines(keepends=True)
     a = json.loads(lines[0])
     a["seq"] = 1000  # claims a longer log than was anchored
-    ap.write_bytes(json.dumps(a).encode() + b"\n" + b"garbage\n" + b"".join(lines))
+    b = {**json.loads(lines[0]), "server": 9}  # or a server that does not exist
+    forged = [json.dumps(x).encode() + b"\n" for x in (a, b)]
+    ap.write_bytes(b"".join(forged) + b"garbage\n" + b"".join(lines))
     assert_detected(
         run_verify(mdm, writer),
         "line 1: anchor of seq 1000 does not carry key server 1's signature",
-        "line 2: not a valid anchor",
+        "line 2: anchor of seq 6 names key server 9, which does not exist",
+        "line 3: not a valid anchor",
     )
 
 
@@ -351,3 +355,17 @@ def ks_server_error() -> type[Exception]:
     from mdm.keyservice.client import ServerError
 
     return ServerError
+
+
+def test_key_store_made_before_anchors_gets_an_anchor_key(tmp_path: Path) -> None:
+    from mdm.keyservice.store import KeyStore
+
+    path = tmp_path / "server-1.keys.json"
+    KeyStore.create(path, 1, "x" * 64, os.urandom(32), ["SiteA/identified"])
+    doc = json.loads(path.read_text())
+    assert len(base64.b64decode(doc.pop("anchor_key"))) == 32
+    path.write_text(json.dumps(doc))
+    first = KeyStore.load(path).anchor_public()
+    assert "anchor_key" in json.loads(path.read_text())  # made once and kept
+    assert KeyStore.load(path).anchor_public() == first
+    assert path.stat().st_mode & 0o777 == 0o600
