@@ -118,6 +118,7 @@ class AuditAnchorer:
         self._lock = threading.Lock()
         self._last: tuple[str, int, str] | None = None
         self._down = False
+        self._failing: frozenset[int] = frozenset()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mdm-audit-anchor", daemon=True)
         self._thread.start()
@@ -192,8 +193,11 @@ class AuditAnchorer:
             if self._down:
                 log.info("audit anchor: key servers reachable again; anchored seq %d", seq)
                 self._down = False
-            if errors:
-                log.warning("audit anchor of seq %d: %s", seq, "; ".join(errors.values()))
+            failing = frozenset(errors)
+            if failing != self._failing:  # one line when the set of silent servers changes
+                if errors:
+                    log.warning("audit anchor of seq %d: %s", seq, "; ".join(errors.values()))
+                self._failing = failing
             return len(results)
 
     def _failed(self, seq: int, why: str) -> None:
