@@ -28,7 +28,7 @@ from typing import Any
 import trio
 from pydicom.dataset import Dataset
 
-from mdm.access import AccessLevel, Decision, Resource
+from mdm.access import AccessLevel, Decision, Resource, resource_of
 from mdm.catalog import ROOT, Catalog, Level, Record
 from mdm.config import Config, SiteSettings
 from mdm.db import open_env
@@ -51,7 +51,7 @@ from mdm.keys import KeyProvider, LocalKeyring
 from mdm.names import is_uid, safe_name
 from mdm.session import Session
 from mdm.store import ObjectInfo, ObjectReader, ObjectRef, ObjectStore
-from mdm.views import View, deid_options
+from mdm.views import View, view_of
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class OpenFile:
         self.released = True
 
 
-def _attrs(ds: Dataset, keys: Sequence[str]) -> dict[str, str]:
+def dataset_attrs(ds: Dataset, keys: Sequence[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for k in keys:
         v = ds.get(k)
@@ -186,7 +186,7 @@ def _attrs(ds: Dataset, keys: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _query(level: str, keys: Sequence[str], **filters: str) -> Dataset:
+def query_dataset(level: str, keys: Sequence[str], **filters: str) -> Dataset:
     ds = Dataset()
     ds.QueryRetrieveLevel = level
     for k in keys:
@@ -282,23 +282,15 @@ class Bridge:
 
     def resource(self, study: Record, series: Record | None = None) -> Resource:
         """The policy attributes of a study (or one of its series)."""
-        attrs = dict(study.attrs)
-        if series is not None and series.attrs.get("Modality"):
-            attrs["Modality"] = series.attrs["Modality"]
-            attrs.pop("ModalitiesInStudy", None)
-        sites = series.sites if series is not None else study.sites
-        return Resource(
-            sites=frozenset(sites),
-            patient_id=study.parent or attrs.get("PatientID"),
+        sattrs = None
+        if series is not None:
+            sattrs = {**series.attrs, "SeriesInstanceUID": series.uid}
+        return resource_of(
+            series.sites if series is not None else study.sites,
+            study.attrs,
+            sattrs,
+            patient_id=study.parent or None,
             study_uid=study.uid,
-            series_uid=series.uid if series else None,
-            trial=attrs.get("ClinicalTrialProtocolID") or None,
-            modalities=frozenset(
-                m
-                for m in (attrs.get("Modality") or attrs.get("ModalitiesInStudy", "")).split("\\")
-                if m
-            ),
-            study_date=attrs.get("StudyDate") or None,
         )
 
     def _visible(self, d: Decision) -> bool:
@@ -328,13 +320,13 @@ class Bridge:
         recs: list[Record] = []
         for ds in dss:
             if level == "STUDY":
-                a = _attrs(ds, STUDY_KEYS)
+                a = dataset_attrs(ds, STUDY_KEYS)
                 uid, parent = a.get("StudyInstanceUID", ""), a.get("PatientID", "")
             elif level == "SERIES":
-                a = _attrs(ds, SERIES_KEYS)
+                a = dataset_attrs(ds, SERIES_KEYS)
                 uid, parent = a.get("SeriesInstanceUID", ""), a.get("StudyInstanceUID", "")
             else:
-                a = _attrs(ds, IMAGE_KEYS)
+                a = dataset_attrs(ds, IMAGE_KEYS)
                 uid, parent = a.get("SOPInstanceUID", ""), a.get("SeriesInstanceUID", "")
             if not uid:
                 log.warning("site %s returned a %s answer without its UID; skipped", site, level)
@@ -364,7 +356,7 @@ class Bridge:
 
         async def run() -> None:
             answered = 0
-            for site, dss in await self._find("STUDY", _query("STUDY", STUDY_KEYS)):
+            for site, dss in await self._find("STUDY", query_dataset("STUDY", STUDY_KEYS)):
                 if dss is None:
                     continue
                 answered += 1
@@ -383,11 +375,13 @@ class Bridge:
         await self._refresh("studies", run)
 
     async def _ensure_series(self, study: Record) -> None:
-        q = _query("SERIES", SERIES_KEYS, StudyInstanceUID=study.uid)
+        q = query_dataset("SERIES", SERIES_KEYS, StudyInstanceUID=study.uid)
         await self._ensure_children("SERIES", study, q, f"series of study {study.uid}")
 
     async def _ensure_instances(self, study: Record, series: Record) -> None:
-        q = _query("IMAGE", IMAGE_KEYS, StudyInstanceUID=study.uid, SeriesInstanceUID=series.uid)
+        q = query_dataset(
+            "IMAGE", IMAGE_KEYS, StudyInstanceUID=study.uid, SeriesInstanceUID=series.uid
+        )
         await self._ensure_children("IMAGE", series, q, f"instances of series {series.uid}")
 
     async def _ensure_children(self, level: Level, parent: Record, q: Dataset, what: str) -> None:
@@ -452,7 +446,7 @@ class Bridge:
 
         async def run() -> None:
             for site, dss in await self._find(
-                "STUDY", _query("STUDY", STUDY_KEYS, StudyInstanceUID=uid)
+                "STUDY", query_dataset("STUDY", STUDY_KEYS, StudyInstanceUID=uid)
             ):
                 if dss:
                     recs = [r for r in self._to_records("STUDY", site, dss) if r.uid == uid]
@@ -484,7 +478,7 @@ class Bridge:
         if rec is None or not rec.sites:
             if not is_uid(uid) or self._negative_hit("image", uid):
                 raise NotFound(uid)
-            q = _query(
+            q = query_dataset(
                 "IMAGE",
                 IMAGE_KEYS,
                 StudyInstanceUID=study.uid,
@@ -514,15 +508,7 @@ class Bridge:
         v = self._views.get(key)
         if v is not None:
             return v
-        if d.level >= AccessLevel.IDENTIFIED:
-            v = View("identified")
-        elif d.level >= AccessLevel.DEIDENTIFIED:
-            pol = getattr(self.resolver, "policy", None)
-            rule = pol.rule(d.rule) if pol is not None else None
-            options, scope = deid_options(d.rule, getattr(rule, "deid", None))
-            v = View("deidentified", scope, self.keys.secret("pseudonym:" + scope), options)
-        else:
-            v = View("metadata", d.rule, self.keys.secret("pseudonym:metadata:" + d.rule))
+        v = view_of(d, self.resolver, self.keys.secret)
         if len(self._views) > 1000:
             self._views.clear()
         self._views[key] = v
@@ -964,7 +950,7 @@ class Bridge:
         # A series or an instance: find it by a targeted query at any site.
         for level, key in (("SERIES", "SeriesInstanceUID"), ("IMAGE", "SOPInstanceUID")):
             keys = SERIES_KEYS if level == "SERIES" else IMAGE_KEYS
-            for site, dss in await self._find(level, _query(level, keys, **{key: uid})):
+            for site, dss in await self._find(level, query_dataset(level, keys, **{key: uid})):
                 for ds in dss or []:
                     st_uid = str(ds.get("StudyInstanceUID", ""))
                     if not st_uid:

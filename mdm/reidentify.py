@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from mdm.access import AccessLevel, Resource
-from mdm.bridge import IMAGE_KEYS, SERIES_KEYS, STUDY_KEYS, _attrs, _query
+from mdm.bridge import IMAGE_KEYS, SERIES_KEYS, STUDY_KEYS, dataset_attrs, query_dataset
 from mdm.config import Config
 from mdm.deid import map_uid, pseudonym
 from mdm.errors import AccessDenied, NotFound
@@ -32,8 +32,8 @@ class Match:
 
 def _studies(config: Config) -> Iterator[tuple[set[str], dict[str, str]]]:
     by_uid: dict[str, tuple[set[str], dict[str, str]]] = {}
-    for site, ds in _find(config, "STUDY", _query("STUDY", STUDY_KEYS)):
-        a = _attrs(ds, STUDY_KEYS)
+    for site, ds in _find(config, "STUDY", query_dataset("STUDY", STUDY_KEYS)):
+        a = dataset_attrs(ds, STUDY_KEYS)
         uid = a.get("StudyInstanceUID", "")
         if uid:
             by_uid.setdefault(uid, (set(), a))[0].add(site)
@@ -67,12 +67,12 @@ def find_original(config: Config, secret: bytes, value: str) -> list[Match]:
     for sites, a in studies:
         st = a["StudyInstanceUID"]
         res = _resource(sites, a)
-        q = _query("SERIES", SERIES_KEYS, StudyInstanceUID=st)
+        q = query_dataset("SERIES", SERIES_KEYS, StudyInstanceUID=st)
         for _site, ds in _find(config, "SERIES", q):
             se = str(ds.get("SeriesInstanceUID", ""))
             if map_uid(se, secret=secret) == value:
                 return [Match("series", se, st, res)]
-            qi = _query("IMAGE", IMAGE_KEYS, StudyInstanceUID=st, SeriesInstanceUID=se)
+            qi = query_dataset("IMAGE", IMAGE_KEYS, StudyInstanceUID=st, SeriesInstanceUID=se)
             for _s, di in _find(config, "IMAGE", qi):
                 sop = str(di.get("SOPInstanceUID", ""))
                 if map_uid(sop, secret=secret) == value:
