@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 from pydicom.dataset import Dataset
@@ -564,19 +564,38 @@ class Bridge:
                 return rec, v
         raise NotFound(name)
 
+    async def _conceal(self, kind: str, name: str, work: Callable[[], Awaitable[Any]]) -> NoReturn:
+        """NotFound for a name that exists but is hidden, after the same ``work`` a name that
+        exists nowhere costs (then the negative cache, as for a missing name): timing tells
+        the two apart no better than the answer does."""
+        if not self._negative_hit(kind, name):
+            try:
+                await work()
+            except MdmError:
+                pass
+            self._remember_missing(kind, name)
+        raise NotFound(name)
+
     async def _study_named(self, name: str, principal: Principal) -> tuple[Record, Decision]:
+        if self._negative_hit("study", name):
+            raise NotFound(name)
         if name not in self._aliases and name.startswith("2.25."):
             # Perhaps a remapped UID never listed here: the listing teaches the aliases.
             await self.listdir(("studies",))
+        known = self.catalog.get("STUDY", self._original(name)) is not None
         study = await self.study(self._original(name))
         d = self.decide(study, principal=principal)
         if not self._visible(d) or self._name(self.view(d), study.uid) != name:
-            raise NotFound(name)
+            # A study never listed was just looked up by the same C-FIND a missing one costs.
+            q = query_dataset("STUDY", STUDY_KEYS, StudyInstanceUID=study.uid)
+            await self._conceal("study", name, lambda: self._find("STUDY", q) if known else _none())
         return study, d
 
     async def _series_named(
         self, study: Record, name: str, principal: Principal
     ) -> tuple[Record, Decision]:
+        if self._negative_hit("series", name):
+            raise NotFound(name)
         if name not in self._aliases and name.startswith("2.25."):
             await self._ensure_series(study)
             for se in self.catalog.children("SERIES", study.uid):
@@ -584,7 +603,7 @@ class Bridge:
         series = await self.series(study, self._original(name))
         d = self.decide(study, series, principal)
         if not self._visible(d) or self._name(self.view(d), series.uid) != name:
-            raise NotFound(name)
+            await self._conceal("series", name, lambda: self._ensure_series(study))
         return series, d
 
     async def _instance_named(self, study: Record, series: Record, name: str, v: View) -> Record:
@@ -1073,6 +1092,10 @@ async def open_bridge(
             store.close()
     finally:
         env.close()
+
+
+async def _none() -> None:
+    return None
 
 
 async def _warm(fetcher: Fetcher, retriever: Retriever, site: SiteSettings) -> None:
