@@ -226,6 +226,7 @@ class Bridge:
         self.started = time.time()
         self._listings: SingleFlight[None] = SingleFlight()
         self._negative: dict[tuple[str, str], float] = {}
+        self._negative_version = ""
 
     # ------------------------------------------------------------------ decisions
     @property
@@ -428,6 +429,11 @@ class Bridge:
             log.info("background refresh of a listing failed: %s", e)
 
     def _negative_hit(self, kind: str, name: str) -> bool:
+        version = self.resolver.version()
+        if version != self._negative_version:
+            # A policy edit may show what was hidden: forget hidden and missing names alike.
+            self._negative.clear()
+            self._negative_version = version
         t = self._negative.get((kind, name))
         return t is not None and t > time.monotonic()
 
@@ -945,12 +951,14 @@ class Bridge:
         """Warm the cache with whole studies, series or instances named by UID; count objects."""
         total = 0
         for uid in uids:
-            targets = await self._targets_for(uid)
+            targets = await self.targets_for(uid)
             await self.fetcher.fetch_many(targets)
             total += len(targets)
         return total
 
-    async def _targets_for(self, uid: str) -> list[Target]:
+    async def targets_for(self, uid: str) -> list[Target]:
+        """What to retrieve for a study, series or instance UID the principal may see
+        (NotFound for a hidden UID as for a missing one)."""
         study: Record | None
         try:
             study = await self.study(uid)

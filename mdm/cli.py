@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from mdm.config import Config, load_config
-from mdm.errors import MdmError, UserError
+from mdm.errors import MdmError, NotFound, UserError
 from mdm.identity import Principal
 
 log = logging.getLogger("mdm")
@@ -80,6 +80,28 @@ class MdmGroup(click.Group):
         except MdmError as e:
             click.echo(f"mdm: error: {e}", err=True)
             sys.exit(1)
+        except BaseExceptionGroup as eg:
+            # trio reports a task's error as a group: one bridge error is still one line.
+            first = _bridge_error(eg)
+            if first is None:
+                raise
+            click.echo(f"mdm: error: {first}", err=True)
+            sys.exit(first.exit_code if isinstance(first, UserError) else 1)
+
+
+def _bridge_error(eg: BaseExceptionGroup[BaseException]) -> MdmError | None:
+    """The bridge error of a group whose every leaf is one (None otherwise)."""
+    leaves: list[BaseException] = []
+    todo: list[BaseException] = [eg]
+    while todo:
+        e = todo.pop()
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        else:
+            leaves.append(e)
+    if not leaves or not all(isinstance(e, MdmError) for e in leaves):
+        return None
+    return leaves[-1]  # type: ignore[return-value]
 
 
 @click.group(cls=MdmGroup)
@@ -316,7 +338,13 @@ def fetch(config_path: Path, uids: tuple[str, ...], quiet: bool, token_file: Pat
         async with open_bridge(config, session, get_if_port_busy=True) as bridge:
             targets = []
             for uid in uids:
-                targets += await bridge._targets_for(uid)
+                try:
+                    targets += await bridge.targets_for(uid)
+                except NotFound:
+                    # Hidden and missing alike: one line, nothing about which.
+                    raise UserError(
+                        f"{uid}: no study, series or instance of that UID that you may see"
+                    ) from None
             bar = tqdm(total=len(targets), unit="obj", disable=quiet, file=sys.stderr)
             wanted = {t.sop_uid for t in targets}
             already = sum(

@@ -226,3 +226,70 @@ def test_hidden_and_missing_names_cost_the_same(
         # Asked again within the negative cache's lifetime, both are quick alike.
         again = cost(studies / hidden[0]), cost(studies / "1.2.826.0.1.3680043.9.7777.1")
         assert max(again) < 0.5 * min(h, miss) or max(again) < 0.005, again
+
+
+def test_explain_and_fetch_reveal_nothing_of_hidden_objects(
+    orthanc_pair: PacsPair, idp: Path, tmp_path: Path
+) -> None:
+    pair = orthanc_pair
+    cfg = setup(pair, tmp_path, idp, ["NOBODY"])
+    # A security officer may explain anything; say so in the config.
+    text = cfg.read_text().replace("[policy]\n", '[policy]\nofficers = ["sec-officers"]\n')
+    cfg.write_text(text)
+    rad = token(idp, tmp_path / "rad.jwt", "drad", "radiologists")
+    nobody = token(idp, tmp_path / "nobody.jwt", "mallory", "visitors")
+    officer = token(idp, tmp_path / "off.jwt", "sec1", "sec-officers")
+    hidden = next(i for i in pair.instances if "SiteA" not in pair.sites_holding(i.sop_uid))
+    visible = next(i for i in pair.instances if "SiteA" in pair.sites_holding(i.sop_uid))
+    missing = "1.2.826.0.1.3680043.9.7777.42"
+
+    def explain(tok: Path | None, target: str) -> tuple[int, str, str]:
+        args = ["policy", "explain", "--config", str(cfg), target]
+        res = mdm(*args, *(["--token", str(tok)] if tok else []), check=False)
+        return res.returncode, res.stdout, res.stderr.replace(target, "T")
+
+    # Without a token: refused, nothing printed about the object.
+    code, out, err = explain(None, hidden.study_uid)
+    assert code != 0 and hidden.patient_id not in out + err and "--token" in err
+    # A principal that may not see it: the same answer as for a UID that exists nowhere.
+    for tok in (rad, nobody):
+        assert explain(tok, hidden.study_uid) == explain(tok, missing)
+        assert explain(tok, hidden.study_uid)[0] == 1
+    # The radiologist sees its own object explained; the officer sees the hidden one.
+    code, out, _ = explain(rad, visible.series_uid)
+    assert code == 0 and "radiology-a" in out
+    code, out, _ = explain(officer, hidden.study_uid)
+    assert code == 0 and hidden.patient_id in out
+    # A forged token is refused before anything is looked up.
+    other = tmp_path / "other-idp"
+    mdm("token", "init", str(other))
+    forged = tmp_path / "forged.jwt"
+    forged.write_text(
+        mdm(
+            "token",
+            "issue",
+            "--key",
+            str(other / "signing-key.pem"),
+            "--issuer",
+            ISS,
+            "--audience",
+            AUD,
+            "--sub",
+            "sec1",
+            "--groups",
+            "sec-officers",
+        ).stdout
+    )
+    forged.chmod(0o600)
+    code, out, err = explain(forged, hidden.study_uid)
+    assert code != 0 and hidden.patient_id not in out + err
+
+    # `mdm fetch` of a hidden UID and of a missing one: one line each, exit 1, alike.
+    def fetch(uid: str) -> tuple[int, str]:
+        res = mdm("fetch", "--config", str(cfg), "--token-file", str(rad), "-q", uid, check=False)
+        return res.returncode, res.stderr.replace(uid, "U")
+
+    h, m = fetch(hidden.study_uid), fetch(missing)
+    assert h == m and h[0] == 1, (h, m)
+    assert "Traceback" not in h[1] and "ExceptionGroup" not in h[1]
+    assert h[1].strip().count("\n") == 0 and h[1].startswith("mdm: error:")
