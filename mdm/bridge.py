@@ -1038,7 +1038,11 @@ async def open_bridge(
         )
         report = store.recover()
         log.info("cache recovered: %s", report)
-        catalog = Catalog(env, keys.secret("catalog"), config.cache.catalog_ttl)
+        if getattr(keys, "remote", False):
+            # Shared nodes: no key that opens the catalog outlives this process.
+            catalog = Catalog.private(config.cache.dir, config.cache.catalog_ttl)
+        else:
+            catalog = Catalog(env, keys.secret("catalog"), config.cache.catalog_ttl)
         scp: StorageSCP
         allowed = {s.ae_title for s in config.sites}
         if config.bridge.receiver == "process":
@@ -1098,6 +1102,7 @@ async def open_bridge(
             await trio.to_thread.run_sync(retriever.close)
             await trio.to_thread.run_sync(scp.stop)
             store.close()
+            catalog.close()
     finally:
         env.close()
 
