@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from mdm.config import Config, load_config
-from mdm.errors import MdmError, UserError
+from mdm.errors import MdmError, NotFound, UserError
 from mdm.identity import Principal
 
 log = logging.getLogger("mdm")
@@ -80,6 +80,28 @@ class MdmGroup(click.Group):
         except MdmError as e:
             click.echo(f"mdm: error: {e}", err=True)
             sys.exit(1)
+        except BaseExceptionGroup as eg:
+            # trio reports a task's error as a group: one bridge error is still one line.
+            first = _bridge_error(eg)
+            if first is None:
+                raise
+            click.echo(f"mdm: error: {first}", err=True)
+            sys.exit(first.exit_code if isinstance(first, UserError) else 1)
+
+
+def _bridge_error(eg: BaseExceptionGroup[BaseException]) -> MdmError | None:
+    """The bridge error of a group whose every leaf is one (None otherwise)."""
+    leaves: list[BaseException] = []
+    todo: list[BaseException] = [eg]
+    while todo:
+        e = todo.pop()
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        else:
+            leaves.append(e)
+    if not leaves or not all(isinstance(e, MdmError) for e in leaves):
+        return None
+    return leaves[-1]  # type: ignore[return-value]
 
 
 @click.group(cls=MdmGroup)
@@ -212,36 +234,6 @@ def _table(header: list[str], rows: list[list[Any]]) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
-FIND_KEYS = {
-    "PATIENT": ["PatientID", "PatientName", "PatientBirthDate", "PatientSex"],
-    "STUDY": [
-        "PatientID",
-        "PatientName",
-        "StudyInstanceUID",
-        "StudyDate",
-        "StudyDescription",
-        "ModalitiesInStudy",
-        "AccessionNumber",
-        "NumberOfStudyRelatedInstances",
-    ],
-    "SERIES": [
-        "StudyInstanceUID",
-        "SeriesInstanceUID",
-        "Modality",
-        "SeriesNumber",
-        "SeriesDescription",
-        "NumberOfSeriesRelatedInstances",
-    ],
-    "IMAGE": [
-        "StudyInstanceUID",
-        "SeriesInstanceUID",
-        "SOPInstanceUID",
-        "SOPClassUID",
-        "InstanceNumber",
-    ],
-}
-
-
 @main.command()
 @config_option
 @click.option(
@@ -267,79 +259,56 @@ def find(
     token_file: Path | None,
     filters: tuple[str, ...],
 ) -> None:
-    """Federated C-FIND. FILTERS are KEY=VALUE with DICOM keywords (wildcards * and ?).
+    """Federated C-FIND. FILTERS are KEY=VALUE with DICOM keywords (wildcards * and ?,
+    date ranges A-B). Under [identity], answers and filters are those of your mount's view.
 
     Example: mdm find --level series Modality=CT PatientID='MDM*'
     """
-    from pydicom.datadict import dictionary_VR, tag_for_keyword
-    from pydicom.dataset import Dataset
-
-    from mdm.dicom.query import fan_out
+    from mdm.find import find as run_find
+    from mdm.find import parse_filters
+    from mdm.session import open_session
 
     config = _load(config_path)
-    lvl = level.upper()
-    ds = Dataset()
-    ds.QueryRetrieveLevel = lvl
-    keys = list(FIND_KEYS[lvl])
-    for k in keys:
-        setattr(ds, k, "")
-    for f in filters:
-        if "=" not in f:
-            raise UserError(f"filter {f!r}: expected KEY=VALUE")
-        k, v = f.split("=", 1)
-        if tag_for_keyword(k) is None:
-            raise UserError(f"filter {f!r}: {k!r} is not a DICOM keyword")
-        if dictionary_VR(k) == "SQ":
-            raise UserError(f"filter {f!r}: sequences cannot be matched")
-        setattr(ds, k, v)
-        if k not in keys:
-            keys.append(k)
-    chosen = [s for s in config.sites if not only_sites or s.name in only_sites]
-    unknown = set(only_sites) - {s.name for s in config.sites}
-    if unknown:
-        raise UserError(f"unknown site(s): {', '.join(sorted(unknown))}")
-    results = fan_out(chosen, config.bridge, lvl, ds)
-    merged: dict[str, dict[str, Any]] = {}
-    uid_key = {
-        "PATIENT": "PatientID",
-        "STUDY": "StudyInstanceUID",
-        "SERIES": "SeriesInstanceUID",
-        "IMAGE": "SOPInstanceUID",
-    }[lvl]
-    errors = []
-    for r in results:
-        if r.error is not None:
-            errors.append(f"{r.site.name}: {r.error}")
-            continue
-        for d in r.datasets:
-            row = {k: _value(d.get(k)) for k in keys}
-            uid = row.get(uid_key) or ""
-            cur = merged.setdefault(uid, {**row, "sites": []})
-            cur["sites"].append(r.site.name)
-    for e in errors:
+    wanted = parse_filters(filters)
+    session = open_session(config, token_file)
+    try:
+        res = run_find(
+            config, session, _secrets(config, token_file), level, wanted, list(only_sites)
+        )
+    finally:
+        session.close()
+    for e in res.errors:
         click.echo(f"mdm: warning: site {e}", err=True)
-    if config.identity is not None:
-        # The same policy as a mount: only what the principal may see, PHI only when identified.
-        from mdm.findfilter import filter_rows
-
-        merged = filter_rows(config, token_file, lvl, merged)
-    rows = sorted(merged.values(), key=lambda r: [str(r.get(k, "")) for k in keys])
+    for n in res.notes:
+        click.echo(f"mdm: note: {n}", err=True)
     if as_json:
-        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        click.echo(json.dumps(res.rows, indent=2, ensure_ascii=False))
     else:
         _table(
-            [*keys, "sites"], [[*(r.get(k, "") for k in keys), ",".join(r["sites"])] for r in rows]
+            [*res.keys, "sites"],
+            [[*(r.get(k, "") for k in res.keys), ",".join(r["sites"])] for r in res.rows],
         )
-    if errors and not merged:
+    if res.errors and not res.rows:
         sys.exit(1)
 
 
-def _value(v: Any) -> Any:
-    if v is None:
-        return ""
-    if type(v).__name__ == "MultiValue":
-        return "\\".join(str(x) for x in v)
-    return str(v)
+def _secrets(config: Any, token_file: Path | None) -> Callable[[str], bytes]:
+    """The pseudonym keys of the principal's views, fetched on first use (key servers, or the
+    local keyring)."""
+    keys: list[Any] = []
+
+    def secret(name: str) -> bytes:
+        if not keys:
+            from mdm.keys import LocalKeyring
+            from mdm.keyservice.client import provider_for
+
+            keys.append(
+                provider_for(config.keys, token_file)
+                or LocalKeyring.load(config.keys.keyring, create=True)
+            )
+        return keys[0].secret(name)  # type: ignore[no-any-return]
+
+    return secret
 
 
 # ---------------------------------------------------------------------------- fetch
@@ -369,7 +338,13 @@ def fetch(config_path: Path, uids: tuple[str, ...], quiet: bool, token_file: Pat
         async with open_bridge(config, session, get_if_port_busy=True) as bridge:
             targets = []
             for uid in uids:
-                targets += await bridge._targets_for(uid)
+                try:
+                    targets += await bridge.targets_for(uid)
+                except NotFound:
+                    # Hidden and missing alike: one line, nothing about which.
+                    raise UserError(
+                        f"{uid}: no study, series or instance of that UID that you may see"
+                    ) from None
             bar = tqdm(total=len(targets), unit="obj", disable=quiet, file=sys.stderr)
             wanted = {t.sop_uid for t in targets}
             already = sum(

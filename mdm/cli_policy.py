@@ -13,10 +13,11 @@ from typing import Any
 
 import click
 
-from mdm.access import Resource
-from mdm.errors import UserError
+from mdm.access import AccessLevel, Resource
+from mdm.config import Config
+from mdm.errors import NotFound, UserError
 from mdm.identity import Principal
-from mdm.policy.evaluate import explain_lines, explain_text, principal_from_claims
+from mdm.policy.evaluate import Policy, explain_lines, explain_text, principal_from_claims
 from mdm.policy.load import load_policy
 from mdm.policy.testing import load_cases, run_cases, undecided_rules
 
@@ -202,6 +203,16 @@ def explain(
         if config.policy is not None and directory == Path(DEFAULT_DIR):
             directory = config.policy.dir
     pol = load_policy(directory)
+    if config is not None and target is not None and config.identity is not None:
+        # A real object under [identity]: a verified token, and nothing about the object
+        # unless the principal may see it (or is a security officer).
+        if token_file is None:
+            raise UserError(
+                f"{config_path}: [identity] is configured: explaining an object of the "
+                "federation needs --token (verified; --sub only describes a resource by flags)"
+            )
+        _explain_guarded(config, pol, token_file, target, now)
+        return
     if token_file is not None:
         principal = _token_principal(token_file)
         click.echo("note: token claims read without verifying its signature", err=True)
@@ -233,3 +244,42 @@ def explain(
             study_date=study_date,
         )
     click.echo(explain_text(pol, principal, resource, now))
+
+
+def _explain_guarded(
+    config: Config, pol: Policy, token_file: Path, target: str, now: datetime | None
+) -> None:
+    """``policy explain TARGET`` under ``[identity]``: the token is verified; a principal that
+    may not see the object learns nothing of it (a hidden object and a missing one read the
+    same); below ``identified``, only the decision and its rule (no attributes, no reasons:
+    they name patient IDs and dates); security officers (``[policy] officers``) see all."""
+    from mdm.explain import resource_for
+    from mdm.identity import TokenVerifier
+
+    assert config.identity is not None
+    try:
+        text = token_file.read_text().strip()
+    except OSError as e:
+        raise UserError(f"{token_file}: cannot read: {e.strerror or e}") from None
+    principal = TokenVerifier(config.identity).verify(text)
+    officers = set(config.policy.officers) if config.policy is not None else set()
+    officer = bool(officers & set(principal.groups))
+    try:
+        resource = resource_for(config, target)
+    except NotFound:
+        resource = None
+    decision = pol.decide(principal, resource, now) if resource is not None else None
+    if not officer and (decision is None or decision.level < AccessLevel.METADATA):
+        raise UserError(
+            f"{target}: nothing to explain for {principal.label()} (no such object, or not "
+            "visible to this principal)"
+        )
+    assert resource is not None and decision is not None
+    if officer or decision.level >= AccessLevel.IDENTIFIED:
+        click.echo(explain_text(pol, principal, resource, now))
+        return
+    click.echo(f"decision: {decision.level.label} by {decision.rule}")
+    click.echo(
+        "(attributes and per-rule reasons are shown to identified principals and security "
+        "officers only)"
+    )

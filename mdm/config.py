@@ -125,6 +125,8 @@ class PolicySettings:
     """``[policy]``: the ACL policy directory."""
 
     dir: Path
+    officers: tuple[str, ...] = ()
+    """Groups whose (verified) members may ``policy explain`` any object of the federation."""
 
 
 @dataclass(frozen=True)
@@ -417,8 +419,13 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
     policy = None
     ptab = top.table_("policy")
     if ptab is not None:
-        pol = _Section(p, "policy", ptab, {"dir"})
-        policy = PolicySettings(dir=pol.path_("dir", p.parent / "acl_policies"))
+        pol = _Section(p, "policy", ptab, {"dir", "officers"})
+        officers = ptab.get("officers", [])
+        if not isinstance(officers, list) or not all(isinstance(g, str) and g for g in officers):
+            raise pol._err("officers", "expected a list of group names")
+        policy = PolicySettings(
+            dir=pol.path_("dir", p.parent / "acl_policies"), officers=tuple(officers)
+        )
     audit = None
     atab = top.table_("audit")
     if atab is not None:

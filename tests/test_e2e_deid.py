@@ -145,7 +145,15 @@ def test_deidentified_mount(orthanc_pair: PacsPair, idp: Path, tmp_path: Path) -
     assert on_a.patient_id in out.stdout
     denied = mdm(*args, "--token-file", str(grid), check=False)
     assert denied.returncode != 0 and on_a.patient_id not in denied.stdout + denied.stderr
-    assert "identified access" in denied.stderr
+    # Not entitled: a real pseudonym and a made-up one get the same answer.
+    made_up = "P" + "Z" * (len(pseudo) - 1)
+    fake = mdm(*args[:-1], made_up, "--token-file", str(grid), check=False)
+    assert (fake.returncode, fake.stdout, fake.stderr.replace(made_up, "X")) == (
+        denied.returncode,
+        denied.stdout,
+        denied.stderr.replace(pseudo, "X"),
+    )
+    assert "nothing you may re-identify" in denied.stderr
     # `mdm fetch` as the de-identified principal caches de-identified objects only.
     other_study = next(i.study_uid for i in trial if i.study_uid != trial[0].study_uid)
     mdm("fetch", "--config", str(cfg), "--token-file", str(grid), "-q", other_study)

@@ -102,6 +102,13 @@ log = "{tmp_path / "audit.jsonl"}"
         with Mount(cfg, tmp_path / "mnt", token_file=tok) as m:
             for i in on_a:
                 same_dataset(study_path(m.mountpoint, i).read_bytes(), i)
+            # The catalog of a running mount is private to it (a key that never left it) ...
+            cats = list((tmp_path / "cache" / "catalogs").iterdir())
+            assert len(cats) == 1
+            blob = b"".join(f.read_bytes() for f in (tmp_path / "cache").rglob("*") if f.is_file())
+            assert not [i for i in pair.instances if i.patient_name.encode() in blob]
+        # ... and gone with it: nothing on the node's disk opens a catalog afterwards.
+        assert not list((tmp_path / "cache" / "catalogs").iterdir())
         # The mount anchored its audit log at the key servers (on unmount at the latest).
         out = mdm("audit", "verify", "--config", str(cfg), "--token-file", str(tok)).stdout
         assert "signed by key servers 1, 2, 3" in out and "0 record(s) after it" in out, out
