@@ -28,6 +28,7 @@ _SIZE_UNITS = {
     "TIB": 2**40,
 }
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash, 1..16 chars
 RETRIEVE_MODES = ("move", "get", "auto")
@@ -61,9 +62,14 @@ def parse_duration(value: object) -> float:
     if not isinstance(value, str):
         raise ValueError("expected a duration such as 30s")
     m = _DURATION_RE.match(value)
-    if not m:
-        raise ValueError(f"not a duration: {value!r} (examples: 500ms, 30s, 10m, 8h)")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+    if m:
+        return float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+    # Compound forms: 1h30m, 2d12h, 1m30s.
+    text = value.strip()
+    parts = _DURATION_PART_RE.findall(text)
+    if parts and "".join(n + u for n, u in parts) == text.replace(" ", ""):
+        return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    raise ValueError(f"not a duration: {value!r} (examples: 500ms, 30s, 10m, 8h, 1h30m)")
 
 
 @dataclass(frozen=True)

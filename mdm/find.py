@@ -18,6 +18,8 @@ of rows.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,11 +28,11 @@ from typing import Any
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 
-from mdm.access import AccessLevel, Decision, resource_of
+from mdm.access import AccessLevel, AccessResolver, Decision, resource_of
 from mdm.bridge import NON_PHI, SERIES_KEYS, STUDY_KEYS, dataset_attrs, query_dataset
 from mdm.config import Config, SiteSettings
 from mdm.dicom.query import fan_out
-from mdm.errors import UserError
+from mdm.errors import UsageError
 from mdm.identity import Principal
 from mdm.session import Session
 from mdm.views import View, view_of
@@ -86,18 +88,28 @@ class FindResult:
 
 
 def parse_filters(filters: Iterable[str]) -> dict[str, str]:
-    """``KEY=VALUE`` arguments -> {keyword: value}; UserError on anything else."""
+    """``KEY=VALUE`` arguments -> {keyword: value}; UsageError (exit 2) on anything else, with
+    the closest DICOM keyword for a misspelt one."""
     out: dict[str, str] = {}
     for f in filters:
         if "=" not in f:
-            raise UserError(f"filter {f!r}: expected KEY=VALUE")
+            raise UsageError(f"filter {f!r}: expected KEY=VALUE")
         k, v = f.split("=", 1)
         if tag_for_keyword(k) is None:
-            raise UserError(f"filter {f!r}: {k!r} is not a DICOM keyword")
+            hint = difflib.get_close_matches(k, _keywords(), n=1, cutoff=0.75)
+            did = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise UsageError(f"filter {f!r}: {k!r} is not a DICOM keyword{did}")
         if dictionary_VR(k) == "SQ":
-            raise UserError(f"filter {f!r}: sequences cannot be matched")
+            raise UsageError(f"filter {f!r}: sequences cannot be matched")
         out[k] = v
     return out
+
+
+@functools.cache
+def _keywords() -> list[str]:
+    from pydicom.datadict import keyword_dict
+
+    return [str(k) for k in keyword_dict if k]
 
 
 def _glob(pattern: str, fold: bool) -> re.Pattern[str]:
@@ -146,9 +158,11 @@ def _value(v: Any) -> Any:
 
 
 def _chosen_sites(config: Config, only: Sequence[str]) -> list[SiteSettings]:
-    unknown = set(only) - {s.name for s in config.sites}
-    if unknown:
-        raise UserError(f"unknown site(s): {', '.join(sorted(unknown))}")
+    names = [s.name for s in config.sites]
+    for u in sorted(set(only) - set(names)):
+        hint = difflib.get_close_matches(u, names, n=1)
+        did = f"; did you mean {hint[0]!r}?" if hint else f" (sites: {', '.join(names)})"
+        raise UsageError(f"--site {u!r}: no such site in {config.path}{did}")
     return [s for s in config.sites if not only or s.name in only]
 
 
@@ -428,3 +442,58 @@ class _Finder:
                 row = out.setdefault(key, self._row(shown, []))
                 row["sites"] = sorted({*row["sites"], site})
         return out
+
+
+def original_of(
+    config: Config,
+    resolver: AccessResolver,
+    principal: Principal,
+    secret: Callable[[str], bytes],
+    study: str | None,
+    series: str | None = None,
+    sop: str | None = None,
+    bare: str | None = None,
+) -> tuple[str, str | None, str | None] | None:
+    """The original (study, series, sop) UIDs behind names as ``principal``'s views show them
+    (remapped ``2.25.`` UIDs of a de-identified view, or the originals themselves), or None if
+    the principal sees no such object. ``bare`` is a UID given without its path: a study or a
+    series (an instance of a de-identified view needs its path)."""
+    session = Session(lambda: principal, resolver, None, False)
+    f = _Finder(config, session, principal, secret, list(config.sites), [], {})
+    studies = f._studies()
+    visible = []
+    for uid, st in studies.items():
+        d = f._decide(st)
+        if d.level >= AccessLevel.METADATA:
+            visible.append((uid, st, f._view(d)))
+    if bare is not None:
+        for uid, _st, v in visible:
+            if v.uid_name(uid) == bare:
+                return uid, None, None
+        for a, _st, v in f._series(visible, studies):
+            if v.uid_name(a["SeriesInstanceUID"]) == bare:
+                return a["StudyInstanceUID"], a["SeriesInstanceUID"], None
+        return None
+    named = [(uid, st, v) for uid, st, v in visible if v.uid_name(uid) == study]
+    if not named:
+        return None
+    ostudy, st, _v = named[0]
+    if series is None:
+        return ostudy, None, None
+    f.filters = {"StudyInstanceUID": _v.uid_name(ostudy)}
+    match = [
+        s for s in f._series(named, studies) if s[2].uid_name(s[0]["SeriesInstanceUID"]) == series
+    ]
+    if not match:
+        return None
+    a, sst, sv = match[0]
+    if sop is None:
+        return ostudy, a["SeriesInstanceUID"], None
+    keys = FIND_KEYS["IMAGE"]
+    for _site, ds in f._query(
+        "IMAGE", keys, sst.sites, StudyInstanceUID=ostudy, SeriesInstanceUID=a["SeriesInstanceUID"]
+    ):
+        uid = str(ds.get("SOPInstanceUID", ""))
+        if uid and sv.uid_name(uid) == sop:
+            return ostudy, a["SeriesInstanceUID"], uid
+    return None

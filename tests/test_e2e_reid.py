@@ -186,6 +186,11 @@ def test_find_matches_the_mount_view_and_its_shifted_dates(
     assert series and all(s["StudyInstanceUID"] == row["StudyInstanceUID"] for s in series)
     real_series = {i.series_uid for i in pair.instances}
     assert not {s["SeriesInstanceUID"] for s in series} & real_series
+    # `policy explain` takes the names of the principal's own (de-identified) mount.
+    shown = f"/mnt/x/studies/{row['StudyInstanceUID']}/{series[0]['SeriesInstanceUID']}"
+    for target in (shown, str(row["StudyInstanceUID"]), str(series[0]["SeriesInstanceUID"])):
+        res = mdm("policy", "explain", "--config", str(cfg), "--token-file", str(grid), target)
+        assert res.stdout.startswith("decision: deidentified by nant-grid"), res.stdout
     # The real UIDs of the same studies find nothing: filters never see the originals.
     for inst in pair.instances:
         if inst.trial == TRIAL_PROTOCOL:

@@ -599,7 +599,7 @@ def test_cli_explain(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "decision: deidentified by allow grid-nant-trial" in r.output
     r = CliRunner().invoke(policy_cli, ["explain", "--policy-dir", str(EXAMPLES)])
-    assert r.exit_code == 2 and "--token FILE or --sub" in r.output
+    assert r.exit_code == 2 and "--token-file FILE or --sub" in r.output
 
 
 # ---------------------------------------------------------------------------- hot reload

@@ -1,0 +1,63 @@
+"""The command line as a user meets it: the real `mdm` command, its options and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jwt
+
+from tests.mountutil import ROOT, mdm
+
+EXAMPLES = ROOT / "acl_policies"
+
+
+def test_token_issue_out_ttl_and_groups(tmp_path: Path) -> None:
+    mdm("token", "init", str(tmp_path / "idp"))
+    out = tmp_path / "job.jwt"
+    out.write_text("old")
+    out.chmod(0o644)  # an existing, too open file: rewritten 0600
+    args = ["token", "issue", "--key", str(tmp_path / "idp" / "signing-key.pem")]
+    args += ["--issuer", "https://i", "--audience", "a", "--sub", "job-1", "--ttl", "1h30m"]
+    res = mdm(*args, "--groups", "a,b", "--groups", "c", "--out", str(out))
+    assert res.stdout == "" and "0600" in res.stderr
+    assert os.stat(out).st_mode & 0o777 == 0o600
+    claims = jwt.decode(out.read_text().strip(), options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == 5400
+    assert claims["groups"] == ["a", "b", "c"]
+    bad = mdm(*args[:-2], "--ttl", "1h30x", check=False)
+    assert bad.returncode == 1 and "not a duration" in bad.stderr
+
+
+def test_find_usage_errors_say_what_was_meant(tmp_path: Path) -> None:
+    cfg = tmp_path / "mdm.toml"
+    cfg.write_text(
+        f'[cache]\ndir = "{tmp_path / "cache"}"\n'
+        '[[site]]\nname = "NORTH"\nae_title = "N"\nhost = "127.0.0.1"\nport = 9\n'
+        '[[site]]\nname = "SOUTH"\nae_title = "S"\nhost = "127.0.0.1"\nport = 9\n'
+    )
+    res = mdm("find", "--config", str(cfg), "Modaltiy=CT", check=False)
+    assert res.returncode == 2
+    assert "did you mean 'Modality'" in res.stderr and "Traceback" not in res.stderr
+    res = mdm("find", "--config", str(cfg), "--site", "NORHT", "Modality=CT", check=False)
+    assert res.returncode == 2 and "did you mean 'NORTH'" in res.stderr
+
+
+def test_explain_json_fail_and_token_file(tmp_path: Path) -> None:
+    base = ["policy", "explain", "--policy-dir", str(EXAMPLES)]
+    who = ["--sub", "dr.north", "--groups", "radiologists", "--claim", "hospital=NORTH"]
+    res = mdm(*base, *who, "--site", "SOUTH", "--modality", "CT", "--json")
+    doc = json.loads(res.stdout)
+    assert doc["decision"] == "metadata" and doc["rule"] == "radiology-federation-metadata"
+    assert any(r["status"] == "no-match" and r["reasons"] for r in doc["rules"])
+    # --fail: exit 1 unless some access is allowed (as `opa eval --fail`).
+    assert mdm(*base, *who, "--site", "SOUTH", "--fail", check=False).returncode == 0
+    res = mdm(*base, "--sub", "nobody", "--site", "SOUTH", "--fail", check=False)
+    assert res.returncode == 1 and "decision: none" in res.stdout
+    # --token-file, as every other command spells it.
+    tok = jwt.encode({"sub": "job-1", "iss": "x", "groups": ["nant-grid-jobs"]}, "k" * 32)
+    (tmp_path / "t.jwt").write_text(tok)
+    res = mdm(*base, "--token-file", str(tmp_path / "t.jwt"), "--site", "NORTH", "--json",
+              "--trial", "NANT-2007-01", "--modality", "MR")  # fmt: skip
+    assert json.loads(res.stdout)["rule"] == "grid-nant-trial"
