@@ -55,18 +55,43 @@ def policy() -> None:
     "directory",
     required=False,
     type=click.Path(path_type=Path),
-    default=lambda: os.environ.get("MDM_POLICY_DIR", DEFAULT_DIR),
+    default=None,
 )
-def check(directory: Path) -> None:
-    """Validate the policy files of DIRECTORY (default acl_policies/ or $MDM_POLICY_DIR)."""
-    pol = load_policy(directory)
-    for w in pol.warnings:
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="mdm.toml: check against its sites, and its [policy] dir when DIRECTORY is not given.",
+)
+@click.option("--strict", is_flag=True, help="Warnings fail the check too (exit 1).")
+def check(directory: Path | None, config_path: Path | None, strict: bool) -> None:
+    """Validate the policy files of DIRECTORY (default: [policy] dir of --config, else
+    acl_policies/ or $MDM_POLICY_DIR), and warn about rules that are valid but likely wrong:
+    unknown sites or modalities, denies that fail open on a missing attribute, broad
+    identified grants, case-variant levels."""
+    known: list[str] | None = None
+    if config_path is not None:
+        from mdm.config import load_config
+
+        config = load_config(config_path)
+        known = [s.name for s in config.sites]
+        if directory is None and config.policy is not None:
+            directory = config.policy.dir
+    if directory is None:
+        directory = Path(os.environ.get("MDM_POLICY_DIR", DEFAULT_DIR))
+    pol = load_policy(directory, known_sites=known)
+    warnings = sorted(set(pol.warnings), key=lambda w: (w.file, w.line, w.message))
+    for w in warnings:
         click.echo(f"warning: {w}", err=True)
     allows = sum(1 for r in pol.rules if r.effect == "allow")
     click.echo(
         f"{directory}: OK, {len(pol.rules)} rules ({allows} allow, {len(pol.rules) - allows} deny)"
         f" in {len(pol.files)} files, version {pol.version}"
+        + (f", {len(warnings)} warning(s)" if warnings else "")
     )
+    if strict and warnings:
+        sys.exit(1)
 
 
 @policy.command("test")

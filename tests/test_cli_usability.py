@@ -61,3 +61,52 @@ def test_explain_json_fail_and_token_file(tmp_path: Path) -> None:
     res = mdm(*base, "--token-file", str(tmp_path / "t.jwt"), "--site", "NORTH", "--json",
               "--trial", "NANT-2007-01", "--modality", "MR")  # fmt: skip
     assert json.loads(res.stdout)["rule"] == "grid-nant-trial"
+
+
+def test_policy_check_lints_against_the_config(tmp_path: Path) -> None:
+    pol = tmp_path / "pol"
+    pol.mkdir()
+    (pol / "a.toml").write_text(
+        "[[allow]]\n"
+        'id = "wide"\n'
+        'principals = { groups = ["g"] }\n'
+        'access = "Identified"\n'
+        "\n"
+        "[[allow]]\n"
+        'id = "typos"\n'
+        'principals = { groups = ["g"], issuers = ["https://i"] }\n'
+        'resources = { sites = ["NORHT"], modalities = ["CTT"] }\n'
+        'access = "metadata"\n'
+        "\n"
+        "[[deny]]\n"
+        'id = "no-trial"\n'
+        'resources = { trial = "SECRET-1" }\n'
+    )
+    cfg = tmp_path / "mdm.toml"
+    cfg.write_text(
+        f'[cache]\ndir = "{tmp_path / "cache"}"\n'
+        '[[site]]\nname = "NORTH"\nae_title = "N"\nhost = "127.0.0.1"\nport = 9\n'
+        f'[policy]\ndir = "{pol}"\n'
+    )
+    res = mdm("policy", "check", "--config", str(cfg))
+    warnings = [x for x in res.stderr.splitlines() if x.startswith("warning:")]
+    for needle in (
+        "site 'NORHT' is not a configured site (did you mean 'NORTH'?)",
+        "modality 'CTT' is not a DICOM modality (did you mean 'CT'?)",
+        "a deny on trial does not apply to objects without ClinicalTrialProtocolID",
+        "identified access with no resources",
+        "identified access without issuers",
+        "access 'Identified': write it in lower case",
+    ):
+        assert any(needle in w for w in warnings), (needle, warnings)
+    lines = [int(w.split(":")[2]) for w in warnings]
+    assert lines == sorted(lines) and len(set(warnings)) == len(warnings)
+    assert mdm("policy", "check", "--config", str(cfg), "--strict", check=False).returncode == 1
+    # An impossible date says so, instead of the TOML parser's words.
+    (pol / "b.toml").write_text(
+        '[[allow]]\nid = "d"\nprincipals = { groups = ["g"] }\naccess = "metadata"\n'
+        "expires = 2024-02-30\n"
+    )
+    res = mdm("policy", "check", "--config", str(cfg), check=False)
+    assert res.returncode == 2
+    assert "b.toml:5: 2024-02-30 is not a calendar date" in res.stderr
