@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from mdm.config import Config, load_config
-from mdm.errors import MdmError, NotFound, UserError
+from mdm.errors import MdmError, NotFound, UsageError, UserError
 from mdm.identity import Principal
 
 log = logging.getLogger("mdm")
@@ -323,51 +323,91 @@ def _secrets(config: Any, token_file: Path | None) -> Callable[[str], bytes]:
     help="The JWT to fetch as (also $MDM_TOKEN_FILE).",
 )
 def fetch(config_path: Path, uids: tuple[str, ...], quiet: bool, token_file: Path | None) -> None:
-    """Warm the cache with the studies, series or instances named by UID."""
+    """Warm the cache with the studies, series or instances named by UID, as your view shows
+    them (the remapped 2.25. UIDs of a de-identified view included). UIDS may be '-': read
+    them from stdin (whitespace-separated, e.g. from `mdm find --json | jq`). One line per
+    UID; exit 1 if any failed."""
     import trio
     from tqdm import tqdm
 
-    from mdm.bridge import open_bridge
+    from mdm.bridge import Bridge, open_bridge
+    from mdm.fetcher import Target
+    from mdm.find import original_of
     from mdm.session import open_session
     from mdm.store import ObjectRef
 
+    wanted: list[str] = []
+    for u in uids:
+        wanted += sys.stdin.read().split() if u == "-" else [u]
+    if not wanted:
+        raise UsageError("no UIDs to fetch")
     config = _load(config_path)
     session = open_session(config, token_file)
 
-    async def go() -> int:
-        async with open_bridge(config, session, get_if_port_busy=True) as bridge:
-            targets = []
-            for uid in uids:
-                try:
-                    targets += await bridge.targets_for(uid)
-                except NotFound:
-                    # Hidden and missing alike: one line, nothing about which.
-                    raise UserError(
-                        f"{uid}: no study, series or instance of that UID that you may see"
-                    ) from None
-            bar = tqdm(total=len(targets), unit="obj", disable=quiet, file=sys.stderr)
-            wanted = {t.sop_uid for t in targets}
-            already = sum(
-                1 for t in targets if bridge.store.info(ObjectRef(t.sop_uid, t.view)) is not None
+    async def resolve(bridge: Bridge, uid: str) -> list[Target]:
+        try:
+            return await bridge.targets_for(uid)
+        except NotFound:
+            if not uid.startswith("2.25.") or session.local_admin:
+                raise
+        # A name of the principal's de-identified view: its original, found through the view.
+        found = await trio.to_thread.run_sync(
+            lambda: original_of(
+                config, session.resolver, bridge.principal, bridge.keys.secret, None, bare=uid
             )
-            bar.update(already)
+        )
+        if found is None:
+            raise NotFound(uid)
+        return await bridge.targets_for(found[1] or found[0])
 
-            def on_stored(info: Any) -> None:
-                if info.ref.sop_uid in wanted:
-                    bar.update(1)
-
-            bridge.fetcher.on_stored = on_stored
+    async def go() -> list[tuple[str, str, bool]]:
+        out: list[tuple[str, str, bool]] = []
+        async with open_bridge(config, session, get_if_port_busy=True) as bridge:
+            plans: list[tuple[str, list[Target] | None, str]] = []
+            for uid in wanted:
+                try:
+                    plans.append((uid, await resolve(bridge, uid), ""))
+                except NotFound:
+                    # Hidden and missing alike: nothing about which.
+                    plans.append((uid, None, "no study, series or instance you may see"))
+                except MdmError as e:
+                    plans.append((uid, None, str(e)))
+            total = sum(len(t or []) for _, t, _ in plans)
+            quiet_bar = quiet or not sys.stderr.isatty()
+            bar = tqdm(total=total, unit="obj", disable=quiet_bar, file=sys.stderr)
+            keys = {t.sop_uid for _, ts, _ in plans for t in ts or []}
+            bridge.fetcher.on_stored = lambda info: (
+                bar.update(1) if info.ref.sop_uid in keys else None
+            )
             try:
-                await bridge.fetcher.fetch_many(targets)
+                for uid, targets, err in plans:
+                    if targets is None:
+                        out.append((uid, f"error: {err}", False))
+                        continue
+                    had = sum(
+                        1
+                        for t in targets
+                        if bridge.store.info(ObjectRef(t.sop_uid, t.view)) is not None
+                    )
+                    bar.update(had)
+                    try:
+                        await bridge.fetcher.fetch_many(targets)
+                    except MdmError as e:
+                        out.append((uid, f"error: {e}", False))
+                        continue
+                    out.append((uid, f"{len(targets)} object(s) cached ({had} already)", True))
             finally:
                 bar.close()
-            return len(targets)
+        return out
 
     try:
-        n = trio.run(go)
+        results = trio.run(go)
     finally:
         session.close()
-    click.echo(f"{n} object(s) cached")
+    for uid, what, _ok in results:
+        click.echo(f"{uid}: {what}")
+    if not all(ok for _, _, ok in results):
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------------------- cache

@@ -27,7 +27,7 @@ from typing import Any
 
 from mdm.access import AccessLevel
 from mdm.policy.evaluate import RESERVED_CLAIMS, Policy, normalize_now
-from mdm.policy.model import Effect, PolicyError, Problem, Rule
+from mdm.policy.model import Advice, Effect, PolicyError, Problem, Rule
 
 TESTS_SUBDIR = "tests"
 RULE_KINDS: tuple[Effect, ...] = ("allow", "deny")
@@ -167,6 +167,9 @@ class Checker:
 
     def warn(self, path: tuple[str, ...], message: str) -> None:
         self.warnings.append(Problem(self.file, self.line(*path), message))
+
+    def advise(self, path: tuple[str, ...], message: str) -> None:
+        self.warnings.append(Advice(self.file, self.line(*path), message))
 
     def unknown_keys(
         self, table: dict[str, Any], allowed: Collection[str], prefix: tuple[str, ...], what: str
@@ -366,11 +369,11 @@ def _lint(ck: Checker, kind: Effect, tab: Any, kw: dict[str, Any], access: Acces
         if m not in MODALITIES:
             hint = difflib.get_close_matches(m, sorted(MODALITIES), n=1)
             did = f" (did you mean {hint[0]!r}?)" if hint else ""
-            ck.warn(("resources", "modalities"), f"modality {m!r} is not a DICOM modality{did}")
+            ck.advise(("resources", "modalities"), f"modality {m!r} is not a DICOM modality{did}")
     if kind == "deny":
         for key, attr in _FAIL_OPEN.items():
             if key in res:
-                ck.warn(
+                ck.advise(
                     ("resources", key),
                     f"a deny on {key} does not apply to objects without {attr}: it fails open "
                     "where the PACS leaves that attribute empty (deny on sites or patient_ids, "
@@ -378,16 +381,18 @@ def _lint(ck: Checker, kind: Effect, tab: Any, kw: dict[str, Any], access: Acces
                 )
     if kind == "allow" and access == AccessLevel.IDENTIFIED:
         if not res:
-            ck.warn((), "identified access with no resources: every patient of every site")
+            ck.advise((), "identified access with no resources: every patient of every site")
         if not kw.get("issuers"):
-            ck.warn(
+            ck.advise(
                 ("principals",),
                 "identified access without issuers: any trusted issuer's token with these "
                 "names or groups is granted it",
             )
     text = tab.get("access") if isinstance(tab, dict) else None
     if isinstance(text, str) and text != text.strip().lower():
-        ck.warn(("access",), f"access {text!r}: write it in lower case ({text.strip().lower()!r})")
+        ck.advise(
+            ("access",), f"access {text!r}: write it in lower case ({text.strip().lower()!r})"
+        )
 
 
 def compile_rule(

@@ -33,6 +33,12 @@ class Problem:
         return f"{where}: {self.message}"
 
 
+@dataclass(frozen=True)
+class Advice(Problem):
+    """A warning of the lint (``policy check``): the rule is valid but likely not meant.
+    Running mounts log it at INFO only; ``policy check`` prints it."""
+
+
 class PolicyError(UserError):
     """A policy directory (or its test cases) failed validation; lists every problem found."""
 

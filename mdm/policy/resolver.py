@@ -29,7 +29,7 @@ from mdm.access import Resource
 from mdm.identity import Principal
 from mdm.policy.evaluate import Policy, PolicyDecision
 from mdm.policy.load import load_policy, snapshot
-from mdm.policy.model import PolicyError, Rule
+from mdm.policy.model import Advice, PolicyError, Rule
 
 log = logging.getLogger("mdm.policy")
 
@@ -152,4 +152,6 @@ class PolicyResolver:
     @staticmethod
     def _log_warnings(policy: Policy) -> None:
         for w in policy.warnings:
-            log.warning("policy warning: %s", w)
+            # The lint's advice is for `mdm policy check`; here it would be noise on every start.
+            level = logging.INFO if isinstance(w, Advice) else logging.WARNING
+            log.log(level, "policy warning: %s", w)
