@@ -1070,7 +1070,7 @@ async def open_bridge(
                     f"{config.bridge.host}:{config.bridge.port}: {e.strerror} "
                     "(is a mount or fetch with this configuration already running?)"
                 ) from None
-            log.warning(
+            log.info(
                 "%s:%d is in use (a mount of this configuration is running?): retrieving by "
                 "C-GET, which needs no listener",
                 config.bridge.host,

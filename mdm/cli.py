@@ -143,6 +143,12 @@ def mount(
         if log_file is not None:
             _setup_logging(logging.getLevelName(logging.getLogger().level), log_file)
         session = open_session(config, token_file)
+        if session.local_admin:
+            log.warning(
+                "no [identity] in %s: this mount runs as the local administrator of a "
+                "single-user workstation (full access, identified view)",
+                config.path,
+            )
         strict = os.environ.get("MDM_STRICT") == "1"
         run(config, mountpoint, session, strict=strict)
         return
@@ -282,7 +288,8 @@ def find(
     for n in res.notes:
         click.echo(f"mdm: note: {n}", err=True)
     if as_json:
-        click.echo(json.dumps(res.rows, indent=2, ensure_ascii=False))
+        rows = [{k: _json_value(k, v) for k, v in r.items()} for r in res.rows]
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
     else:
         _table(
             [*res.keys, "sites"],
@@ -290,6 +297,26 @@ def find(
         )
     if res.errors and not res.rows:
         sys.exit(1)
+
+
+def _json_value(keyword: str, value: Any) -> Any:
+    """Numbers of numeric VRs as JSON numbers (``"NumberOfSeriesRelatedInstances": 24``)."""
+    from pydicom.datadict import dictionary_VR
+
+    if not isinstance(value, str) or not value or "\\" in value:
+        return value
+    try:
+        vr = dictionary_VR(keyword)
+    except KeyError:
+        return value
+    try:
+        if vr in ("IS", "US", "UL", "SS", "SL", "UV", "SV"):
+            return int(value)
+        if vr in ("DS", "FL", "FD"):
+            return float(value)
+    except ValueError:
+        pass
+    return value
 
 
 def _secrets(config: Any, token_file: Path | None) -> Callable[[str], bytes]:

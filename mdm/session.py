@@ -60,7 +60,8 @@ def open_session(config: Config, token_file: Path | None, *, audit: bool = True)
             raise ConfigError(
                 config.path, "identity", "a token was given but [identity] is not configured"
             )
-        log.warning(
+        # Said once at mount start (WARNING, by the mount); every other command: INFO.
+        log.info(
             "no [identity] in %s: running as the local administrator of a single-user "
             "workstation (full access, identified view)",
             config.path,
