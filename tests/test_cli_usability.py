@@ -110,3 +110,24 @@ def test_policy_check_lints_against_the_config(tmp_path: Path) -> None:
     res = mdm("policy", "check", "--config", str(cfg), check=False)
     assert res.returncode == 2
     assert "b.toml:5: 2024-02-30 is not a calendar date" in res.stderr
+
+
+def test_man_pages_and_completion(tmp_path: Path) -> None:
+    import subprocess
+
+    out = subprocess.run(
+        [str(ROOT / "scripts" / "manpages"), str(tmp_path / "man")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    pages = {p.name for p in (tmp_path / "man").iterdir()}
+    assert {"mdm.1", "mdm-find.1", "mdm-fetch.1", "mdm-policy-explain.1", "mdm-mount.1"} <= pages
+    assert "token-file" in (tmp_path / "man" / "mdm-policy-explain.1").read_text()
+    # Completion comes from click: the documented line gives a bash completion script.
+    env = {**os.environ, "_MDM_COMPLETE": "bash_source"}
+    res = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "mdm")], env=env, capture_output=True, text=True
+    )
+    assert "_mdm_completion" in res.stdout
