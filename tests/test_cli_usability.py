@@ -131,3 +131,34 @@ def test_man_pages_and_completion(tmp_path: Path) -> None:
         [str(ROOT / ".venv" / "bin" / "mdm")], env=env, capture_output=True, text=True
     )
     assert "_mdm_completion" in res.stdout
+
+
+def test_audit_query_and_tail_filter(tmp_path: Path) -> None:
+    from mdm.audit import AuditLog
+    from mdm.identity import Principal
+
+    log = tmp_path / "audit.jsonl"
+    alice, bob = Principal(sub="alice", issuer="i"), Principal(sub="bob", issuer="i")
+    with AuditLog(log) as a:
+        for i in range(5):
+            a.record(
+                principal=alice if i % 2 else bob,
+                action="open" if i < 4 else "find",
+                decision="deny" if i == 3 else "allow",
+                resource={"study_uid": f"1.2.3.{i}"},
+                rule="r-1" if i < 2 else "r-2",
+                policy="p",
+            )
+    base = ["audit", "query", "--log", str(log)]
+    assert mdm(*base, "--count").stdout.strip() == "5"
+    assert mdm(*base, "--sub", "alice", "--count").stdout.strip() == "2"
+    assert mdm(*base, "--decision", "deny", "--count").stdout.strip() == "1"
+    res = mdm(*base, "--uid", "1.2.3.4", "--json")
+    assert json.loads(res.stdout)["action"] == "find"
+    assert mdm(*base, "--rule", "r-2", "--action", "open", "--count").stdout.strip() == "2"
+    assert mdm(*base, "--since", "1h", "--count").stdout.strip() == "5"
+    assert mdm(*base, "--until", "2000-01-01", check=False).returncode == 1  # nothing matches
+    bad = mdm(*base, "--since", "yesterday", check=False)
+    assert bad.returncode == 2 and "--since" in bad.stderr
+    tail = mdm("audit", "tail", "--log", str(log), "-n", "1", "--sub", "bob", "--json")
+    assert json.loads(tail.stdout)["resource"]["study_uid"] == "1.2.3.4"
