@@ -991,10 +991,11 @@ class Bridge:
     async def _series_targets(self, study: Record, series: Record) -> list[Target]:
         await self._ensure_instances(study, series)
         v = self._readable_view(study, series)
+        members = [i for i in self.catalog.children("IMAGE", series.uid) if i.sites]
+        # The whole series as listed: a single SERIES-level request can fetch it.
         return [
-            self._target(study, series, i, None, v)
-            for i in self.catalog.children("IMAGE", series.uid)
-            if i.sites
+            dataclasses.replace(self._target(study, series, i, None, v), series_size=len(members))
+            for i in members
         ]
 
 

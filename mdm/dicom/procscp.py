@@ -161,17 +161,20 @@ class ProcessStorageSCP(StorageSCP):
         spec: Mapping[str, Any] | None = None,
         *,
         inbound: bool = True,
+        source: Any = None,
     ) -> Expectation:
         """Register in the parent, then (for objects that come to the listener) in the child,
         acknowledged before returning. A C-GET's objects arrive on the parent's association:
         no round trip to the child for those."""
-        exp = super().expect(sop_uids, sink, spec, inbound=inbound)
+        exp = super().expect(sop_uids, sink, spec, inbound=inbound, source=source)
         if self._proc is None or not inbound:
             return exp
         eid = next(self._ids)
         exp.proc_id = eid  # type: ignore[attr-defined]
         self._exp_ids[eid] = exp
-        self._request(("expect", eid, sorted(exp.sop_uids), dict(spec or {})), ("expected", eid))
+        self._request(
+            ("expect", eid, sorted(exp.sop_uids), dict(spec or {}), exp.source), ("expected", eid)
+        )
         return exp
 
     def _unregister(self, exp: Expectation) -> None:
@@ -371,9 +374,9 @@ def _child_main(
                 break  # the mount died: stop with it
             kind = msg[0]
             if kind == "expect":
-                _, eid, uids, spec = msg
+                _, eid, uids, spec, source = msg
                 outstanding.setdefault(eid, 0)
-                exps[eid] = scp.expect(uids, make_sink(eid, spec))
+                exps[eid] = scp.expect(uids, make_sink(eid, spec), source=source)
                 send(("expected", eid))
             elif kind == "cancel":
                 exp = exps.pop(msg[1], None)
