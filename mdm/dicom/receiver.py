@@ -250,6 +250,7 @@ class StorageSCP:
         handlers = [
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
         ]
         self._server = ae.start_tuned_server(
             (self.bridge.host, self.bridge.port), storage_contexts(), handlers
@@ -422,6 +423,20 @@ class StorageSCP:
         exp._delivered(sop_uid)
         self._count("stored")
         return STORE_SUCCESS
+
+    def _on_accepted(self, event: Event) -> None:
+        # A PACS that proposes a storage class only in syntaxes we do not accept cannot send
+        # those objects as stored: say which, rather than leave a count that does not add up
+        # (we never ask for a transcoding).
+        rq = event.assoc.requestor
+        for cx in event.assoc.rejected_contexts:
+            log.warning(
+                "site AE %r proposed SOP class %s only in transfer syntax(es) %s, which the "
+                "bridge does not accept: such objects cannot be received as stored",
+                str(rq.ae_title or "").strip(),
+                cx.abstract_syntax,
+                ", ".join(str(ts) for ts in cx.transfer_syntax) or "(none)",
+            )
 
     def _on_rejected(self, event: Event) -> None:
         self._count("rejected_associations")
