@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -383,3 +384,82 @@ def test_the_fallback_is_decided_by_status_not_by_message() -> None:
     assert not move_may_help(failed(0xA900))  # the identifier is wrong: a C-MOVE would be too
     assert not move_may_help(RetrieveTimeout("site X: refused to answer"))
     assert not move_may_help(RetrieveError("site X: association refused"))
+
+
+# --- 3. association failures by name ---------------------------------------------------------
+
+
+@pytest.fixture
+def peer(request: pytest.FixtureRequest) -> Iterator[int]:
+    """A peer on a loopback port that behaves as ``request.param`` says."""
+    kind = request.param
+    if kind == "refused":
+        yield free_port()  # nothing listens
+        return
+    if kind == "rejected":
+        ae = AE("PICKY")
+        ae.add_supported_context("1.2.840.10008.1.1")
+        ae.require_calling_aet = ["SOMEONE_ELSE"]
+        port = free_port()
+        server = ae.start_server(("127.0.0.1", port), block=False)
+        try:
+            yield port
+        finally:
+            server.shutdown()
+        return
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    stop = threading.Event()
+    conns: list[socket.socket] = []
+
+    def serve() -> None:
+        srv.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            conns.append(conn)
+            if kind == "aborted":
+                conn.recv(65536)
+                conn.sendall(bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 0]))  # A-ABORT, by the peer
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield srv.getsockname()[1]
+    finally:
+        stop.set()
+        t.join(5)
+        for c in conns:
+            c.close()
+        srv.close()
+
+
+@pytest.mark.parametrize(
+    ("peer", "kind", "words"),
+    [
+        ("refused", RetrieveError, "connection refused"),
+        (
+            "rejected",
+            RetrieveError,
+            "association rejected (Rejected Permanent, Service User, Calling AE title not "
+            "recognised)",
+        ),
+        ("aborted", RetrieveError, "aborted by the peer"),
+        ("silent", RetrieveTimeout, "no answer to the association request within 2s"),
+    ],
+    indirect=["peer"],
+)
+def test_association_failures_say_what_happened(peer: int, kind: type, words: str) -> None:
+    from mdm.dicom.query import c_echo
+
+    bridge = BridgeSettings(ae_title="MDMNAMED", host="127.0.0.1", port=free_port())
+    site = SiteSettings("PEER", "PEER", "127.0.0.1", peer, timeout=2.0)
+    with pytest.raises((RetrieveError, RetrieveTimeout)) as info:
+        c_echo(site, bridge)
+    assert type(info.value) is kind, info.value
+    assert words in str(info.value)
+    if "aborted" not in words:
+        assert "aborted" not in str(info.value)
