@@ -463,3 +463,56 @@ def test_association_failures_say_what_happened(peer: int, kind: type, words: st
     assert words in str(info.value)
     if "aborted" not in words:
         assert "aborted" not in str(info.value)
+
+
+# --- 2. a stale pooled association counts against the same deadline --------------------------
+
+
+def test_a_silent_pacs_with_a_pooled_association_costs_one_deadline(
+    orthanc_pair_private: PacsPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mdm.dicom.retrieve as retrieve_mod
+
+    monkeypatch.setattr(retrieve_mod, "VALIDATE_AFTER", 0.2)  # validate at once, not after 5 s
+    pair = orthanc_pair_private
+    bridge = BridgeSettings(ae_title=pair.bridge_aet, host="127.0.0.1", port=pair.bridge_port)
+    scp = StorageSCP(bridge, {pair.a.server.aet})
+    scp.start()
+    retriever = Retriever(bridge, scp)
+    site = site_settings(pair.a.server, "SiteA", timeout=3.0)
+    insts = pair.a.instances
+    try:
+        for mode, inst in (("get", insts[0]), ("move", insts[1])):
+            sink = Collector()
+
+            def one(i: GeneratedInstance = inst, m: str = mode, s: Collector = sink) -> float:
+                t0 = time.monotonic()
+                retriever.retrieve(
+                    site,
+                    level="IMAGE",
+                    study_uid=i.study_uid,
+                    series_uid=i.series_uid,
+                    sop_uids=[i.sop_uid],
+                    expected={i.sop_uid},
+                    sink=s,
+                    classes_of={i.sop_uid: i.sop_class_uid},
+                    mode=m,
+                )
+                return time.monotonic() - t0
+
+            one()  # the association is now pooled
+            assert retriever.pool_stats("SiteA").idle >= 1
+            time.sleep(0.5)
+            pair.a.server.pause()
+            try:
+                t0 = time.monotonic()
+                with pytest.raises(RetrieveTimeout, match="site SiteA"):
+                    one()
+                took = time.monotonic() - t0
+            finally:
+                pair.a.server.resume()
+            # One deadline (3 s), not the echo's and then the new association's (6 s).
+            assert took < 3.0 * 1.4, (mode, took)
+    finally:
+        retriever.close()
+        scp.stop()

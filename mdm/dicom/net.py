@@ -928,9 +928,12 @@ class Watchdog:
     pynetdicom would otherwise never report to a waiter without a DIMSE timeout.
     """
 
-    def __init__(self, assoc: Association, timeout: float) -> None:
+    def __init__(self, assoc: Association, timeout: float, since: float | None = None) -> None:
         self.assoc = assoc
         self.timeout = timeout
+        self._since = since
+        """When the wait began (monotonic), if before entering: the first deadline counts
+        from then (a request that first validated or opened an association)."""
         self.fired = False
         """The deadline passed: the peer went silent."""
         self.died = False
@@ -950,7 +953,7 @@ class Watchdog:
         return self.fired or self.died
 
     def __enter__(self) -> Watchdog:
-        self._last = time.monotonic()
+        self._last = time.monotonic() if self._since is None else self._since
         self._thread = threading.Thread(target=self._run, name="mdm-watchdog", daemon=True)
         self._thread.start()
         return self

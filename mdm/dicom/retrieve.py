@@ -199,6 +199,9 @@ class _Conn:
     storage_classes: frozenset[str] = frozenset()
     last_used: float = field(default_factory=time.monotonic)
     warming: bool = False
+    deadline: float = 0.0
+    """When the request this connection was acquired for must have seen its first answer:
+    validating a stale pooled association and opening another count against it."""
 
     def alive(self) -> bool:
         a = self.assoc
@@ -222,12 +225,19 @@ class _Pool:
         self.ae = TunedAE(retriever.bridge.ae_title, site.timeout, retriever.bridge.max_pdu)
 
     def acquire(
-        self, mode: str, need: frozenset[str], *, warming: bool = False
+        self,
+        mode: str,
+        need: frozenset[str],
+        *,
+        warming: bool = False,
+        deadline: float | None = None,
     ) -> tuple[_Conn, bool]:
         """A connection for ``mode`` covering the storage classes ``need``; (conn, reused).
 
         ``warming``: this is an association opened ahead of time, which retrievals that
-        start meanwhile wait for instead of opening their own.
+        start meanwhile wait for instead of opening their own. ``deadline`` (monotonic):
+        checking a pooled association and opening a new one end by then (default: one site
+        timeout from when a connection slot is had); it is kept as ``conn.deadline``.
         """
         while True:
             victim: _Conn | None = None
@@ -253,6 +263,9 @@ class _Pool:
                         self.in_use += 1
                         break
                     self.cond.wait()
+            if deadline is None:
+                # Waiting for a free slot is not a network wait; from here on, everything is.
+                deadline = time.monotonic() + self.site.timeout
             if victim is not None:
                 self._close(victim)
             if conn is None:
@@ -260,40 +273,69 @@ class _Pool:
                     with self.cond:
                         self.warming[mode] = self.warming.get(mode, 0) + 1
                 try:
-                    opened = self._open(mode, need)
+                    opened = self._open(mode, need, deadline)
                 except BaseException:
                     if warming:
                         self._warmed(mode)
                     self._release_slot()
                     raise
                 opened.warming = warming  # counted until released into the pool
+                opened.deadline = deadline
                 return opened, False
-            if self._usable(conn):
+            if self._usable(conn, deadline):
                 with self.cond:
                     self.stats.reused += 1
+                conn.deadline = deadline
                 return conn, True
-            self._close(conn)
+            # Dead or silent: abort (a polite release would wait for the silent peer again).
+            self._abort(conn)
             self._release_slot()
 
-    def _usable(self, conn: _Conn) -> bool:
+    def _usable(self, conn: _Conn, deadline: float) -> bool:
         if not conn.alive():
             return False
         if time.monotonic() - conn.last_used < VALIDATE_AFTER:
             return True
         # The peer may have dropped it silently (firewall, PACS idle timeout): an echo is
-        # one round trip, cheaper than a failed C-MOVE.
+        # one round trip, cheaper than a failed C-MOVE. It waits only for what is left of
+        # the request's deadline.
         try:
-            with Watchdog(conn.assoc, self.site.timeout) as wd:
+            with Watchdog(conn.assoc, max(0.0, deadline - time.monotonic())) as wd:
                 status = conn.assoc.send_c_echo()
             return not wd.tripped and status_code(status) == 0
         except Exception:
             return False
 
-    def _open(self, mode: str, need: frozenset[str]) -> _Conn:
+    def _open(self, mode: str, need: frozenset[str], deadline: float) -> _Conn:
+        bridge = self.retriever.bridge
+        ae, site = self.ae, self.site
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RetrieveTimeout(
+                f"site {site.name}: no answer within {site.timeout:g}s (a pooled association "
+                "went silent)"
+            )
+        if left < site.timeout:
+            # What is left of the request's deadline bounds the connection and negotiation
+            # (a stall timeout of the whole site timeout stays with the association).
+            ae = TunedAE(bridge.ae_title, site.timeout, bridge.max_pdu)
+            ae.connection_timeout = ae.acse_timeout = left
+            site = dataclasses.replace(site, timeout=left)
+        try:
+            return self._open_with(mode, need, ae, site)
+        except RetrieveTimeout:
+            if site is self.site:
+                raise
+            raise RetrieveTimeout(
+                f"site {site.name}: no answer within {self.site.timeout:g}s (a pooled "
+                "association went silent, then a new association request got no answer)"
+            ) from None
+
+    def _open_with(self, mode: str, need: frozenset[str], ae: TunedAE, site: SiteSettings) -> _Conn:
         bridge = self.retriever.bridge
         if mode == "move":
             mcxs = contexts_for([STUDY_ROOT_MOVE, VERIFICATION], QUERY_SYNTAXES)
-            assoc = open_association(self.ae, self.site, mcxs, max_pdu=bridge.max_pdu)
+            assoc = open_association(ae, site, mcxs, max_pdu=bridge.max_pdu)
             if not accepted(assoc, STUDY_ROOT_MOVE):
                 close_association(assoc)
                 raise RetrieveError(f"site {self.site.name}: the PACS refused Study Root C-MOVE")
@@ -313,8 +355,8 @@ class _Pool:
             ) + get_contexts(classes)
             roles = [build_role(c, scp_role=True) for c in classes]
             assoc = open_association(
-                self.ae,
-                self.site,
+                ae,
+                site,
                 cxs,
                 max_pdu=bridge.max_pdu,
                 ext_neg=roles,
@@ -669,8 +711,11 @@ class Retriever:
         """Send the C-MOVE/C-GET and wait for its final status code (retry once on a stale
         pooled association that died before answering anything)."""
         pool = self._pool(site)
+        deadline: float | None = None
         for attempt in (1, 2):
-            conn, reused = pool.acquire(mode, need)
+            # One deadline for the first answer, whatever stale associations cost before it.
+            conn, reused = pool.acquire(mode, need, deadline=deadline)
+            deadline = conn.deadline
             if mode == "get" and need and not need <= conn.storage_classes:
                 pool.release(conn, True)
                 missing_cx = len(need - conn.storage_classes)
@@ -683,7 +728,7 @@ class Retriever:
             pending: list[int] = []
             progress = conn.assoc.dimse.msg_queue
             try:
-                wd = Watchdog(conn.assoc, site.timeout)
+                wd = Watchdog(conn.assoc, site.timeout, since=deadline - site.timeout)
                 watch[:] = [wd]
                 if isinstance(progress, ProgressQueue):
                     # Pending responses touch the deadline on the DUL thread, unqueued.
