@@ -330,6 +330,14 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
     )
     if not 4096 <= cache.chunk_size <= 16 * 2**20:
         raise ConfigError(p, "cache.chunk_size", "must be between 4KiB and 16MiB")
+    # The cache directory is created when missing; one that exists as something else (or
+    # under a file) is a configuration error, said in one line.
+    for d in (cache.dir, *cache.dir.parents):
+        if d.exists() or d.is_symlink():
+            if not d.is_dir():
+                what = "is not a directory" if d == cache.dir else f"is under {d}, a file"
+                raise ConfigError(p, "cache.dir", f"{cache.dir} {what}")
+            break
 
     sites_raw = data.get("site", [])
     if not isinstance(sites_raw, list) or not all(isinstance(s, dict) for s in sites_raw):
