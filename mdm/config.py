@@ -132,6 +132,9 @@ class AuditSettings:
     """``[audit]``: the append-only, hash-chained audit log."""
 
     log: Path
+    fail_open: bool = False
+    """Go on when a record cannot be written (logged). Default: fail closed, the operation
+    whose record cannot be written fails (an open gets EIO)."""
 
 
 @dataclass(frozen=True)
@@ -424,8 +427,8 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
     audit = None
     atab = top.table_("audit")
     if atab is not None:
-        a = _Section(p, "audit", atab, {"log"})
-        audit = AuditSettings(log=a.path_("log"))
+        a = _Section(p, "audit", atab, {"log", "fail_open"})
+        audit = AuditSettings(log=a.path_("log"), fail_open=a.get_bool("fail_open", False))
 
     return Config(
         path=p,

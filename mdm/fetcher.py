@@ -8,6 +8,7 @@ in the storage SCP's threads are encrypted and stored there, then reported back 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import queue
@@ -384,6 +385,13 @@ class Fetcher:
     ) -> None:
         if self.audit is None:
             return
+        with contextlib.suppress(MdmError):
+            # Logged by the recorder; the opens this retrieval serves are audited (and fail
+            # closed) on their own.
+            self._audit_retrieve(site, first, got, wanted, error)
+
+    def _audit_retrieve(self, site: str, first: Target, got: int, wanted: int, error: str) -> None:
+        assert self.audit is not None
         self.audit(
             "retrieve",
             "ok" if got == wanted else "incomplete",

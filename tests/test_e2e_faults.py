@@ -85,3 +85,33 @@ def crashed_mount_cycle(orthanc_pair: PacsPair, cfg: Path, mnt: Path, cache: Pat
         same_dataset(study_path(mnt, inst).read_bytes(), inst)
     finally:
         m3.stop()
+
+
+# --- 8. the audit log fails closed ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fail_open", [False, True], ids=["default", "fail_open"])
+def test_an_open_whose_audit_record_cannot_be_written_fails(
+    orthanc_pair: PacsPair, tmp_path: Path, fail_open: bool
+) -> None:
+    audit = tmp_path / "audit" / "audit.jsonl"
+    extra = f'[audit]\nlog = "{audit}"\n' + ("fail_open = true\n" if fail_open else "")
+    cfg = config(orthanc_pair, tmp_path, bridge_options={"prefetch": False}, extra=extra)
+    first, second = orthanc_pair.a.instances[0], orthanc_pair.a.instances[1]
+    with Mount(cfg, tmp_path / "mnt") as m:
+        same_dataset(study_path(m.mountpoint, first).read_bytes(), first)
+        assert audit.stat().st_size > 0
+        # The log can no longer be written: moved away, and a directory where it was.
+        audit.rename(audit.with_suffix(".old"))
+        audit.mkdir()
+        path = study_path(m.mountpoint, second)
+        if fail_open:
+            same_dataset(path.read_bytes(), second)
+            assert "audit.fail_open: going on" in m.log_text()
+            return
+        with pytest.raises(OSError) as ei:
+            path.read_bytes()
+        assert ei.value.errno == errno.EIO
+        lines = [x for x in m.log_text().splitlines() if "open refused" in x]
+        assert len(lines) == 1, lines
+        assert "audit record could not be written" in lines[0]
