@@ -939,13 +939,29 @@ class Bridge:
         try:
             await self._ensure_instances(study, series)
             # The object being read first: its first byte matters more than the series'.
+            store_view = view.store_view if view else "identified"
             with trio.move_on_after(5):
-                await self.fetcher.wait(first, view.store_view if view else "identified")
+                await self.fetcher.wait(first, store_view)
             rest = [
                 self._target(study, series, i, prefer, view)
                 for i in self.catalog.children("IMAGE", series.uid)
                 if i.uid != first and i.sites
             ]
+            # A series the cache cannot hold comfortably is not prefetched: its objects would
+            # evict each other (LRU) before the reader gets to them, and be fetched again.
+            # Within half the cap, what a prefetch evicts is older than the series.
+            one = self.store.info(ObjectRef(first, store_view))
+            need = (one.stored_bytes if one is not None else 0) * len(rest)
+            if one is not None and need > self.store.max_bytes // 2:
+                log.info(
+                    "prefetch of series %s skipped: about %d bytes for %d object(s), "
+                    "cache.max_bytes is %d",
+                    series.uid,
+                    need,
+                    len(rest),
+                    self.store.max_bytes,
+                )
+                return
             self.fetcher.prefetch(rest)
         except MdmError as e:
             log.info("prefetch of series %s not started: %s", series.uid, e)

@@ -5,6 +5,7 @@ empty directory; the audit log fails closed; prefetch under a small cache cap.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -115,3 +116,37 @@ def test_an_open_whose_audit_record_cannot_be_written_fails(
         lines = [x for x in m.log_text().splitlines() if "open refused" in x]
         assert len(lines) == 1, lines
         assert "audit record could not be written" in lines[0]
+
+
+# --- 10. prefetch under a small cache cap -----------------------------------------------------
+
+
+def retrieved_objects(log: str, series_uid: str) -> int:
+    """Objects the mount asked the PACS for, for one series (its 'retrieving N' lines)."""
+    import re
+
+    pat = re.compile(rf"retrieving (\d+) object\(s\) of series {re.escape(series_uid)} ")
+    return sum(int(m.group(1)) for m in pat.finditer(log))
+
+
+def test_prefetch_does_not_churn_a_cache_too_small_for_the_series(
+    orthanc_pair: PacsPair, tmp_path: Path
+) -> None:
+    series = orthanc_pair.series(orthanc_pair.shared_series[0])
+    assert len(series) >= 4
+    # The stored size of one object of the series, measured.
+    probe = config(orthanc_pair, tmp_path / "probe", bridge_options={"prefetch": False})
+    with Mount(probe, tmp_path / "probe" / "mnt") as m:
+        study_path(m.mountpoint, series[0]).read_bytes()
+    one = json.loads(mdm("cache", "stats", "--json", "--config", str(probe)).stdout)["bytes"]
+    # A cap that holds two and a half objects of a series of four or more.
+    cfg = config(orthanc_pair, tmp_path / "small", max_bytes=str(int(one * 2.5)))
+    with Mount(cfg, tmp_path / "small" / "mnt") as m:
+        for inst in series:
+            same_dataset(study_path(m.mountpoint, inst).read_bytes(), inst)
+        time.sleep(0.5)  # any prefetch still running would show in the count
+        log = m.log_text()
+    # One retrieval per object read: nothing prefetched only to be evicted and fetched again.
+    n = retrieved_objects(log, series[0].series_uid)
+    assert n == len(series), f"{n} objects retrieved for {len(series)} reads"
+    assert "prefetch of series" in log and "skipped" in log
