@@ -286,3 +286,41 @@ def test_the_samples_are_bundled_with_pydicom() -> None:
     for name in SAMPLES:
         path = get_testdata_file(name, download=False)
         assert path is not None and os.path.isfile(str(path)), name
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("mode", ["move", "get", "auto"])
+def test_every_sample_reads_back_as_stored_through_a_mount(
+    pacs: LocalOrthanc, samples: list[Sample], tmp_path: Path, mode: str
+) -> None:
+    """Every retrieve mode, through a real mount: each sample file, read as a job would."""
+    from tests.mountutil import Mount
+
+    aet, port = f"MDMS{mode.upper()}", free_port()
+    pacs.add_modality(aet, aet, "127.0.0.1", port)
+    cfg = tmp_path / "mdm.toml"
+    cfg.write_text(
+        f'[bridge]\nae_title = "{aet}"\nhost = "127.0.0.1"\nport = {port}\n'
+        f'retrieve = "{mode}"\nprefetch = false\n'
+        f'[cache]\ndir = "{tmp_path / "cache"}"\n[keys]\nkeyring = "{tmp_path / "k.json"}"\n'
+        f'[[site]]\nname = "STORED"\nae_title = "{PACS_AET}"\nhost = "127.0.0.1"\n'
+        f'port = {pacs.dicom_port}\nretrieve = "{mode}"\ntimeout = "10s"\n'
+    )
+    bad: dict[str, str] = {}
+    with Mount(cfg, tmp_path / "mnt") as m:
+        for s in samples:
+            path = m.mountpoint / "studies" / s.study_uid / s.series_uid / f"{s.sop_uid}.dcm"
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                bad[s.name] = f"read failed: {e}"
+                continue
+            ds = read(data)
+            got = ReceivedObject(
+                s.sop_uid, s.sop_class, str(ds.file_meta.TransferSyntaxUID), data, ""
+            )
+            diff = as_stored(got, s)
+            if diff:
+                bad[s.name] = diff
+    print(f"mount, {mode}: {len(samples) - len(bad)}/{len(samples)} element-equal")
+    assert not bad, bad
