@@ -150,3 +150,62 @@ def test_prefetch_does_not_churn_a_cache_too_small_for_the_series(
     n = retrieved_objects(log, series[0].series_uid)
     assert n == len(series), f"{n} objects retrieved for {len(series)} reads"
     assert "prefetch of series" in log and "skipped" in log
+
+
+# --- 1. the receiver process dies with the mount ----------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        out += [int(x) for x in text]
+    return out
+
+
+def test_kill9_of_the_mount_during_cold_reads_ends_its_receiver_at_once(
+    orthanc_pair: PacsPair, tmp_path: Path
+) -> None:
+    """A regression guard on a real mount (the receiver is usually between requests then and
+    sees its pipe close); tests/test_receiver_process.py kills the parent while the receiver
+    is blocked in a flush, which only the parent watch survives."""
+    import threading
+
+    cfg = config(orthanc_pair, tmp_path)  # move, prefetch: the receiver process is busy
+    m = Mount(cfg, tmp_path / "mnt").start()
+    try:
+        assert m.proc is not None
+        cmdlines = {
+            c: Path(f"/proc/{c}/cmdline").read_text(errors="replace") for c in children(m.proc.pid)
+        }
+        # The receiver is multiprocessing's spawned child (not its resource tracker).
+        receivers = [c for c, cmd in cmdlines.items() if "spawn_main" in cmd]
+        assert len(receivers) == 1, receivers
+        paths = [study_path(m.mountpoint, i) for i in orthanc_pair.instances]
+
+        def read_all() -> None:
+            for p in paths:
+                try:
+                    p.read_bytes()
+                except OSError:
+                    return
+
+        t = threading.Thread(target=read_all, daemon=True)
+        t.start()
+        time.sleep(0.3)
+        m.kill9()
+        t0 = time.monotonic()
+        while Path(f"/proc/{receivers[0]}").exists() and time.monotonic() - t0 < 10:
+            stat = Path(f"/proc/{receivers[0]}/stat").read_text(errors="replace")
+            if stat.split(") ")[1].startswith("Z"):
+                break
+            time.sleep(0.02)
+        took = time.monotonic() - t0
+        assert took < 1.0, f"the receiver outlived the mount by {took:.1f}s"
+        t.join(30)
+    finally:
+        m.stop()
+    # The next mount listens on the same port at once and serves.
+    with Mount(cfg, tmp_path / "mnt") as m2:
+        inst = orthanc_pair.instances[0]
+        same_dataset(study_path(m2.mountpoint, inst).read_bytes(), inst)
