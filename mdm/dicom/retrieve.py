@@ -683,6 +683,8 @@ class Retriever:
                         f"site {site.name}: no series known for {len(uids)} object(s)"
                     )
                 requests += images(se, uids, frozenset(group))
+        if not requests:
+            raise RetrieveError(f"site {site.name}: C-FIND lists no instance to retrieve")
         if len(requests) == 1 and level != "IMAGE":
             requests = [(ident(level, series_uid, None), requests[0][1])]
         return requests
