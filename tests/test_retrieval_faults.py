@@ -516,3 +516,35 @@ def test_a_silent_pacs_with_a_pooled_association_costs_one_deadline(
     finally:
         retriever.close()
         scp.stop()
+
+
+def test_a_get_that_sends_nothing_names_site_and_sop_class(
+    ct_series: list[GeneratedInstance],
+) -> None:
+    """The PACS sends nothing on any of the syntaxes offered: the error says where and what
+    (the bridge offered every syntax it knows and asks for no transcoding)."""
+    port = free_port()
+    pacs = RecordingPacs(ct_series, ("127.0.0.1", port), get_status=0xA702)
+    bridge = BridgeSettings(ae_title="MDMREC", host="127.0.0.1", port=port)
+    scp = StorageSCP(bridge, {pacs.aet})
+    retriever = Retriever(bridge, scp)
+    inst = ct_series[0]
+    try:
+        with pytest.raises(RetrieveError) as ei:
+            retriever.retrieve(
+                pacs.site(),
+                level="IMAGE",
+                study_uid=inst.study_uid,
+                series_uid=inst.series_uid,
+                sop_uids=[inst.sop_uid],
+                expected={inst.sop_uid},
+                sink=Collector(),
+                classes_of={inst.sop_uid: inst.sop_class_uid},
+                mode="get",
+            )
+        msg = str(ei.value)
+        assert msg.startswith("site REC:") and inst.sop_class_uid in msg
+        assert "transfer syntaxes offered" in msg and move_may_help(ei.value)
+    finally:
+        retriever.close()
+        pacs.stop()
