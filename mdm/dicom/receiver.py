@@ -10,7 +10,9 @@ The same routing serves C-GET, where the objects arrive on the retriever's own a
 
 from __future__ import annotations
 
+import functools
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -75,15 +77,53 @@ Sink = Callable[[Any], None]
 """Called with a :class:`ReceivedObject` (or a :class:`StoredNotice` from a receiver process)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where the objects of a retrieval may come from: the site it was asked of."""
+
+    ae_title: str
+    addresses: frozenset[str]
+    """The site's host and the addresses it resolves to."""
+
+    def matches(self, calling_aet: str, address: str) -> bool:
+        """True for an association from this AE title and one of these addresses."""
+        return calling_aet == self.ae_title and address in self.addresses
+
+
+@functools.lru_cache(maxsize=256)
+def _addresses(host: str) -> frozenset[str]:
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        infos = []
+    out = {host}
+    for info in infos:
+        addr = str(info[4][0])
+        out.add(addr)
+        if addr.startswith("::ffff:"):
+            out.add(addr.removeprefix("::ffff:"))
+    return frozenset(out)
+
+
+def source_of(site: Any) -> Source:
+    """The :class:`Source` of a configured site (anything with ae_title and host)."""
+    return Source(str(site.ae_title).strip(), _addresses(str(site.host)))
+
+
 class Expectation:
     """A registration of SOP Instance UIDs that one retrieval is waiting for."""
 
-    def __init__(self, scp: StorageSCP, sop_uids: frozenset[str], sink: Sink) -> None:
+    def __init__(
+        self, scp: StorageSCP, sop_uids: frozenset[str], sink: Sink, source: Source | None = None
+    ) -> None:
         self._scp = scp
         self.sop_uids = sop_uids
         self.sink = sink
+        self.source = source
+        """Only objects from this site are accepted (None: from any allowed AE, for tests)."""
         self._lock = threading.Lock()
         self._received: set[str] = set()
+        self._claimed: set[str] = set()
         self.refused = 0
         """C-STOREs of these UIDs that the sink raised for."""
         self.cancelled = False
@@ -101,12 +141,22 @@ class Expectation:
             self._scp._unregister(self)
 
     def _claim(self, sop_uid: str) -> bool:
-        """True if this UID still has to be delivered (False for a duplicate)."""
+        """Claim a UID for delivery: True once, False for a duplicate (even one arriving on
+        another association while the first copy is still in the sink)."""
         with self._lock:
-            return sop_uid not in self._received
+            if sop_uid in self._claimed:
+                return False
+            self._claimed.add(sop_uid)
+            return True
+
+    def _unclaim(self, sop_uid: str) -> None:
+        """The claimed copy could not be delivered: a resent copy may be."""
+        with self._lock:
+            self._claimed.discard(sop_uid)
 
     def _delivered(self, sop_uid: str) -> None:
         with self._lock:
+            self._claimed.add(sop_uid)
             self._received.add(sop_uid)
 
     def __enter__(self) -> Expectation:
@@ -123,6 +173,7 @@ class ReceiverStats:
     stored: int = 0
     duplicates: int = 0
     refused_unexpected: int = 0
+    refused_wrong_site: int = 0
     refused_sink_error: int = 0
     rejected_associations: int = 0
 
@@ -199,6 +250,7 @@ class StorageSCP:
         handlers = [
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
         ]
         self._server = ae.start_tuned_server(
             (self.bridge.host, self.bridge.port), storage_contexts(), handlers
@@ -247,6 +299,7 @@ class StorageSCP:
         spec: Mapping[str, Any] | None = None,
         *,
         inbound: bool = True,
+        source: Any = None,
     ) -> Expectation:
         """Accept C-STOREs of these SOP Instance UIDs and hand them to ``sink``.
 
@@ -255,8 +308,12 @@ class StorageSCP:
         the expectation as a context manager) when the retrieval is over. ``spec`` tells a
         receiver that stores objects itself where to store them (ignored here). ``inbound``
         False: the objects come on our own association (C-GET), never to the listener.
+        ``source``: the site asked (a :class:`Source`, or settings with ``ae_title`` and
+        ``host``): objects from any other calling AE title or address are refused.
         """
-        exp = Expectation(self, frozenset(sop_uids), sink)
+        if source is not None and not isinstance(source, Source):
+            source = source_of(source)
+        exp = Expectation(self, frozenset(sop_uids), sink, source)
         with self._lock:
             for uid in exp.sop_uids:
                 self._routes.setdefault(uid, []).append(exp)
@@ -300,9 +357,21 @@ class StorageSCP:
         assoc = event.assoc
         peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
         calling = str(peer.ae_title or "").strip()
+        address = str(getattr(peer, "address", "") or "")
         with self._lock:
-            exps = self._routes.get(sop_uid)
-            exp = exps[0] if exps else None
+            exps = self._routes.get(sop_uid) or []
+            exp = next(
+                (e for e in exps if e.source is None or e.source.matches(calling, address)), None
+            )
+        if exp is None and exps:
+            self._count("refused_wrong_site")
+            log.warning(
+                "refused C-STORE from %r at %s: SOP instance %s was requested from another site",
+                calling,
+                address,
+                sop_uid,
+            )
+            return STORE_NOT_AUTHORISED
         if exp is None:
             self._count("refused_unexpected")
             log.warning(
@@ -340,11 +409,13 @@ class StorageSCP:
         try:
             exp.sink(obj)
         except StoreFull:
+            exp._unclaim(sop_uid)
             self._count("refused_sink_error")
             exp.refused += 1
             log.warning("C-STORE of %s from %r refused: cache full", sop_uid, calling)
             return STORE_OUT_OF_RESOURCES
         except Exception:
+            exp._unclaim(sop_uid)
             self._count("refused_sink_error")
             exp.refused += 1
             log.exception("C-STORE of %s from %r failed in the sink", sop_uid, calling)
@@ -352,6 +423,20 @@ class StorageSCP:
         exp._delivered(sop_uid)
         self._count("stored")
         return STORE_SUCCESS
+
+    def _on_accepted(self, event: Event) -> None:
+        # A PACS that proposes a storage class only in syntaxes we do not accept cannot send
+        # those objects as stored: say which, rather than leave a count that does not add up
+        # (we never ask for a transcoding).
+        rq = event.assoc.requestor
+        for cx in event.assoc.rejected_contexts:
+            log.warning(
+                "site AE %r proposed SOP class %s only in transfer syntax(es) %s, which the "
+                "bridge does not accept: such objects cannot be received as stored",
+                str(rq.ae_title or "").strip(),
+                cx.abstract_syntax,
+                ", ".join(str(ts) for ts in cx.transfer_syntax) or "(none)",
+            )
 
     def _on_rejected(self, event: Event) -> None:
         self._count("rejected_associations")
