@@ -10,6 +10,7 @@ with ``python -m build``, installed into a fresh venv from the package index, an
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from mdm.cli import main
+from mdm.localpacs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "packaging"
@@ -227,6 +229,71 @@ def test_sysusers_and_tmpfiles() -> None:
     for parent in ("/var/cache/mdm", "/var/log/mdm", "/var/lib/mdm"):
         assert dirs[parent] == ("0711", "root", "root"), parent
     assert dirs["/etc/mdm"] == ("0750", "root", "mdm")
+
+
+# ---------------------------------------------------------------------------- the credentials
+def _unit_bounding_set(unit: Path) -> str:
+    """The unit's CapabilityBoundingSet= in setpriv's terms (``-all,+sys_admin``)."""
+    caps = one(read_unit(unit), "Service", "CapabilityBoundingSet").split()
+    return ",".join(["-all", *("+" + c.removeprefix("CAP_").lower() for c in caps)])
+
+
+def _mount_as_the_unit(tmp_path: Path, bounding: str, nnp: bool) -> dict[str, object]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    fusermount = shutil.which("fusermount3")
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "setpriv")):
+        pytest.skip("needs root, unshare and setpriv to play the unit's User= and capabilities")
+    if fusermount is None or not os.stat(fusermount).st_mode & 0o4000:
+        pytest.skip("needs the setuid fusermount3 (Debian package fuse3)")
+    if not Path("/dev/fuse").exists() or os.statvfs(tmp_path).f_flag & os.ST_NODEV:
+        pytest.skip("needs /dev/fuse, and a temporary directory that allows device nodes")
+    work = tmp_path / "inst"
+    (work / "mnt").mkdir(parents=True)
+    (work / "mdm.toml").write_text(
+        f'[bridge]\nae_title = "MDMSVC"\nhost = "127.0.0.1"\nport = {free_port()}\n'
+        f'[cache]\ndir = "{work / "cache"}"\n[keys]\nkeyring = "{work / "keyring.json"}"\n'
+        '[[site]]\nname = "Nowhere"\nae_title = "X"\nhost = "127.0.0.1"\nport = 1\n'
+    )
+    for p in (work, work / "mnt", work / "mdm.toml"):
+        os.chown(p, 65534, 65534)
+    argv = [sys.executable, "-m", "tests.fuse_as_service", str(work), bounding]
+    res = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", *argv, *(["--nnp"] if nnp else [])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr
+    out: dict[str, object] = json.loads(res.stdout.splitlines()[-1])
+    return out
+
+
+@pytest.mark.e2e
+def test_mount_unit_credentials_mount_and_unmount(tmp_path: Path) -> None:
+    """As the unit runs it (an unprivileged user, bounding set CAP_SYS_ADMIN, no_new_privs
+    off): the daemon mounts through fusermount3, its user reads the mount, `mdm umount` (the
+    unit's ExecStop) unmounts it and the daemon exits 0."""
+    unit = UNITS / "mdm-mount@.service"
+    assert one(read_unit(unit), "Service", "NoNewPrivileges") == "no"
+    r = _mount_as_the_unit(tmp_path, _unit_bounding_set(unit), nnp=False)
+    assert r["mounted"], r["log"]
+    assert "fuse.mdm" in str(r["options"]) and "user_id=65534" in str(r["options"]), r
+    assert set(r["listing"]) >= {"studies", "patients", "sites"}, r  # type: ignore[arg-type]
+    assert r["umount_rc"] == 0 and r["daemon_rc"] == 0, r["log"]
+
+
+@pytest.mark.e2e
+def test_no_new_privileges_or_no_capability_stops_the_mount(tmp_path: Path) -> None:
+    """Why the mount unit has NoNewPrivileges=no and keeps CAP_SYS_ADMIN in its bounding set:
+    with either change the setuid fusermount3 cannot mount."""
+    unit = UNITS / "mdm-mount@.service"
+    r = _mount_as_the_unit(tmp_path / "nnp", _unit_bounding_set(unit), nnp=True)
+    assert not r["mounted"] and r["daemon_rc"] != 0
+    assert "fuse_session_mount failed" in str(r["log"]), r["log"]
+    r = _mount_as_the_unit(tmp_path / "nocap", "-all", nnp=False)
+    assert not r["mounted"] and r["daemon_rc"] != 0
+    assert "fusermount3: mount failed: Operation not permitted" in str(r["log"]), r["log"]
 
 
 # ---------------------------------------------------------------------------- systemd's tools
