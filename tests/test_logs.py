@@ -212,3 +212,47 @@ def test_json_mount_log_carries_no_phi(
     records = _json_lines(text)
     _no_phi(text)
     assert {"SiteA"} <= {r["site"] for r in records}
+
+
+def _site_calls() -> list[tuple[str, str, int, int]]:
+    """Log calls of the code base with a site's name among their arguments:
+    (file:line, message, number of arguments, index of the site's name)."""
+    import ast
+
+    out = []
+    for path in sorted(
+        [*ROOT.joinpath("mdm").rglob("*.py"), *ROOT.joinpath("mdm_fuse").rglob("*.py")]
+    ):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("debug", "info", "warning", "error", "exception")
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "log"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+            ):
+                continue
+            for i, arg in enumerate(node.args[1:]):
+                src = ast.unparse(arg)
+                if re.search(r"(^|\.)site(\.name)?$|\[['\"]site['\"]\]$", src):
+                    where = f"{path.relative_to(ROOT)}:{node.lineno}"
+                    out.append((where, node.args[0].value, len(node.args) - 1, i))
+    return out
+
+
+def test_every_log_line_about_a_site_names_it_in_the_json_site_key() -> None:
+    """The convention site_of relies on ("site %s"), held over the whole code base."""
+    calls = _site_calls()
+    assert len(calls) >= 8  # the scan finds them
+    wrong = []
+    for where, msg, n, i in calls:
+        args = tuple("SITE-X" if j == i else f"a{j}" for j in range(n))
+        if logs.site_of(record(msg, *args)) != "SITE-X":
+            wrong.append(f"{where}: {msg!r}")
+    assert not wrong, "name the site as 'site %s' (or pass extra={'site': ...}):\n" + "\n".join(
+        wrong
+    )
