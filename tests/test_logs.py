@@ -137,7 +137,7 @@ def test_log_format_json_and_its_environment_variable(tmp_path: Path) -> None:
         records = _json_lines(r.stderr)
         assert any(d["logger"] == "mdm.session" for d in records), r.stderr
     human = run_mdm(*find)
-    assert re.search(r"^\S+ \S+ WARNING mdm\.session: no \[identity\]", human.stderr, re.M)
+    assert re.search(r"^\S+ \S+ \w+ mdm\.session: no \[identity\]", human.stderr, re.M)
     assert run_mdm("--log-format", "xml", "policy", "check", "acl_policies").returncode == 2
 
 
