@@ -29,20 +29,16 @@ DEFAULT_CONFIG = "mdm.toml"
 
 
 def _setup_logging(level: str, log_file: Path | None = None) -> None:
+    """Log at ``level`` to stderr or ``log_file``, in the format of ``mdm --log-format``."""
+    from mdm import logs
+
     handler: logging.Handler
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(log_file)
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # pynetdicom is chatty at INFO (every association); keep its warnings only.
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
-    # pydicom quotes invalid values word for word in its warnings: patient data. Errors only.
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    logs.configure(level, handler, logs.current_format())
 
 
 def config_option(f: F) -> F:
@@ -104,11 +100,38 @@ def _bridge_error(eg: BaseExceptionGroup[BaseException]) -> MdmError | None:
     return leaves[-1]  # type: ignore[return-value]
 
 
+def _print_versions(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from mdm.versions import versions
+
+    for name, version in versions():
+        click.echo(f"{name} {version}")
+    ctx.exit()
+
+
 @click.group(cls=MdmGroup)
 @click.option("--log-level", default="WARNING", show_default=True, help="DEBUG, INFO, WARNING.")
-@click.version_option(package_name="mdm-bridge")
-def main(log_level: str) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["human", "json"]),
+    default="human",
+    show_default=True,
+    envvar="MDM_LOG_FORMAT",
+    help="json: one object per line for log shippers (also $MDM_LOG_FORMAT).",
+)
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_versions,
+    help="Print the versions of the bridge, pynetdicom, pydicom, pyfuse3 and libfuse.",
+)
+def main(log_level: str, log_format: str) -> None:
     """MDM bridge: federated PACS mounted as files, retrieved on read, encrypted at rest."""
+    # Kept in the environment: the mount daemon and the receiver process inherit it.
+    os.environ["MDM_LOG_FORMAT"] = log_format
     _setup_logging(log_level)
 
 

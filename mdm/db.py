@@ -19,6 +19,11 @@ def open_env(cache_dir: Path, *, readonly: bool = False) -> lmdb.Environment:
     cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(cache_dir, 0o700)
     path = cache_dir / "index.lmdb"
+    # LMDB would create this directory with ``mode`` (0600, no search bit): only root could
+    # then open the index. Create it searchable by its owner alone.
+    if not readonly:
+        path.mkdir(exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)
     return lmdb.open(
         str(path),
         map_size=MAP_SIZE,

@@ -495,3 +495,15 @@ def test_records_hold_no_key_material(cache: Env) -> None:
     assert ObjectInfo.from_record(bytes(raw)).sealed_key == info.sealed_key
     dek = cache.keys.open(LOCAL_ADMIN, ref.identity(), SCOPE, info.sealed_key)
     assert dek not in bytes(raw) and dek not in (cache.dir / "index.lmdb" / "data.mdb").read_bytes()
+
+
+def test_index_directory_is_searchable_by_its_owner_only(tmp_path: Path) -> None:
+    """LMDB creates its directory with the file mode (0600): only root could open the index
+    then, and the bridge runs as an unprivileged service user (packaging/)."""
+    cache = tmp_path / "cache"
+    open_env(cache).close()
+    assert (cache / "index.lmdb").stat().st_mode & 0o777 == 0o700
+    os.chmod(cache / "index.lmdb", 0o600)  # a cache made before the fix is repaired
+    open_env(cache).close()
+    assert (cache / "index.lmdb").stat().st_mode & 0o777 == 0o700
+    assert cache.stat().st_mode & 0o777 == 0o700

@@ -301,14 +301,10 @@ def _child_main(
     notice), so the listening port is free for the next mount at once.
     """
     _watch_parent(parent_pid or os.getppid())
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s[receiver]: %(message)s")
-    )
-    logging.getLogger().handlers[:] = [handler]
-    logging.getLogger().setLevel(log_level)
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, log_level))
-    logging.getLogger("pydicom").setLevel(logging.ERROR)  # it quotes values: patient data
+    from mdm import logs
+
+    # The command's format ($MDM_LOG_FORMAT, inherited); pydicom's warnings quote patient data.
+    logs.configure(log_level, logging.StreamHandler(sys.stderr), logs.current_format(), "receiver")
     # Same GIL trade-off as the mount: hand over often between receiving and writing threads.
     sys.setswitchinterval(0.0005)
 
