@@ -218,8 +218,15 @@ def umount(mountpoint: Path, lazy: bool) -> None:
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def sites(config_path: Path, as_json: bool) -> None:
-    """C-ECHO every site: status and round-trip time."""
+@click.option(
+    "--check-retrieve",
+    is_flag=True,
+    help="Also retrieve one instance from each site by its retrieve mode (proves that the "
+    "PACS can reach the bridge's storage SCP, or serves C-GET); nothing is stored.",
+)
+def sites(config_path: Path, as_json: bool, check_retrieve: bool) -> None:
+    """C-ECHO every site: status and round-trip time (and, with --check-retrieve, a real
+    retrieval of one instance, naming the likely cause when it fails)."""
     from mdm.dicom.query import c_echo
 
     config = _load(config_path)
@@ -235,6 +242,8 @@ def sites(config_path: Path, as_json: bool) -> None:
         rows = list(pool.map(echo, config.sites))
     for r, s in zip(rows, config.sites, strict=True):
         r["ae_title"], r["address"] = s.ae_title, f"{s.host}:{s.port}"
+    if check_retrieve:
+        _check_retrieve(config, rows)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
@@ -252,8 +261,39 @@ def sites(config_path: Path, as_json: bool) -> None:
                 for r in rows
             ],
         )
+        for r in rows:
+            for c in r.get("retrieve", []):
+                mark = "ok" if c["ok"] else "FAILED"
+                took = f" in {c['ms']} ms" if c["ok"] else ""
+                click.echo(f"{r['site']}: C-{c['mode'].upper()} {mark}{took}: {c['detail']}")
     if any(r["status"] != "up" for r in rows):
         sys.exit(1)
+
+
+def _check_retrieve(config: Config, rows: list[dict[str, Any]]) -> None:
+    """Add each up site's retrieval check to its row; a failed check marks it ``retrieve
+    failed``. One site at a time: they share the bridge's storage port."""
+    import errno as errno_
+    import socket
+
+    from mdm.dicom.check import check_retrieve
+
+    listen = True
+    with socket.socket() as probe:
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((config.bridge.host, config.bridge.port))
+        except OSError as e:
+            listen = e.errno != errno_.EADDRINUSE
+    for r, s in zip(rows, config.sites, strict=True):
+        if r["status"] != "up":
+            continue
+        checks = check_retrieve(s, config.bridge, listen=listen)
+        r["retrieve"] = [
+            {"mode": c.mode, "ok": c.ok, "detail": c.detail, "ms": c.elapsed_ms} for c in checks
+        ]
+        if not all(c.ok for c in checks):
+            r["status"] = "retrieve failed"
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> None:

@@ -7,7 +7,10 @@ import os
 from pathlib import Path
 
 import jwt
+import pytest
 
+from mdm.localpacs import free_port
+from tests.conftest import PacsPair
 from tests.mountutil import ROOT, mdm
 
 EXAMPLES = ROOT / "acl_policies"
@@ -162,3 +165,31 @@ def test_audit_query_and_tail_filter(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "--since" in bad.stderr
     tail = mdm("audit", "tail", "--log", str(log), "-n", "1", "--sub", "bob", "--json")
     assert json.loads(tail.stdout)["resource"]["study_uid"] == "1.2.3.4"
+
+
+@pytest.mark.e2e
+def test_sites_check_retrieve_names_the_missing_registration(
+    orthanc_pair: PacsPair, tmp_path: Path
+) -> None:
+    pair = orthanc_pair
+    aet, port = f"MDMC{free_port() % 10000}", free_port()
+    pair.add_destination(aet, port)
+    good = pair.write_config(tmp_path / "good", bridge_options={"ae_title": aet, "port": port})
+    res = mdm("sites", "--config", str(good), "--check-retrieve", "--json")
+    rows = json.loads(res.stdout)
+    assert all(r["status"] == "up" and r["retrieve"][0]["ok"] for r in rows), rows
+    # An AE title the PACS does not know: C-ECHO is fine, C-MOVE cannot come back.
+    stranger = f"MDMX{free_port() % 10000}"
+    bad = pair.write_config(
+        tmp_path / "bad", bridge_options={"ae_title": stranger, "port": free_port()}
+    )
+    res = mdm("sites", "--config", str(bad), "--check-retrieve", check=False)
+    assert res.returncode == 1, res.stdout
+    assert f"register AE {stranger} at 127.0.0.1:" in res.stdout, res.stdout
+    assert "retrieve failed" in res.stdout
+    # The same by C-GET needs no registration.
+    res = mdm(
+        "sites", "--config", str(pair.write_config(tmp_path / "get", retrieve="get",
+        bridge_options={"ae_title": stranger, "port": free_port()})), "--check-retrieve",
+    )  # fmt: skip
+    assert "C-GET ok" in res.stdout
