@@ -114,6 +114,8 @@ NON_PHI = {
     "ClinicalTrialProtocolID",
 }
 NEGATIVE_TTL = 30.0
+PREFETCH_WINDOW = 60.0
+"""A second object of a series opened cold within this many seconds starts its prefetch."""
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,8 @@ class Bridge:
         self._listings: SingleFlight[None] = SingleFlight()
         self._negative: dict[tuple[str, str], float] = {}
         self._negative_version = ""
+        # (series, view) -> (first cold open, objects opened cold): the prefetch signal.
+        self._cold_opens: OrderedDict[tuple[str, str], tuple[float, set[str]]] = OrderedDict()
 
     # ------------------------------------------------------------------ decisions
     @property
@@ -924,7 +928,7 @@ class Bridge:
         info = self.store.info(ObjectRef(inst.uid, target.view))
         if info is not None:
             return info
-        if self.config.bridge.prefetch:
+        if self.config.bridge.prefetch and self._wants_series(series.uid, target.view, inst.uid):
             # List the series (if needed) and fetch the rest of it in the background, while
             # this object is retrieved on its own: the first byte does not wait for either.
             self.fetcher.nursery.start_soon(
@@ -938,6 +942,22 @@ class Bridge:
             return await self.fetcher.fetch(target)
         assert scope.cancelled_caught
         raise RetrieveTimeout(f"object {inst.uid}: no site delivered it within {limit:.0f}s")
+
+    def _wants_series(self, series_uid: str, view: str, sop_uid: str) -> bool:
+        """Whether a cold open signals a reader of the whole series: the second distinct
+        object of a series opened cold (within PREFETCH_WINDOW seconds). One header scan
+        (``dcmread(stop_before_pixels=True)`` of each series' first file) fetches one object
+        per series, not every series whole."""
+        now = time.monotonic()
+        key = (series_uid, view)
+        seen = self._cold_opens.get(key)
+        if seen is None or now - seen[0] > PREFETCH_WINDOW:
+            seen = (now, set())
+            self._cold_opens[key] = seen
+            if len(self._cold_opens) > 1000:
+                self._cold_opens.popitem(last=False)
+        seen[1].add(sop_uid)
+        return len(seen[1]) == 2
 
     async def _prefetch_series(
         self,

@@ -211,6 +211,31 @@ def test_concurrent_readers_share_one_retrieval(orthanc_pair: PacsPair, tmp_path
     assert len(retrievals) == 1, retrievals
 
 
+def test_a_header_scan_fetches_one_object_per_series(
+    orthanc_pair: PacsPair, tmp_path: Path
+) -> None:
+    """Reading one header of each series (as a DICOM indexer does) fetches that object, not
+    the series: prefetch waits for a second object of the series."""
+    cfg = config(orthanc_pair, tmp_path)
+    series = orthanc_pair.series(orthanc_pair.shared_series[0])
+    assert len(series) >= 3
+    with Mount(cfg, tmp_path / "mnt") as m:
+        ds = pydicom.dcmread(study_path(m.mountpoint, series[0]), stop_before_pixels=True)
+        assert ds.SOPInstanceUID == series[0].sop_uid
+        time.sleep(1.5)  # a prefetch, if started, would be retrieving by now
+        stats = json.loads(mdm("cache", "stats", "--json", "--config", str(cfg)).stdout)
+        assert stats["objects"] == 1, stats
+        # A second file of the series: now the rest comes in the background.
+        study_path(m.mountpoint, series[1]).read_bytes()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            stats = json.loads(mdm("cache", "stats", "--json", "--config", str(cfg)).stdout)
+            if stats["objects"] == len(series):
+                break
+            time.sleep(0.3)
+        assert stats["objects"] == len(series)
+
+
 def test_series_prefetch_and_no_phi_on_disk(orthanc_pair: PacsPair, tmp_path: Path) -> None:
     cfg = config(orthanc_pair, tmp_path)
     series = orthanc_pair.series(orthanc_pair.shared_series[0])
@@ -222,11 +247,12 @@ def test_series_prefetch_and_no_phi_on_disk(orthanc_pair: PacsPair, tmp_path: Pa
             for ln in m.log_text().splitlines()
             if "retrieving" in ln and series[0].series_uid in ln
         ]
-        # The first read fetches one object; the rest of the series comes in one prefetch
-        # (a read racing the prefetch's start may fetch one more on its own).
-        assert 2 <= len(listing) <= 3, listing
+        # The first two reads fetch one object each (the second says "the series is
+        # wanted"); the rest comes in one prefetch (a read racing its start may fetch one
+        # more on its own).
+        assert 3 <= len(listing) <= 4, listing
         assert any(
-            f"retrieving {len(series) - k} object(s)" in ln for ln in listing for k in (1, 2)
+            f"retrieving {len(series) - k} object(s)" in ln for ln in listing for k in (2, 3)
         )
         for i in orthanc_pair.instances:  # list and read everything: the catalog fills too
             study_path(m.mountpoint, i).read_bytes()
