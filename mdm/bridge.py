@@ -713,6 +713,9 @@ class Bridge:
             view=v,
         )
 
+    def _exact_sizes(self, v: View) -> bool:
+        return self.config.bridge.exact_sizes and v.kind != "metadata"
+
     def _file_entry(self, name: str, inst: Record, v: View) -> Entry:
         info = self.store.info(ObjectRef(inst.uid, v.store_view))
         if info is not None:
@@ -720,12 +723,19 @@ class Bridge:
         return Entry(name=name, is_dir=False, size=0, exact=False, mtime=self.started)
 
     async def lookup(self, path: tuple[str, ...]) -> Entry:
-        """Attributes of ``path`` (never triggers a retrieval)."""
+        """Attributes of ``path`` (no retrieval, unless ``bridge.exact_sizes``)."""
         node = await self.resolve(path)
         name = path[-1] if path else ""
         if node.kind == "instance":
             assert node.instance is not None and node.view is not None
-            return self._file_entry(name, node.instance, node.view)
+            entry = self._file_entry(name, node.instance, node.view)
+            if not entry.exact and self._exact_sizes(node.view):
+                assert node.study is not None and node.series is not None
+                await self.fetch_instance(
+                    node.study, node.series, node.instance, prefer=node.site, view=node.view
+                )
+                entry = self._file_entry(name, node.instance, node.view)
+            return entry
         if node.kind == "metadata":
             return Entry(name=name, is_dir=False, size=len(self.metadata(node)), mtime=self.started)
         return Entry(name=name, is_dir=True, mtime=self.started)
@@ -770,6 +780,9 @@ class Bridge:
             assert node.study is not None and node.series is not None and node.view is not None
             await self._ensure_instances(node.study, node.series)
             v = node.view
+            if self._exact_sizes(v):
+                # Sizes exact in the listing too (ls -l, tar): the series, retrieved once.
+                await self.fetcher.fetch_many(await self._series_targets(node.study, node.series))
             out = [
                 self._file_entry(self._name(v, i.uid) + ".dcm", i, v)
                 for i in self.catalog.children("IMAGE", node.series.uid)

@@ -85,7 +85,10 @@ class BridgeSettings:
     max_pdu: int = 0
     """Largest PDU we accept; 0 means unlimited (the largest the peer offers)."""
     prefetch: bool = True
-    """Fetch the rest of a series in the background after its first read."""
+    """Fetch the rest of a series in the background once a reader wants it."""
+    exact_sizes: bool = False
+    """``stat`` of a file not yet cached retrieves it (and listing a series retrieves the
+    series), so every tool sees its exact size (``tar``, which trusts ``st_size``)."""
     receiver: str = "process"
     """``process``: the storage SCP receives and stores in a worker process (off the mount's
     GIL); ``thread``: in the mount's own process."""
@@ -320,7 +323,17 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
         p,
         "bridge",
         top.table_("bridge") or {},
-        {"ae_title", "host", "port", "retrieve", "timeout", "max_pdu", "prefetch", "receiver"},
+        {
+            "ae_title",
+            "host",
+            "port",
+            "retrieve",
+            "timeout",
+            "max_pdu",
+            "prefetch",
+            "exact_sizes",
+            "receiver",
+        },
     )
     bridge = BridgeSettings(
         ae_title=b.ae("ae_title", "MDMBRIDGE"),
@@ -330,6 +343,7 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
         timeout=b.duration("timeout", 30.0),
         max_pdu=b.get_int("max_pdu", 0, 0, 2**31),
         prefetch=b.get_bool("prefetch", True),
+        exact_sizes=b.get_bool("exact_sizes", False),
         receiver=b.choice("receiver", ("process", "thread"), "process"),
     )
     if bridge.timeout <= 0:

@@ -422,3 +422,36 @@ def test_counter_sanity() -> None:
     c = Counter(["retrieving 1 object(s) of series X"])
     assert c
     assert shutil.which("fusermount3")
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_tar_and_zip_of_an_uncached_series(
+    orthanc_pair: PacsPair, tmp_path: Path, exact: bool
+) -> None:
+    """`tar` trusts st_size: without bridge.exact_sizes it archives an uncached series as
+    empty files (documented; cp, rsync, zip and Python read to EOF); with it, stat retrieves
+    and both archives hold the exact objects."""
+    import subprocess
+    import tarfile
+    import zipfile
+
+    cfg = config(orthanc_pair, tmp_path, bridge_options={"prefetch": False, "exact_sizes": exact})
+    series = orthanc_pair.series(orthanc_pair.shared_series[0])
+    with Mount(cfg, tmp_path / "mnt") as m:
+        d = study_path(m.mountpoint, series[0]).parent
+        subprocess.run(["tar", "cf", str(tmp_path / "s.tar"), "-C", str(d), "."], check=True)
+        subprocess.run(["zip", "-q", "-r", str(tmp_path / "s.zip"), "."], cwd=d, check=True)
+    with tarfile.open(tmp_path / "s.tar") as tf:
+        members = {Path(x.name).name: x for x in tf.getmembers() if x.name.endswith(".dcm")}
+        assert len(members) == len(series)
+        for inst in series:
+            x = members[f"{inst.sop_uid}.dcm"]
+            if exact:
+                f = tf.extractfile(x)
+                assert f is not None
+                same_dataset(f.read(), inst)
+            else:
+                assert x.size == 0  # what a tool that trusts st_size gets: see SEMANTICS
+    with zipfile.ZipFile(tmp_path / "s.zip") as zf:
+        for inst in series:
+            same_dataset(zf.read(f"{inst.sop_uid}.dcm"), inst)  # zip reads to EOF either way
