@@ -835,25 +835,34 @@ class Bridge:
             with contextlib.suppress(AuditError):  # denied either way (and logged)
                 self._audit_open(node, "deny")
             raise AccessDenied(f"{self.principal.label()} may see but not read {node.instance.uid}")
-        self._audit_open(node, "allow", view=v.kind)
         principal = self.principal
         # One index lookup when the object is cached (the open itself); retrieve otherwise.
         try:
-            reader = await self._open_cached(ObjectRef(node.instance.uid, v.store_view), principal)
-            exact_before = True
-        except NotFound:
-            exact_before = False
-            info = await self.fetch_instance(
-                node.study, node.series, node.instance, prefer=node.site, view=v
-            )
-            reader = await self._open_cached(info.ref, principal)
+            try:
+                ref = ObjectRef(node.instance.uid, v.store_view)
+                reader = await self._open_cached(ref, principal)
+                exact_before = True
+            except NotFound:
+                exact_before = False
+                info = await self.fetch_instance(
+                    node.study, node.series, node.instance, prefer=node.site, view=v
+                )
+                reader = await self._open_cached(info.ref, principal)
+        except MdmError as e:
+            with contextlib.suppress(AuditError):  # failed either way (and logged)
+                self._audit_open(node, "error", view=v.kind, reason=type(e).__name__)
+            raise
+        # One record per open: the decision, and the key use that serves it (fail closed:
+        # no byte is served without it).
         scope = reader.info.scope
         try:
-            self.record(
-                "key-unwrap",
+            self._audit_open(
+                node,
                 "allow",
-                {"sop_uid": node.instance.uid, "site": scope.site, "level": scope.level},
-                principal=principal,
+                view=v.kind,
+                key_site=scope.site,
+                key_level=scope.level,
+                cached=exact_before,
             )
         except AuditError:
             reader.close()

@@ -172,6 +172,10 @@ def mount(
                 "single-user workstation (full access, identified view)",
                 config.path,
             )
+        if config.audit is not None and config.audit.default:
+            log.info(
+                "no [audit] in %s: decisions are recorded in %s", config.path, config.audit.log
+            )
         strict = os.environ.get("MDM_STRICT") == "1"
         run(config, mountpoint, session, strict=strict)
         return

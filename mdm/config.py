@@ -151,6 +151,8 @@ class AuditSettings:
     fail_open: bool = False
     """Go on when a record cannot be written (logged). Default: fail closed, the operation
     whose record cannot be written fails (an open gets EIO)."""
+    default: bool = False
+    """True when mdm.toml has no [audit]: the log is ``cache.dir/audit.jsonl``."""
 
 
 @dataclass(frozen=True)
@@ -457,7 +459,8 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
         policy = PolicySettings(
             dir=pol.path_("dir", p.parent / "acl_policies"), officers=tuple(officers)
         )
-    audit = None
+    # Without [audit], decisions are still recorded: in the cache directory (UIDs only).
+    audit = AuditSettings(log=cache.dir / "audit.jsonl", default=True)
     atab = top.table_("audit")
     if atab is not None:
         a = _Section(p, "audit", atab, {"log", "syslog", "anchor_interval", "fail_open"})

@@ -193,3 +193,17 @@ def test_sites_check_retrieve_names_the_missing_registration(
         bridge_options={"ae_title": stranger, "port": free_port()})), "--check-retrieve",
     )  # fmt: skip
     assert "C-GET ok" in res.stdout
+
+
+@pytest.mark.e2e
+def test_a_workstation_without_audit_section_still_records(
+    orthanc_pair: PacsPair, tmp_path: Path
+) -> None:
+    cfg = orthanc_pair.write_config(tmp_path)
+    assert "[audit]" not in cfg.read_text()
+    mdm("find", "--config", str(cfg), "--level", "study", "Modality=CT")
+    assert (tmp_path / "cache" / "audit.jsonl").is_file()
+    res = mdm("audit", "query", "--config", str(cfg), "--action", "find", "--json")
+    rec = json.loads(res.stdout.splitlines()[-1])
+    assert rec["sub"] == "local-admin" and rec["filter_keys"] == "Modality"
+    assert "chain intact" in mdm("audit", "verify", "--config", str(cfg)).stdout
