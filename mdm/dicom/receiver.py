@@ -14,8 +14,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from io import BytesIO
-from typing import Any, cast
+from typing import Any
 
 from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
@@ -25,7 +24,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from mdm.config import BridgeSettings
 from mdm.dicom.net import (
+    STORE_CANNOT_UNDERSTAND,
     STORE_NOT_AUTHORISED,
+    STORE_NOT_SUPPORTED,
     STORE_OUT_OF_RESOURCES,
     STORE_PROCESSING_FAILURE,
     STORE_SUCCESS,
@@ -35,7 +36,8 @@ from mdm.dicom.net import (
     max_pdu_of,
 )
 from mdm.dicom.part10 import part10
-from mdm.errors import StoreFull
+from mdm.dicom.validate import check_object, printable_uid
+from mdm.errors import IntegrityError, StoreFull
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +80,14 @@ Sink = Callable[[Any], None]
 class Expectation:
     """A registration of SOP Instance UIDs that one retrieval is waiting for."""
 
-    def __init__(self, scp: StorageSCP, sop_uids: frozenset[str], sink: Sink) -> None:
+    def __init__(
+        self, scp: StorageSCP, sop_uids: frozenset[str], sink: Sink, site: str = ""
+    ) -> None:
         self._scp = scp
         self.sop_uids = sop_uids
         self.sink = sink
+        self.site = site
+        """The site retrieving (for log lines; empty if unknown)."""
         self._lock = threading.Lock()
         self._received: set[str] = set()
         self.refused = 0
@@ -123,6 +129,7 @@ class ReceiverStats:
     stored: int = 0
     duplicates: int = 0
     refused_unexpected: int = 0
+    refused_malformed: int = 0
     refused_sink_error: int = 0
     rejected_associations: int = 0
 
@@ -256,7 +263,7 @@ class StorageSCP:
         receiver that stores objects itself where to store them (ignored here). ``inbound``
         False: the objects come on our own association (C-GET), never to the listener.
         """
-        exp = Expectation(self, frozenset(sop_uids), sink)
+        exp = Expectation(self, frozenset(sop_uids), sink, str((spec or {}).get("site") or ""))
         with self._lock:
             for uid in exp.sop_uids:
                 self._routes.setdefault(uid, []).append(exp)
@@ -292,7 +299,13 @@ class StorageSCP:
             setattr(self.stats, counter, getattr(self.stats, counter) + 1)
 
     def handle_store(self, event: Event) -> int:
-        """EVT_C_STORE handler (also bound on C-GET associations): route, never decode."""
+        """EVT_C_STORE handler (also bound on C-GET associations): route, check, never decode.
+
+        Every C-STORE gets a status: an unexpected instance 0x0124, one on a presentation
+        context that was not accepted for its class (or not in the SCP role) 0x0122, one with
+        no data set or a data set that is not a well-formed copy of the instance
+        (:func:`~mdm.dicom.validate.check_object`) 0xC000, each with one log line.
+        """
         req = event.request
         assert isinstance(req, C_STORE)
         sop_uid = str(req.AffectedSOPInstanceUID or "")
@@ -308,27 +321,68 @@ class StorageSCP:
             log.warning(
                 "refused C-STORE from %r: SOP instance %s (class %s) was not requested",
                 calling,
-                sop_uid,
-                sop_class,
+                printable_uid(sop_uid),
+                printable_uid(sop_class),
             )
             return STORE_NOT_AUTHORISED
+        who = f"site {exp.site}" if exp.site else f"AE {calling!r}"
+        # pynetdicom serves a C-STORE on our own C-GET association under any accepted
+        # context of its class when the one it came on was never accepted (and the data set
+        # would then be labelled with that other context's transfer syntax).
+        cx = assoc._accepted_cx.get(req._context_id or 0)
+        if (
+            cx is None
+            or str(cx.abstract_syntax) != sop_class
+            or (assoc.is_requestor and not cx.as_scp)
+            or cx.context_id != event.context.context_id
+        ):
+            return self._refuse(
+                exp,
+                "refused_malformed",
+                STORE_NOT_SUPPORTED,
+                "%s: C-STORE of %s refused: on a presentation context not accepted for its class",
+                who,
+                sop_uid,
+            )
+        if req.DataSet is None:
+            return self._refuse(
+                exp,
+                "refused_malformed",
+                STORE_CANNOT_UNDERSTAND,
+                "%s: C-STORE of %s refused: no data set",
+                who,
+                sop_uid,
+            )
         transfer_syntax = str(event.context.transfer_syntax)
         try:
             # A view of the received bytes: the Part-10 file is their only copy.
-            with cast(BytesIO, req.DataSet).getbuffer() as dataset:
+            with req.DataSet.getbuffer() as dataset:
                 data = part10(sop_class, sop_uid, transfer_syntax, dataset)
                 dataset_offset = len(data) - dataset.nbytes
         except ValueError:
-            self._count("refused_sink_error")
-            exp.refused += 1
-            log.warning(
-                "C-STORE of %s from %r refused: unusable UID in the request", sop_uid, calling
+            return self._refuse(
+                exp,
+                "refused_sink_error",
+                STORE_PROCESSING_FAILURE,
+                "%s: C-STORE of %s refused: unusable UID in the request",
+                who,
+                sop_uid,
             )
-            return STORE_PROCESSING_FAILURE
         if not exp._claim(sop_uid):
             # A PACS may resend after a lost response: acknowledge, do not store twice.
             self._count("duplicates")
             return STORE_SUCCESS
+        try:
+            check_object(
+                data,
+                sop_uid,
+                exp.site or calling,
+                dataset_offset=dataset_offset,
+                transfer_syntax=transfer_syntax,
+                sop_class_uid=sop_class,
+            )
+        except IntegrityError as e:
+            return self._refuse(exp, "refused_malformed", STORE_CANNOT_UNDERSTAND, "%s", e)
         obj = ReceivedObject(
             sop_uid=sop_uid,
             sop_class_uid=sop_class,
@@ -340,10 +394,14 @@ class StorageSCP:
         try:
             exp.sink(obj)
         except StoreFull:
-            self._count("refused_sink_error")
-            exp.refused += 1
-            log.warning("C-STORE of %s from %r refused: cache full", sop_uid, calling)
-            return STORE_OUT_OF_RESOURCES
+            return self._refuse(
+                exp,
+                "refused_sink_error",
+                STORE_OUT_OF_RESOURCES,
+                "%s: C-STORE of %s refused: cache full",
+                who,
+                sop_uid,
+            )
         except Exception:
             self._count("refused_sink_error")
             exp.refused += 1
@@ -352,6 +410,12 @@ class StorageSCP:
         exp._delivered(sop_uid)
         self._count("stored")
         return STORE_SUCCESS
+
+    def _refuse(self, exp: Expectation, counter: str, status: int, msg: str, *args: object) -> int:
+        self._count(counter)
+        exp.refused += 1
+        log.warning(msg, *args)
+        return status
 
     def _on_rejected(self, event: Event) -> None:
         self._count("rejected_associations")
