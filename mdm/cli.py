@@ -80,6 +80,25 @@ class MdmGroup(click.Group):
         except MdmError as e:
             click.echo(f"mdm: error: {e}", err=True)
             sys.exit(1)
+        except BaseExceptionGroup as eg:
+            # Concurrent tasks (a fetch over several sites) fail together: one line each,
+            # no traceback, as long as every failure is one of ours.
+            errors, rest = eg.split(MdmError)
+            if rest is not None or errors is None:
+                raise
+            seen: list[str] = []
+            for leaf in _leaves(errors):
+                if str(leaf) not in seen:
+                    seen.append(str(leaf))
+                    click.echo(f"mdm: error: {leaf}", err=True)
+            sys.exit(1)
+
+
+def _leaves(eg: BaseExceptionGroup[Any]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in eg.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
 
 
 @click.group(cls=MdmGroup)

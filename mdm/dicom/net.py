@@ -101,8 +101,9 @@ class _NoPeerTracebacks(logging.Filter):
         return True
 
 
-logging.getLogger("pynetdicom").addFilter(_NoPeerTracebacks())
-for _name in ("pynetdicom.fsm", "pynetdicom.dimse", "pynetdicom.dul", "pynetdicom.association"):
+# A logger's filters see only the records logged on it, not its children's: every module
+# logger of pynetdicom (all created by the imports above) gets one.
+for _name in [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "pynetdicom"]:
     logging.getLogger(_name).addFilter(_NoPeerTracebacks())
 
 # --- limits on what a peer can make us hold (docs/DICOM.md, Limits) -----------------------
@@ -415,6 +416,20 @@ class FastDUL(DULServiceProvider):
             return f"P-DATA-TF of {length} bytes, over the maximum of {limit}"
         return None
 
+    _last_pdu = 0.0
+
+    def _stall_limit(self) -> float:
+        sock = self.socket
+        stall = sock.stall_timeout if isinstance(sock, FastAssociationSocket) else None
+        return float(stall or 0)
+
+    def _stalled(self) -> bool:
+        """A message was begun and nothing has come for the stall timeout: a peer that
+        announced a data set and never sends it would otherwise hold the association (and
+        its retrieval) until the idle timeout."""
+        limit = self._stall_limit()
+        return bool(limit) and time.monotonic() - self._last_pdu > limit
+
     def _release_gate(self) -> None:
         gate, self.gate = self.gate, None
         self._associate_by = 0.0
@@ -574,6 +589,11 @@ class FastDUL(DULServiceProvider):
                     pass
                 elif self._is_transport_event():
                     self._idle_timer.restart()
+                    self._last_pdu = time.monotonic()
+                elif self.assoc.dimse.message is not None and self._stalled():
+                    raise PeerViolation(
+                        f"a DIMSE message left incomplete for {self._stall_limit():g}s"
+                    )
                 try:
                     event = self.event_queue.get(block=False)
                 except queue.Empty:
@@ -739,13 +759,23 @@ class FastDIMSE(DIMSEServiceProvider):
     """
 
     _message_bytes = 0
+    _command_done = False
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         if self.message is None:
             self.message = _FastMessage()
             self._message_bytes = 0
+            self._command_done = False
         for _cx, data in primitive.presentation_data_value_list:
             self._message_bytes += len(data)
+            # PS3.7 E.2 / PS3.8 E.2: the command set's fragments, then the data set's.
+            if data[0] & 1:
+                if self._command_done:
+                    raise PeerViolation("a command set where a data set was expected")
+                if data[0] & 2:
+                    self._command_done = True
+            elif not self._command_done:
+                raise PeerViolation("a data set before its command set")
         if self._message_bytes > MAX_MESSAGE_BYTES:
             raise PeerViolation(f"DIMSE message over {MAX_MESSAGE_BYTES >> 20} MiB")
         super().receive_primitive(primitive)

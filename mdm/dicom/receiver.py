@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from io import BytesIO
 from typing import Any
 
 from pynetdicom import AllStoragePresentationContexts, evt
@@ -156,6 +157,11 @@ class _GatedAE(TunedAE):
     def require_calling_aet(self, ae_titles: list[str]) -> None:
         # pynetdicom's constructor assigns []; the real list always comes from `allowed`.
         pass
+
+
+def _is_empty(data: BytesIO) -> bool:
+    with data.getbuffer() as view:
+        return view.nbytes == 0
 
 
 def storage_contexts() -> list[PresentationContext]:
@@ -344,7 +350,7 @@ class StorageSCP:
                 who,
                 sop_uid,
             )
-        if req.DataSet is None:
+        if req.DataSet is None or _is_empty(req.DataSet):
             return self._refuse(
                 exp,
                 "refused_malformed",

@@ -462,7 +462,10 @@ class Retriever:
                 watch[0].touch()
 
         expectation = self.scp.expect(
-            set(expected) | set(sop_uids or ()), tracked, store_spec, inbound=mode == "move"
+            set(expected) | set(sop_uids or ()),
+            tracked,
+            {"site": site.name, **(store_spec or {})},
+            inbound=mode == "move",
         )
         try:
             code = self._exchange(site, mode, need, identifier, watch, expectation)
