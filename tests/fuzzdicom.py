@@ -156,11 +156,13 @@ def payload(
     *,
     syntaxes: tuple[str, ...],
     protocol_rate: float,
+    kind: str | None = None,
 ) -> Payload:
-    """One payload for a C-STORE of ``uid``, on a context of one of ``syntaxes``."""
-    if rng.random() < protocol_rate:
-        return Payload(_pick(rng, PROTOCOL_KINDS), EXPLICIT, None)
-    kind = _pick(rng, DATA_KINDS)
+    """One payload for a C-STORE of ``uid``, on a context of one of ``syntaxes`` (of
+    ``kind`` if given, else drawn)."""
+    if kind in PROTOCOL_KINDS or (kind is None and rng.random() < protocol_rate):
+        return Payload(kind or _pick(rng, PROTOCOL_KINDS), EXPLICIT, None)
+    kind = kind or _pick(rng, DATA_KINDS)
     syntax = rng.choice(syntaxes)
     if kind == "no_dataset":
         return Payload(kind, EXPLICIT, None)

@@ -34,6 +34,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
@@ -128,8 +129,18 @@ def alive(assoc: Association) -> bool:
 class Hostile:
     """The hostile PACS: answers C-MOVE and C-GET with raw C-STOREs of seeded payloads."""
 
-    def __init__(self, corpus: Corpus, bridge_port: int) -> None:
+    def __init__(
+        self,
+        corpus: Corpus,
+        bridge_port: int,
+        *,
+        bridge_aet: str = BRIDGE_AET,
+        catalog: list[Dataset] | None = None,
+    ) -> None:
         self.corpus = corpus
+        self.bridge_aet = bridge_aet
+        self.catalog = catalog or []
+        """C-FIND answers (IMAGE-level records; higher levels are derived)."""
         self.bridge_port = bridge_port
         self.port = free_port()
         self.lock = threading.Lock()
@@ -146,11 +157,16 @@ class Hostile:
         ae = AE("EVILPACS")
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
         ae.add_supported_context(CT_CLASS, EXPLICIT, scu_role=True, scp_role=True)
         self.server = ae.start_server(
             ("127.0.0.1", self.port),
             block=False,
-            evt_handlers=[(evt.EVT_C_MOVE, self.on_move), (evt.EVT_C_GET, self.on_get)],
+            evt_handlers=[
+                (evt.EVT_C_MOVE, self.on_move),
+                (evt.EVT_C_GET, self.on_get),
+                (evt.EVT_C_FIND, self.on_find),
+            ],
         )
         store_ae = AE("EVILPACS")
         for ts in (EXPLICIT, IMPLICIT, DEFLATED):
@@ -170,10 +186,10 @@ class Hostile:
             return Payload(STALL_KIND, EXPLICIT, None)
         if forced == NO_DATA_SENT_KIND:
             return Payload(NO_DATA_SENT_KIND, EXPLICIT, b"")
-        if forced in PROTOCOL_KINDS:
-            return Payload(forced, EXPLICIT, None)
         rng = random.Random(f"{SEED}:{uid}")
-        return payload(self.corpus, rng, uid, syntaxes=syntaxes, protocol_rate=PROTOCOL_RATE)
+        return payload(
+            self.corpus, rng, uid, syntaxes=syntaxes, protocol_rate=PROTOCOL_RATE, kind=forced
+        )
 
     def _send(self, assoc: Association, p: Payload, uid: str, cx_id: int) -> bool:
         """Send one payload; False if the association is gone afterwards."""
@@ -248,8 +264,37 @@ class Hostile:
         return alive(assoc)
 
     def _uids(self, event: evt.Event) -> list[str]:
-        u = event.identifier.SOPInstanceUID
+        q = event.identifier
+        if q.QueryRetrieveLevel != "IMAGE":
+            return [str(r.SOPInstanceUID) for r in self.catalog]
+        u = q.SOPInstanceUID
         return [u] if isinstance(u, str) else list(u)
+
+    def on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        q = event.identifier
+        level = q.QueryRetrieveLevel
+        keys = {
+            "STUDY": ("StudyInstanceUID",),
+            "SERIES": ("StudyInstanceUID", "SeriesInstanceUID"),
+            "IMAGE": ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"),
+        }[level]
+        seen = set()
+        for rec in self.catalog:
+            if any(k in q and q[k].value and q[k].value != rec[k].value for k in keys):
+                continue
+            key = tuple(str(rec[k].value) for k in keys)
+            if key in seen:
+                continue
+            seen.add(key)
+            r = Dataset()
+            r.QueryRetrieveLevel = level
+            for k in (*keys, "SpecificCharacterSet", "PatientID", "PatientName"):
+                if k in rec:
+                    setattr(r, k, rec[k].value)
+            for k in ("SOPClassUID", "Modality"):
+                if level != "STUDY" and k in rec:
+                    setattr(r, k, rec[k].value)
+            yield 0xFF00, r
 
     def on_move(self, event: evt.Event) -> Iterator[Any]:
         assoc: Association | None = None
@@ -257,7 +302,7 @@ class Hostile:
             for uid in self._uids(event):
                 if assoc is None or not alive(assoc):
                     assoc = self.store_ae.associate(
-                        "127.0.0.1", self.bridge_port, ae_title=BRIDGE_AET
+                        "127.0.0.1", self.bridge_port, ae_title=self.bridge_aet
                     )
                     if not assoc.is_established:
                         assoc = None

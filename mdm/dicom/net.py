@@ -101,6 +101,25 @@ class _NoPeerTracebacks(logging.Filter):
         return True
 
 
+class _NoPydicomValues(logging.Filter):
+    """pydicom logs the values it cannot decode or validate word for word (``Unknown encoding
+    'ISO_IR 1^A2'``), whatever level the application sets (its ``config.debug`` resets the
+    level). Its warnings are dropped; an error keeps its level and loses its text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return False
+        record.msg = "pydicom reported an error (details withheld: they quote DICOM values)"
+        record.args = ()
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+for _name in [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "pydicom"]:
+    logging.getLogger(_name).addFilter(_NoPydicomValues())
+logging.getLogger("pydicom").addFilter(_NoPydicomValues())
+
 # A logger's filters see only the records logged on it, not its children's: every module
 # logger of pynetdicom (all created by the imports above) gets one.
 for _name in [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "pynetdicom"]:
