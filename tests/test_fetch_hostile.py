@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import copy
 import os
-import resource
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +22,14 @@ from mdm.keys import LocalKeyring
 from mdm.localpacs import free_port
 from mdm.store import ObjectRef, ObjectStore
 from tests.fuzzdicom import BOMB_KIND, CT_CLASS, Corpus, uid_of
-from tests.test_fuzz_receiver import RSS_BOUND_MIB, SERIES, STUDY, Hostile, pydicom_reads_it_all
+from tests.test_fuzz_receiver import (
+    RSS_BOUND_MIB,
+    SERIES,
+    STUDY,
+    Hostile,
+    pydicom_reads_it_all,
+    rss_kib,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -39,6 +46,23 @@ KINDS = {
 }
 LAST = {"get": "pdv1", "move": "pdu_huge"}
 BOMB = {"get": None, "move": BOMB_KIND}
+
+
+def descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except OSError:
+            continue
+        for k in kids:
+            out += [k, *descendants(k)]
+    return out
 
 
 def catalog(corpus: Corpus) -> list[Dataset]:
@@ -97,22 +121,32 @@ timeout = "3s"
     )
     mdm = Path(sys.executable).with_name("mdm")
     t0 = time.monotonic()
-    proc = subprocess.run(
+    peaks: dict[int, int] = {}
+    with subprocess.Popen(
         [str(mdm), "fetch", "--quiet", "--config", str(cfg), STUDY],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
         env={**os.environ, "MDM_CONFIG": str(cfg)},
-    )
+    ) as proc:
+        result: list[tuple[str, str]] = []
+        reader = threading.Thread(target=lambda: result.append(proc.communicate(timeout=60)))
+        reader.start()
+        while reader.is_alive():  # the command and its receiver process, sampled
+            for pid in [proc.pid, *descendants(proc.pid)]:
+                peaks[pid] = max(peaks.get(pid, 0), rss_kib(pid, "VmHWM"))
+            time.sleep(0.02)
+        reader.join()
     took = time.monotonic() - t0
-    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    err = proc.stderr
+    out, err = result[0]
+    peak_mib = max(peaks.values()) / 1024
     assert proc.returncode == 1, (proc.returncode, err[-2000:])
     assert "Traceback" not in err and "ExceptionGroup" not in err, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("mdm: error:")]
     assert errors and all("site EVIL" in line for line in errors), err[-2000:]
-    assert "1^A2" not in err and "1^A2" not in proc.stdout
+    assert "1^A2" not in err and "1^A2" not in out
     assert took < 30
+    print(f"\nmdm fetch ({mode}): peak RSS {peak_mib:.0f} MiB, {took:.1f}s")
     assert peak_mib < RSS_BOUND_MIB, peak_mib
     # Only clean copies were stored: the controls sent before the protocol violation.
     keys = LocalKeyring.load(tmp_path / "keyring.json")

@@ -150,30 +150,32 @@ def test_a_pdata_over_the_negotiated_maximum_is_aborted(scp: StorageSCP) -> None
     still_serves(scp)
 
 
-def test_a_large_pdata_is_read_as_it_arrives(scp: StorageSCP) -> None:
-    """Within the negotiated maximum (here 64 KiB) nothing is allocated ahead of the data;
-    with an unlimited maximum, the hard cap applies and memory follows what arrives."""
+def test_a_large_pdata_is_read_as_it_arrives() -> None:
+    """``max_pdu = 0`` announces DEFAULT_MAX_PDU, never "unlimited"; PDUs within it are read
+    as their bytes arrive, so announcing one costs nothing until it is sent."""
     bridge = BridgeSettings(
         ae_title=BRIDGE_AET, host="127.0.0.1", port=free_port(), timeout=2.0, max_pdu=0
     )
-    unlimited = StorageSCP(bridge, {PACS_AET})
-    unlimited.start()
+    default = StorageSCP(bridge, {PACS_AET})
+    default.start()
     try:
-        before = rss_mib()
         held = []
-        for _ in range(4):  # 4 x 60 MiB announced, a few bytes sent, then silence
-            a = associate(unlimited.port)
-            raw_of(a).sendall(struct.pack(">BBLLB", 0x04, 0, 60 << 20, (60 << 20) - 4, 1))
+        before = rss_mib()
+        for _ in range(8):  # 8 x 4 MiB announced, a few bytes sent, then silence
+            a = associate(default.port)
+            assert a.acceptor.maximum_length == net.DEFAULT_MAX_PDU
+            n = net.DEFAULT_MAX_PDU
+            raw_of(a).sendall(struct.pack(">BBLLB", 0x04, 0, n, n - 4, 1) + b"\x00" * 10)
             held.append(a)
         time.sleep(0.5)
-        assert rss_mib() - before < 30
-        over = associate(unlimited.port)
-        raw_of(over).sendall(struct.pack(">BBL", 0x04, 0, net.MAX_PDATA_UNLIMITED + 1024))
-        wait_for(lambda: not over.is_established, 2)
+        assert rss_mib() - before < 16
+        over = associate(default.port)
+        raw_of(over).sendall(struct.pack(">BBL", 0x04, 0, net.DEFAULT_MAX_PDU + 1024))
+        assert wait_for(lambda: not over.is_established, 2) < 1.0
         for a in held:  # the stalled PDUs end at the stall timeout
             wait_for(lambda a=a: not a.is_established, 5)
     finally:
-        unlimited.stop()
+        default.stop()
 
 
 def test_unassociated_connections_are_limited_in_number_and_time(

@@ -68,7 +68,7 @@ from pynetdicom.transport import (
 
 from mdm.config import SiteSettings
 from mdm.dicom.command import read_command
-from mdm.dicom.part10 import ui_value
+from mdm.dicom.part10 import PREAMBLE, file_meta, ui_value
 from mdm.errors import RetrieveError, RetrieveTimeout
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,12 @@ for _name in [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "
 # --- limits on what a peer can make us hold (docs/DICOM.md, Limits) -----------------------
 MAX_ASSOCIATE_PDU = 1 << 20
 """Largest A-ASSOCIATE-RQ/AC accepted (one with 128 contexts x 30 syntaxes is ~100 KB)."""
-MAX_PDATA_UNLIMITED = 64 << 20
-"""Largest P-DATA-TF accepted when our announced maximum is 0 (unlimited)."""
+DEFAULT_MAX_PDU = 4 << 20
+"""The largest PDU we announce when ``bridge.max_pdu`` is 0 (no explicit choice): never
+"unlimited", so that a peer cannot make us read a PDU of any length."""
+PART10_PREFIX = "_mdm_part10_prefix"
+"""Attribute of a received C-STORE request primitive: the length of the Part-10 header
+written ahead of its data set in ``DataSet`` (absent: the data set alone)."""
 PDU_SLACK = 64
 """Bytes over the announced maximum tolerated (peers differ on what the maximum counts)."""
 MAX_MESSAGE_BYTES = 1 << 30
@@ -268,7 +272,7 @@ class TunedAE(ApplicationEntity):
         # associations are closed by their pool: neither pynetdicom timer fits those rules.
         self.dimse_timeout = None
         self.network_timeout = None
-        self.maximum_pdu_size = max_pdu
+        self.maximum_pdu_size = max_pdu_of(max_pdu)
 
     def _create_socket(
         self,
@@ -429,8 +433,8 @@ class FastDUL(DULServiceProvider):
                 return f"PDU of {length} bytes before association (limit {MAX_ASSOCIATE_PDU})"
             return None
         mine = self.assoc.acceptor if self.assoc.is_acceptor else self.assoc.requestor
-        limit = int(mine.maximum_length or 0)
-        limit = limit + PDU_SLACK if limit else MAX_PDATA_UNLIMITED
+        limit = int(mine.maximum_length or 0) or DEFAULT_MAX_PDU
+        limit += PDU_SLACK
         if length > limit:
             return f"P-DATA-TF of {length} bytes, over the maximum of {limit}"
         return None
@@ -739,11 +743,33 @@ class _FastMessage(DIMSEMessage):
                 self._primitive, has_data_set, self._dataset_keyword = fast
                 if not has_data_set:
                     return True
+                if type(self._primitive) is C_STORE and assoc is not None:
+                    self._write_part10_header(assoc, context_id)
             else:
                 cast(BytesIO, self.data_set).write(data[1:])
                 if control & 2:
                     return True
         return False
+
+    def _write_part10_header(self, assoc: Association, context_id: int) -> None:
+        """Start the data set buffer of a C-STORE request with the Part-10 header of its
+        object, so that the received buffer is the whole file and the receiver does not
+        copy the data set behind a header (one copy of a 200 MB object, not two). The
+        primitive carries the header's length as :data:`PART10_PREFIX`."""
+        req = self._primitive
+        cx = assoc._accepted_cx.get(context_id)
+        if cx is None or not req.AffectedSOPClassUID or not req.AffectedSOPInstanceUID:
+            return
+        try:
+            head = PREAMBLE + file_meta(
+                str(req.AffectedSOPClassUID),
+                str(req.AffectedSOPInstanceUID),
+                str(cx.transfer_syntax[0]),
+            )
+        except ValueError:  # a UID that is not ASCII: the receiver refuses it
+            return
+        cast(BytesIO, self.data_set).write(head)
+        setattr(req, PART10_PREFIX, len(head))
 
     def message_to_primitive(self) -> Any:
         primitive = self._primitive
@@ -1065,8 +1091,9 @@ class _TunedRequestHandler(RequestHandler):
 
 
 def max_pdu_of(max_pdu: int) -> int:
-    """pynetdicom's value for our maximum receive PDU (0 = unlimited, as in PS3.8)."""
-    return max(0, int(max_pdu))
+    """The maximum receive PDU we announce: ``bridge.max_pdu``, or DEFAULT_MAX_PDU for 0
+    (PS3.8's "unlimited" would let a peer send a PDU of any length)."""
+    return int(max_pdu) if int(max_pdu) > 0 else DEFAULT_MAX_PDU
 
 
 # --- associations ------------------------------------------------------------------------

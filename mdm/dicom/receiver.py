@@ -25,6 +25,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from mdm.config import BridgeSettings
 from mdm.dicom.net import (
+    PART10_PREFIX,
     STORE_CANNOT_UNDERSTAND,
     STORE_NOT_AUTHORISED,
     STORE_NOT_SUPPORTED,
@@ -57,8 +58,10 @@ class ReceivedObject:
     sop_uid: str
     sop_class_uid: str
     transfer_syntax: str
-    data: bytes
-    """The Part-10 file: preamble, ``DICM``, file meta information and the dataset as sent."""
+    data: bytes | memoryview
+    """The Part-10 file: preamble, ``DICM``, file meta information and the dataset as sent
+    (a view of the receive buffer when the data set was received straight after its
+    Part-10 header: the object is held once, however large)."""
     calling_aet: str
     dataset_offset: int = 0
     """Where the dataset starts in ``data`` (0: unknown)."""
@@ -159,9 +162,9 @@ class _GatedAE(TunedAE):
         pass
 
 
-def _is_empty(data: BytesIO) -> bool:
+def _is_empty(data: BytesIO, prefix: int) -> bool:
     with data.getbuffer() as view:
-        return view.nbytes == 0
+        return view.nbytes <= prefix
 
 
 def storage_contexts() -> list[PresentationContext]:
@@ -350,7 +353,7 @@ class StorageSCP:
                 who,
                 sop_uid,
             )
-        if req.DataSet is None or _is_empty(req.DataSet):
+        if req.DataSet is None or _is_empty(req.DataSet, getattr(req, PART10_PREFIX, 0)):
             return self._refuse(
                 exp,
                 "refused_malformed",
@@ -360,11 +363,18 @@ class StorageSCP:
                 sop_uid,
             )
         transfer_syntax = str(event.context.transfer_syntax)
+        data: bytes | memoryview
         try:
-            # A view of the received bytes: the Part-10 file is their only copy.
-            with req.DataSet.getbuffer() as dataset:
-                data = part10(sop_class, sop_uid, transfer_syntax, dataset)
-                dataset_offset = len(data) - dataset.nbytes
+            prefixed = getattr(req, PART10_PREFIX, 0)
+            if prefixed:
+                # The DIMSE layer wrote this request's Part-10 header ahead of its data set
+                # (net._FastMessage): the receive buffer is the file, nothing is copied.
+                data = req.DataSet.getbuffer()
+                dataset_offset = prefixed
+            else:
+                with req.DataSet.getbuffer() as dataset:
+                    data = part10(sop_class, sop_uid, transfer_syntax, dataset)
+                    dataset_offset = len(data) - dataset.nbytes
         except ValueError:
             return self._refuse(
                 exp,
