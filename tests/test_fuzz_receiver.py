@@ -120,6 +120,17 @@ def pydicom_reads_it_all(data: bytes, uid: str) -> bool:
     return str(ds.SOPInstanceUID) == uid
 
 
+def pause(assoc: Association) -> None:
+    """Keep a requestor association's reactor from reading the DIMSE queue (it would take
+    our responses as unexpected messages and drop them), for the association's life: as
+    pynetdicom's ``send_c_*`` do per call, without their window between the flag and the
+    wait."""
+    assoc._reactor_checkpoint.clear()
+    time.sleep(0.005)
+    while not assoc._is_paused and assoc.is_established:
+        time.sleep(0.001)
+
+
 def alive(assoc: Association) -> bool:
     """The association is still up as far as its DUL knows (the flag ``is_established`` is
     updated by the association's own thread, busy in our handler during a C-GET)."""
@@ -235,11 +246,6 @@ class Hostile:
             req.DataSet = io.BytesIO(p.body)
         status: int | None = None
         t0 = time.monotonic()
-        paused = assoc.is_requestor
-        if paused:  # as pynetdicom's send_c_store: its reactor must not eat the response
-            assoc._reactor_checkpoint.clear()
-            while not assoc._is_paused and assoc.is_established:
-                time.sleep(0.0001)
         try:
             assoc.dimse.send_msg(req, cx_id)
             _cx, rsp = assoc.dimse.get_msg(block=True)
@@ -247,9 +253,6 @@ class Hostile:
                 status = int(rsp.Status)
         except Exception:
             status = None
-        finally:
-            if paused:
-                assoc._reactor_checkpoint.set()
         with self.lock:
             self.status[uid] = status
         if status is None:
@@ -307,6 +310,7 @@ class Hostile:
                     if not assoc.is_established:
                         assoc = None
                         continue
+                    pause(assoc)
                 p = self._payload(uid, (EXPLICIT, IMPLICIT, DEFLATED))
                 cx = next(
                     c.context_id
@@ -315,8 +319,10 @@ class Hostile:
                 )
                 self._send(assoc, p, uid, cx)
         finally:
-            if assoc is not None and assoc.is_established:
-                assoc.release()
+            if assoc is not None:
+                assoc._reactor_checkpoint.set()
+                if assoc.is_established:
+                    assoc.release()
         yield "127.0.0.1", self.bridge_port
         yield 0
 

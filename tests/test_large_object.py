@@ -6,9 +6,11 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import os
 import struct
+import subprocess
+import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,13 +21,17 @@ from pydicom.filewriter import write_dataset
 from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
 
-from mdm.config import BridgeSettings
+from mdm.config import BridgeSettings, SiteSettings
+from mdm.db import open_env
 from mdm.dicom.part10 import file_meta
 from mdm.dicom.procscp import ProcessStorageSCP, StoreParams
-from mdm.dicom.receiver import StoredNotice
+from mdm.dicom.receiver import ReceivedObject, StorageSCP, StoredNotice
+from mdm.dicom.retrieve import Retriever
+from mdm.keys import LocalKeyring, Scope
 from mdm.localpacs import free_port
+from mdm.store import ObjectRef, ObjectStore
 from tests.fuzzdicom import CT_CLASS, EXPLICIT, Corpus, uid_of
-from tests.test_fuzz_receiver import rss_kib
+from tests.test_fuzz_receiver import SERIES, STUDY, pause, rss_kib
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -84,9 +90,7 @@ def test_a_200_mb_object_is_held_once(receiver: ProcessStorageSCP) -> None:
             req.AffectedSOPInstanceUID = uid
             req.Priority = 2
             req.DataSet = io.BytesIO(body)
-            assoc._reactor_checkpoint.clear()
-            while not assoc._is_paused:
-                time.sleep(0.001)
+            pause(assoc)
             assoc.dimse.send_msg(req, assoc.accepted_contexts[0].context_id)
             _cx, rsp = assoc.dimse.get_msg(block=True)
             assoc._reactor_checkpoint.set()
@@ -106,3 +110,71 @@ def test_a_200_mb_object_is_held_once(receiver: ProcessStorageSCP) -> None:
     print(f"\n200 MB object: receiver peak RSS {peak / 1024:.0f} MiB (+{grew_mib:.0f} MiB)")
     # One copy of the object, plus PDU buffers and the store's chunk in flight.
     assert grew_mib < size_mib * 1.3, (grew_mib, size_mib)
+
+
+def test_a_200_mb_object_by_cget_is_held_once(tmp_path: Path) -> None:
+    """The retrieving process (C-GET: the object arrives on our own association) holds it
+    once too, and stores it chunk by chunk."""
+    uid = uid_of(7 * 10**7 + 1)
+    port = free_port()
+    root = Path(__file__).resolve().parent.parent
+    peer = subprocess.Popen(
+        [sys.executable, "-m", "tests.bigget_peer", str(port), uid],
+        cwd=root,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert peer.stdout is not None and peer.stdout.readline().strip() == "ready"
+        bridge = BridgeSettings(ae_title=AET, host="127.0.0.1", port=free_port(), timeout=10.0)
+        scp = StorageSCP(bridge, set())
+        keys = LocalKeyring.load(tmp_path / "keyring.json", create=True)
+        (tmp_path / "cache").mkdir()
+        store = ObjectStore(tmp_path / "cache", open_env(tmp_path / "cache"), keys, 2 << 30)
+        retriever = Retriever(bridge, scp)
+        me = os.getpid()
+        base = rss_kib(me)
+        peak = [base]
+        sampling = threading.Event()
+
+        def sample() -> None:
+            while not sampling.wait(0.01):
+                peak[0] = max(peak[0], rss_kib(me))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        stored: list[Any] = []
+
+        def sink(obj: ReceivedObject) -> None:
+            stored.append(
+                store.put(
+                    ObjectRef(obj.sop_uid, "identified"), Scope("BIG", "identified", ""), obj.data
+                )
+            )
+
+        try:
+            retriever.retrieve(
+                SiteSettings("BIG", "BIGGET", "127.0.0.1", port, retrieve="get", timeout=20.0),
+                level="IMAGE",
+                study_uid=STUDY,
+                series_uid=SERIES,
+                sop_uids=[uid],
+                expected={uid},
+                sink=sink,
+                sop_classes={CT_CLASS},
+            )
+        finally:
+            sampling.set()
+            sampler.join()
+            retriever.close()
+            store.close()
+        assert len(stored) == 1 and stored[0].size > SIDE * SIDE * 2
+        grew_mib = (peak[0] - base) / 1024
+        size_mib = SIDE * SIDE * 2 / 2**20
+        print(f"\n200 MB object by C-GET: retrieving process +{grew_mib:.0f} MiB")
+        assert grew_mib < size_mib * 1.3, (grew_mib, size_mib)
+    finally:
+        if peer.stdin is not None:
+            peer.stdin.close()
+        peer.wait(10)

@@ -27,6 +27,7 @@ from mdm.dicom.retrieve import Retriever
 from mdm.errors import RetrieveError
 from mdm.localpacs import free_port
 from mdm.synth import generate
+from tests.test_fuzz_receiver import pause
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -252,8 +253,10 @@ def test_a_store_without_a_data_set_is_answered(scp: StorageSCP) -> None:
             req.AffectedSOPInstanceUID = GEN[0].sop_uid
             req.Priority = 2
             cx = assoc.accepted_contexts[0].context_id
+            pause(assoc)  # its reactor must not take our response
             assoc.dimse.send_msg(req, cx)
             _cx, rsp = assoc.dimse.get_msg(block=True)
+            assoc._reactor_checkpoint.set()
             assert isinstance(rsp, C_STORE)
             assert rsp.MessageIDBeingRespondedTo == 7 and rsp.Status == 0xC000
             # ... and the association goes on.
