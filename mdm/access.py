@@ -13,9 +13,9 @@ administrator of a single-user workstation sees everything; any other principal 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from mdm.identity import Principal
 
@@ -76,6 +76,10 @@ class AccessResolver(Protocol):
         """An identifier of the policy in force (its hash), recorded in audit records."""
         ...
 
+    def deid_of(self, rule_id: str) -> Mapping[str, Any] | None:
+        """The ``[allow.deid]`` table of a rule (None: defaults, or no such rule)."""
+        ...
+
 
 class LocalAdminResolver:
     """The embedded default: the local administrator sees everything, identified."""
@@ -89,26 +93,32 @@ class LocalAdminResolver:
     def version(self) -> str:
         return "local-admin"
 
-
-def view_for(level: AccessLevel) -> str | None:
-    """The view served to a level (``None``: no file content at all)."""
-    if level >= AccessLevel.IDENTIFIED:
-        return "identified"
-    if level >= AccessLevel.DEIDENTIFIED:
-        return "deidentified"
-    return None
+    def deid_of(self, rule_id: str) -> Mapping[str, Any] | None:
+        return None
 
 
-def resource_from_attrs(sites: Iterable[str], attrs: dict[str, str], **uids: str) -> Resource:
-    """Build a :class:`Resource` from catalog attributes."""
-    mods = attrs.get("ModalitiesInStudy") or attrs.get("Modality") or ""
+def resource_of(
+    sites: Iterable[str],
+    study: Mapping[str, str],
+    series: Mapping[str, str] | None = None,
+    *,
+    patient_id: str | None = None,
+    study_uid: str | None = None,
+) -> Resource:
+    """The policy attributes of a study (or of one of its series) from C-FIND attributes.
+
+    The one place that turns catalog attributes into a :class:`Resource`, for the mount,
+    ``find``, ``explain`` and ``reidentify`` alike: a series is matched on its own Modality,
+    a study on ModalitiesInStudy.
+    """
+    series = series or {}
+    mods = series.get("Modality") if series.get("Modality") else study.get("ModalitiesInStudy")
     return Resource(
         sites=frozenset(sites),
-        patient_id=attrs.get("PatientID"),
-        study_uid=uids.get("study_uid") or attrs.get("StudyInstanceUID"),
-        series_uid=uids.get("series_uid"),
-        sop_uid=uids.get("sop_uid"),
-        trial=attrs.get("ClinicalTrialProtocolID") or None,
-        modalities=frozenset(m for m in mods.replace("\\", " ").split() if m),
-        study_date=attrs.get("StudyDate") or None,
+        patient_id=patient_id or study.get("PatientID"),
+        study_uid=study_uid or study.get("StudyInstanceUID"),
+        series_uid=series.get("SeriesInstanceUID"),
+        trial=study.get("ClinicalTrialProtocolID") or None,
+        modalities=frozenset(m for m in (mods or "").split("\\") if m),
+        study_date=study.get("StudyDate") or None,
     )

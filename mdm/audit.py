@@ -31,7 +31,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -137,6 +137,21 @@ def _self_hash_ok(line: bytes) -> bool:
     )
 
 
+def line_digest(line: bytes) -> str:
+    """SHA-256 (hex) of a line without its newline: what ``prev``, ``.head`` and anchors hold."""
+    return _sha(line)
+
+
+def self_hash_ok(line: bytes) -> bool:
+    """True if the line's ``hash`` field is the SHA-256 of the line before it."""
+    return _self_hash_ok(line)
+
+
+def record_seq(line: bytes) -> int | None:
+    """The ``seq`` of a line, or None if it is not a record."""
+    return _parse_seq(line)
+
+
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -197,9 +212,16 @@ def _mkdir_private(d: Path) -> None:
 class AuditLog:
     """Appends hash-chained records to the audit log; safe across threads and processes."""
 
-    def __init__(self, path: str | Path, fsync_interval: float = 0.2) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        fsync_interval: float = 0.2,
+        sink: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.fsync_interval = fsync_interval
+        self.sink = sink
+        """Called with each line (no newline) once it is appended, e.g. a SyslogSink."""
         self._lock = threading.RLock()  # re-entered when a rotated log is reopened
         self._timer: threading.Timer | None = None
         self._last_fsync = 0.0
@@ -315,8 +337,30 @@ class AuditLog:
                 seq: int = self._seq
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
+            if self.sink is not None:
+                try:
+                    self.sink(line)
+                except Exception:  # a copy that fails must not lose the record itself
+                    log.exception("audit log %s: copying record %d failed", self.path, seq)
             self._maybe_fsync()
             return seq
+
+    def checkpoint(self) -> tuple[str, int, str] | None:
+        """``(chain, seq, head)`` of the file now: the SHA-256 of its first line, the seq of
+        its last record and that line's SHA-256 (None if it is empty or the log closed)."""
+        with self._lock:
+            if self._fd < 0:
+                return None
+            self._reopen_if_rotated()
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                self._sync_tail()
+                if self._seq == 0:
+                    return None
+                first = os.pread(self._fd, 65536, 0).split(b"\n", 1)[0]
+                return _sha(first), self._seq, self._prev
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _reopen_if_rotated(self) -> None:
         try:
@@ -367,6 +411,9 @@ class AuditLog:
                 timer.cancel()
             self._timer = None
             self._close_fds()
+            close_sink = getattr(self.sink, "close", None)
+            if close_sink is not None:
+                close_sink()
 
     def __enter__(self) -> AuditLog:
         return self

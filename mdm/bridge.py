@@ -23,12 +23,12 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 from pydicom.dataset import Dataset
 
-from mdm.access import AccessLevel, Decision, Resource
+from mdm.access import AccessLevel, Decision, Resource, resource_of
 from mdm.catalog import ROOT, Catalog, Level, Record
 from mdm.config import Config, SiteSettings
 from mdm.db import open_env
@@ -51,7 +51,7 @@ from mdm.keys import KeyProvider, LocalKeyring
 from mdm.names import is_uid, safe_name
 from mdm.session import Session
 from mdm.store import ObjectInfo, ObjectReader, ObjectRef, ObjectStore
-from mdm.views import View, deid_options
+from mdm.views import View, view_of
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class OpenFile:
         self.released = True
 
 
-def _attrs(ds: Dataset, keys: Sequence[str]) -> dict[str, str]:
+def dataset_attrs(ds: Dataset, keys: Sequence[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for k in keys:
         v = ds.get(k)
@@ -186,7 +186,7 @@ def _attrs(ds: Dataset, keys: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _query(level: str, keys: Sequence[str], **filters: str) -> Dataset:
+def query_dataset(level: str, keys: Sequence[str], **filters: str) -> Dataset:
     ds = Dataset()
     ds.QueryRetrieveLevel = level
     for k in keys:
@@ -226,6 +226,7 @@ class Bridge:
         self.started = time.time()
         self._listings: SingleFlight[None] = SingleFlight()
         self._negative: dict[tuple[str, str], float] = {}
+        self._negative_version = ""
 
     # ------------------------------------------------------------------ decisions
     @property
@@ -282,23 +283,15 @@ class Bridge:
 
     def resource(self, study: Record, series: Record | None = None) -> Resource:
         """The policy attributes of a study (or one of its series)."""
-        attrs = dict(study.attrs)
-        if series is not None and series.attrs.get("Modality"):
-            attrs["Modality"] = series.attrs["Modality"]
-            attrs.pop("ModalitiesInStudy", None)
-        sites = series.sites if series is not None else study.sites
-        return Resource(
-            sites=frozenset(sites),
-            patient_id=study.parent or attrs.get("PatientID"),
+        sattrs = None
+        if series is not None:
+            sattrs = {**series.attrs, "SeriesInstanceUID": series.uid}
+        return resource_of(
+            series.sites if series is not None else study.sites,
+            study.attrs,
+            sattrs,
+            patient_id=study.parent or None,
             study_uid=study.uid,
-            series_uid=series.uid if series else None,
-            trial=attrs.get("ClinicalTrialProtocolID") or None,
-            modalities=frozenset(
-                m
-                for m in (attrs.get("Modality") or attrs.get("ModalitiesInStudy", "")).split("\\")
-                if m
-            ),
-            study_date=attrs.get("StudyDate") or None,
         )
 
     def _visible(self, d: Decision) -> bool:
@@ -328,13 +321,13 @@ class Bridge:
         recs: list[Record] = []
         for ds in dss:
             if level == "STUDY":
-                a = _attrs(ds, STUDY_KEYS)
+                a = dataset_attrs(ds, STUDY_KEYS)
                 uid, parent = a.get("StudyInstanceUID", ""), a.get("PatientID", "")
             elif level == "SERIES":
-                a = _attrs(ds, SERIES_KEYS)
+                a = dataset_attrs(ds, SERIES_KEYS)
                 uid, parent = a.get("SeriesInstanceUID", ""), a.get("StudyInstanceUID", "")
             else:
-                a = _attrs(ds, IMAGE_KEYS)
+                a = dataset_attrs(ds, IMAGE_KEYS)
                 uid, parent = a.get("SOPInstanceUID", ""), a.get("SeriesInstanceUID", "")
             if not uid:
                 log.warning("site %s returned a %s answer without its UID; skipped", site, level)
@@ -364,7 +357,7 @@ class Bridge:
 
         async def run() -> None:
             answered = 0
-            for site, dss in await self._find("STUDY", _query("STUDY", STUDY_KEYS)):
+            for site, dss in await self._find("STUDY", query_dataset("STUDY", STUDY_KEYS)):
                 if dss is None:
                     continue
                 answered += 1
@@ -383,11 +376,13 @@ class Bridge:
         await self._refresh("studies", run)
 
     async def _ensure_series(self, study: Record) -> None:
-        q = _query("SERIES", SERIES_KEYS, StudyInstanceUID=study.uid)
+        q = query_dataset("SERIES", SERIES_KEYS, StudyInstanceUID=study.uid)
         await self._ensure_children("SERIES", study, q, f"series of study {study.uid}")
 
     async def _ensure_instances(self, study: Record, series: Record) -> None:
-        q = _query("IMAGE", IMAGE_KEYS, StudyInstanceUID=study.uid, SeriesInstanceUID=series.uid)
+        q = query_dataset(
+            "IMAGE", IMAGE_KEYS, StudyInstanceUID=study.uid, SeriesInstanceUID=series.uid
+        )
         await self._ensure_children("IMAGE", series, q, f"instances of series {series.uid}")
 
     async def _ensure_children(self, level: Level, parent: Record, q: Dataset, what: str) -> None:
@@ -434,6 +429,11 @@ class Bridge:
             log.info("background refresh of a listing failed: %s", e)
 
     def _negative_hit(self, kind: str, name: str) -> bool:
+        version = self.resolver.version()
+        if version != self._negative_version:
+            # A policy edit may show what was hidden: forget hidden and missing names alike.
+            self._negative.clear()
+            self._negative_version = version
         t = self._negative.get((kind, name))
         return t is not None and t > time.monotonic()
 
@@ -452,7 +452,7 @@ class Bridge:
 
         async def run() -> None:
             for site, dss in await self._find(
-                "STUDY", _query("STUDY", STUDY_KEYS, StudyInstanceUID=uid)
+                "STUDY", query_dataset("STUDY", STUDY_KEYS, StudyInstanceUID=uid)
             ):
                 if dss:
                     recs = [r for r in self._to_records("STUDY", site, dss) if r.uid == uid]
@@ -484,7 +484,7 @@ class Bridge:
         if rec is None or not rec.sites:
             if not is_uid(uid) or self._negative_hit("image", uid):
                 raise NotFound(uid)
-            q = _query(
+            q = query_dataset(
                 "IMAGE",
                 IMAGE_KEYS,
                 StudyInstanceUID=study.uid,
@@ -514,15 +514,7 @@ class Bridge:
         v = self._views.get(key)
         if v is not None:
             return v
-        if d.level >= AccessLevel.IDENTIFIED:
-            v = View("identified")
-        elif d.level >= AccessLevel.DEIDENTIFIED:
-            pol = getattr(self.resolver, "policy", None)
-            rule = pol.rule(d.rule) if pol is not None else None
-            options, scope = deid_options(d.rule, getattr(rule, "deid", None))
-            v = View("deidentified", scope, self.keys.secret("pseudonym:" + scope), options)
-        else:
-            v = View("metadata", d.rule, self.keys.secret("pseudonym:metadata:" + d.rule))
+        v = view_of(d, self.resolver, self.keys.secret)
         if len(self._views) > 1000:
             self._views.clear()
         self._views[key] = v
@@ -578,19 +570,38 @@ class Bridge:
                 return rec, v
         raise NotFound(name)
 
+    async def _conceal(self, kind: str, name: str, work: Callable[[], Awaitable[Any]]) -> NoReturn:
+        """NotFound for a name that exists but is hidden, after the same ``work`` a name that
+        exists nowhere costs (then the negative cache, as for a missing name): timing tells
+        the two apart no better than the answer does."""
+        if not self._negative_hit(kind, name):
+            try:
+                await work()
+            except MdmError:
+                pass
+            self._remember_missing(kind, name)
+        raise NotFound(name)
+
     async def _study_named(self, name: str, principal: Principal) -> tuple[Record, Decision]:
+        if self._negative_hit("study", name):
+            raise NotFound(name)
         if name not in self._aliases and name.startswith("2.25."):
             # Perhaps a remapped UID never listed here: the listing teaches the aliases.
             await self.listdir(("studies",))
+        known = self.catalog.get("STUDY", self._original(name)) is not None
         study = await self.study(self._original(name))
         d = self.decide(study, principal=principal)
         if not self._visible(d) or self._name(self.view(d), study.uid) != name:
-            raise NotFound(name)
+            # A study never listed was just looked up by the same C-FIND a missing one costs.
+            q = query_dataset("STUDY", STUDY_KEYS, StudyInstanceUID=study.uid)
+            await self._conceal("study", name, lambda: self._find("STUDY", q) if known else _none())
         return study, d
 
     async def _series_named(
         self, study: Record, name: str, principal: Principal
     ) -> tuple[Record, Decision]:
+        if self._negative_hit("series", name):
+            raise NotFound(name)
         if name not in self._aliases and name.startswith("2.25."):
             await self._ensure_series(study)
             for se in self.catalog.children("SERIES", study.uid):
@@ -598,7 +609,7 @@ class Bridge:
         series = await self.series(study, self._original(name))
         d = self.decide(study, series, principal)
         if not self._visible(d) or self._name(self.view(d), series.uid) != name:
-            raise NotFound(name)
+            await self._conceal("series", name, lambda: self._ensure_series(study))
         return series, d
 
     async def _instance_named(self, study: Record, series: Record, name: str, v: View) -> Record:
@@ -940,12 +951,14 @@ class Bridge:
         """Warm the cache with whole studies, series or instances named by UID; count objects."""
         total = 0
         for uid in uids:
-            targets = await self._targets_for(uid)
+            targets = await self.targets_for(uid)
             await self.fetcher.fetch_many(targets)
             total += len(targets)
         return total
 
-    async def _targets_for(self, uid: str) -> list[Target]:
+    async def targets_for(self, uid: str) -> list[Target]:
+        """What to retrieve for a study, series or instance UID the principal may see
+        (NotFound for a hidden UID as for a missing one)."""
         study: Record | None
         try:
             study = await self.study(uid)
@@ -964,7 +977,7 @@ class Bridge:
         # A series or an instance: find it by a targeted query at any site.
         for level, key in (("SERIES", "SeriesInstanceUID"), ("IMAGE", "SOPInstanceUID")):
             keys = SERIES_KEYS if level == "SERIES" else IMAGE_KEYS
-            for site, dss in await self._find(level, _query(level, keys, **{key: uid})):
+            for site, dss in await self._find(level, query_dataset(level, keys, **{key: uid})):
                 for ds in dss or []:
                     st_uid = str(ds.get("StudyInstanceUID", ""))
                     if not st_uid:
@@ -1025,7 +1038,11 @@ async def open_bridge(
         )
         report = store.recover()
         log.info("cache recovered: %s", report)
-        catalog = Catalog(env, keys.secret("catalog"), config.cache.catalog_ttl)
+        if getattr(keys, "remote", False):
+            # Shared nodes: no key that opens the catalog outlives this process.
+            catalog = Catalog.private(config.cache.dir, config.cache.catalog_ttl)
+        else:
+            catalog = Catalog(env, keys.secret("catalog"), config.cache.catalog_ttl)
         scp: StorageSCP
         allowed = {s.ae_title for s in config.sites}
         if config.bridge.receiver == "process":
@@ -1053,7 +1070,7 @@ async def open_bridge(
                     f"{config.bridge.host}:{config.bridge.port}: {e.strerror} "
                     "(is a mount or fetch with this configuration already running?)"
                 ) from None
-            log.warning(
+            log.info(
                 "%s:%d is in use (a mount of this configuration is running?): retrieving by "
                 "C-GET, which needs no listener",
                 config.bridge.host,
@@ -1085,8 +1102,13 @@ async def open_bridge(
             await trio.to_thread.run_sync(retriever.close)
             await trio.to_thread.run_sync(scp.stop)
             store.close()
+            catalog.close()
     finally:
         env.close()
+
+
+async def _none() -> None:
+    return None
 
 
 async def _warm(fetcher: Fetcher, retriever: Retriever, site: SiteSettings) -> None:

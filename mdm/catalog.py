@@ -9,15 +9,19 @@ index on disk carries no names, IDs or dates in clear.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
 import os
+import shutil
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import lmdb
@@ -60,8 +64,13 @@ class Record:
 class Catalog:
     """Encrypted catalog over a named database of the shared LMDB environment."""
 
-    def __init__(self, env: lmdb.Environment, secret: bytes, ttl: float) -> None:
+    def __init__(
+        self, env: lmdb.Environment, secret: bytes, ttl: float, *, owned: Path | None = None
+    ) -> None:
         self.env = env
+        # A private catalog (see ``private``): its directory, removed by ``close``.
+        self._owned = owned
+        self._owner_lock: int | None = None
         self.ttl = ttl
         self._db = env.open_db(b"catalog")
         self._aead = AESGCM(hashlib.sha256(b"mdm-catalog-enc\0" + secret).digest())
@@ -72,6 +81,42 @@ class Catalog:
         # only add what listings find, which the TTL picks up.
         self._cache: dict[bytes, Record] = {}
         self._cache_lock = threading.Lock()
+
+    @classmethod
+    def private(cls, cache_dir: Path, ttl: float) -> Catalog:
+        """A catalog of this process only, under a random key that never leaves memory.
+
+        For shared nodes with key servers: the catalog caches C-FIND answers about every
+        patient of the federation, more than any one principal is granted, so no key that
+        opens it may outlive the process or be released to anyone. Its LMDB sits in
+        ``cache.dir/catalogs/<random>/`` (encrypted like the shared one) and is removed at
+        ``close``; directories of processes that died are removed by the next one (their
+        ``owner.lock`` is no longer locked).
+        """
+        root = cache_dir / "catalogs"
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for d in root.iterdir():
+            _remove_if_abandoned(d)
+        d = Path(tempfile.mkdtemp(prefix="c-", dir=root))
+        fd = os.open(d / "owner.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        env = lmdb.open(
+            str(d / "index"), map_size=2**34, max_dbs=2, subdir=True, sync=False, mode=0o600
+        )
+        cat = cls(env, os.urandom(32), ttl, owned=d)
+        cat._owner_lock = fd
+        return cat
+
+    def close(self) -> None:
+        """Close and remove a private catalog (the shared one's environment is not ours)."""
+        if self._owned is None:
+            return
+        self.env.close()
+        shutil.rmtree(self._owned, ignore_errors=True)
+        if self._owner_lock is not None:
+            os.close(self._owner_lock)
+            self._owner_lock = None
+        self._owned = None
 
     # -- keys ---------------------------------------------------------------------------
     def _id(self, level: str, uid: str) -> bytes:
@@ -233,3 +278,26 @@ class Catalog:
             rec = self._unseal(rk, bytes(raw))
             rec.attrs.update(values)
             txn.put(rk, self._seal(rk, rec))
+
+
+def _remove_if_abandoned(d: Path) -> None:
+    """Remove a private catalog directory whose owner process is gone."""
+    try:
+        fd = os.open(d / "owner.lock", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        # Being created right now, or torn down: judged by its age.
+        try:
+            if time.time() - d.stat().st_mtime > 60:
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass
+        return
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return  # held: its process is alive
+    finally:
+        os.close(fd)
+    shutil.rmtree(d, ignore_errors=True)

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from mdm.config import Config, load_config
-from mdm.errors import MdmError, UserError
+from mdm.errors import MdmError, NotFound, UsageError, UserError
 from mdm.identity import Principal
 
 log = logging.getLogger("mdm")
@@ -81,24 +81,27 @@ class MdmGroup(click.Group):
             click.echo(f"mdm: error: {e}", err=True)
             sys.exit(1)
         except BaseExceptionGroup as eg:
-            # Concurrent tasks (a fetch over several sites) fail together: one line each,
-            # no traceback, as long as every failure is one of ours.
-            errors, rest = eg.split(MdmError)
-            if rest is not None or errors is None:
+            # trio reports a task's error as a group: one bridge error is still one line.
+            first = _bridge_error(eg)
+            if first is None:
                 raise
-            seen: list[str] = []
-            for leaf in _leaves(errors):
-                if str(leaf) not in seen:
-                    seen.append(str(leaf))
-                    click.echo(f"mdm: error: {leaf}", err=True)
-            sys.exit(1)
+            click.echo(f"mdm: error: {first}", err=True)
+            sys.exit(first.exit_code if isinstance(first, UserError) else 1)
 
 
-def _leaves(eg: BaseExceptionGroup[Any]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for e in eg.exceptions:
-        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
-    return out
+def _bridge_error(eg: BaseExceptionGroup[BaseException]) -> MdmError | None:
+    """The bridge error of a group whose every leaf is one (None otherwise)."""
+    leaves: list[BaseException] = []
+    todo: list[BaseException] = [eg]
+    while todo:
+        e = todo.pop()
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        else:
+            leaves.append(e)
+    if not leaves or not all(isinstance(e, MdmError) for e in leaves):
+        return None
+    return leaves[-1]  # type: ignore[return-value]
 
 
 @click.group(cls=MdmGroup)
@@ -140,6 +143,12 @@ def mount(
         if log_file is not None:
             _setup_logging(logging.getLevelName(logging.getLogger().level), log_file)
         session = open_session(config, token_file)
+        if session.local_admin:
+            log.warning(
+                "no [identity] in %s: this mount runs as the local administrator of a "
+                "single-user workstation (full access, identified view)",
+                config.path,
+            )
         strict = os.environ.get("MDM_STRICT") == "1"
         run(config, mountpoint, session, strict=strict)
         return
@@ -231,36 +240,6 @@ def _table(header: list[str], rows: list[list[Any]]) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
-FIND_KEYS = {
-    "PATIENT": ["PatientID", "PatientName", "PatientBirthDate", "PatientSex"],
-    "STUDY": [
-        "PatientID",
-        "PatientName",
-        "StudyInstanceUID",
-        "StudyDate",
-        "StudyDescription",
-        "ModalitiesInStudy",
-        "AccessionNumber",
-        "NumberOfStudyRelatedInstances",
-    ],
-    "SERIES": [
-        "StudyInstanceUID",
-        "SeriesInstanceUID",
-        "Modality",
-        "SeriesNumber",
-        "SeriesDescription",
-        "NumberOfSeriesRelatedInstances",
-    ],
-    "IMAGE": [
-        "StudyInstanceUID",
-        "SeriesInstanceUID",
-        "SOPInstanceUID",
-        "SOPClassUID",
-        "InstanceNumber",
-    ],
-}
-
-
 @main.command()
 @config_option
 @click.option(
@@ -286,79 +265,77 @@ def find(
     token_file: Path | None,
     filters: tuple[str, ...],
 ) -> None:
-    """Federated C-FIND. FILTERS are KEY=VALUE with DICOM keywords (wildcards * and ?).
+    """Federated C-FIND. FILTERS are KEY=VALUE with DICOM keywords (wildcards * and ?,
+    date ranges A-B). Under [identity], answers and filters are those of your mount's view.
 
     Example: mdm find --level series Modality=CT PatientID='MDM*'
     """
-    from pydicom.datadict import dictionary_VR, tag_for_keyword
-    from pydicom.dataset import Dataset
-
-    from mdm.dicom.query import fan_out
+    from mdm.find import find as run_find
+    from mdm.find import parse_filters
+    from mdm.session import open_session
 
     config = _load(config_path)
-    lvl = level.upper()
-    ds = Dataset()
-    ds.QueryRetrieveLevel = lvl
-    keys = list(FIND_KEYS[lvl])
-    for k in keys:
-        setattr(ds, k, "")
-    for f in filters:
-        if "=" not in f:
-            raise UserError(f"filter {f!r}: expected KEY=VALUE")
-        k, v = f.split("=", 1)
-        if tag_for_keyword(k) is None:
-            raise UserError(f"filter {f!r}: {k!r} is not a DICOM keyword")
-        if dictionary_VR(k) == "SQ":
-            raise UserError(f"filter {f!r}: sequences cannot be matched")
-        setattr(ds, k, v)
-        if k not in keys:
-            keys.append(k)
-    chosen = [s for s in config.sites if not only_sites or s.name in only_sites]
-    unknown = set(only_sites) - {s.name for s in config.sites}
-    if unknown:
-        raise UserError(f"unknown site(s): {', '.join(sorted(unknown))}")
-    results = fan_out(chosen, config.bridge, lvl, ds)
-    merged: dict[str, dict[str, Any]] = {}
-    uid_key = {
-        "PATIENT": "PatientID",
-        "STUDY": "StudyInstanceUID",
-        "SERIES": "SeriesInstanceUID",
-        "IMAGE": "SOPInstanceUID",
-    }[lvl]
-    errors = []
-    for r in results:
-        if r.error is not None:
-            errors.append(f"{r.site.name}: {r.error}")
-            continue
-        for d in r.datasets:
-            row = {k: _value(d.get(k)) for k in keys}
-            uid = row.get(uid_key) or ""
-            cur = merged.setdefault(uid, {**row, "sites": []})
-            cur["sites"].append(r.site.name)
-    for e in errors:
+    wanted = parse_filters(filters)
+    session = open_session(config, token_file)
+    try:
+        res = run_find(
+            config, session, _secrets(config, token_file), level, wanted, list(only_sites)
+        )
+    finally:
+        session.close()
+    for e in res.errors:
         click.echo(f"mdm: warning: site {e}", err=True)
-    if config.identity is not None:
-        # The same policy as a mount: only what the principal may see, PHI only when identified.
-        from mdm.findfilter import filter_rows
-
-        merged = filter_rows(config, token_file, lvl, merged)
-    rows = sorted(merged.values(), key=lambda r: [str(r.get(k, "")) for k in keys])
+    for n in res.notes:
+        click.echo(f"mdm: note: {n}", err=True)
     if as_json:
+        rows = [{k: _json_value(k, v) for k, v in r.items()} for r in res.rows]
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
     else:
         _table(
-            [*keys, "sites"], [[*(r.get(k, "") for k in keys), ",".join(r["sites"])] for r in rows]
+            [*res.keys, "sites"],
+            [[*(r.get(k, "") for k in res.keys), ",".join(r["sites"])] for r in res.rows],
         )
-    if errors and not merged:
+    if res.errors and not res.rows:
         sys.exit(1)
 
 
-def _value(v: Any) -> Any:
-    if v is None:
-        return ""
-    if type(v).__name__ == "MultiValue":
-        return "\\".join(str(x) for x in v)
-    return str(v)
+def _json_value(keyword: str, value: Any) -> Any:
+    """Numbers of numeric VRs as JSON numbers (``"NumberOfSeriesRelatedInstances": 24``)."""
+    from pydicom.datadict import dictionary_VR
+
+    if not isinstance(value, str) or not value or "\\" in value:
+        return value
+    try:
+        vr = dictionary_VR(keyword)
+    except KeyError:
+        return value
+    try:
+        if vr in ("IS", "US", "UL", "SS", "SL", "UV", "SV"):
+            return int(value)
+        if vr in ("DS", "FL", "FD"):
+            return float(value)
+    except ValueError:
+        pass
+    return value
+
+
+def _secrets(config: Any, token_file: Path | None) -> Callable[[str], bytes]:
+    """The pseudonym keys of the principal's views, fetched on first use (key servers, or the
+    local keyring)."""
+    keys: list[Any] = []
+
+    def secret(name: str) -> bytes:
+        if not keys:
+            from mdm.keys import LocalKeyring
+            from mdm.keyservice.client import provider_for
+
+            keys.append(
+                provider_for(config.keys, token_file)
+                or LocalKeyring.load(config.keys.keyring, create=True)
+            )
+        return keys[0].secret(name)  # type: ignore[no-any-return]
+
+    return secret
 
 
 # ---------------------------------------------------------------------------- fetch
@@ -373,45 +350,91 @@ def _value(v: Any) -> Any:
     help="The JWT to fetch as (also $MDM_TOKEN_FILE).",
 )
 def fetch(config_path: Path, uids: tuple[str, ...], quiet: bool, token_file: Path | None) -> None:
-    """Warm the cache with the studies, series or instances named by UID."""
+    """Warm the cache with the studies, series or instances named by UID, as your view shows
+    them (the remapped 2.25. UIDs of a de-identified view included). UIDS may be '-': read
+    them from stdin (whitespace-separated, e.g. from `mdm find --json | jq`). One line per
+    UID; exit 1 if any failed."""
     import trio
     from tqdm import tqdm
 
-    from mdm.bridge import open_bridge
+    from mdm.bridge import Bridge, open_bridge
+    from mdm.fetcher import Target
+    from mdm.find import original_of
     from mdm.session import open_session
     from mdm.store import ObjectRef
 
+    wanted: list[str] = []
+    for u in uids:
+        wanted += sys.stdin.read().split() if u == "-" else [u]
+    if not wanted:
+        raise UsageError("no UIDs to fetch")
     config = _load(config_path)
     session = open_session(config, token_file)
 
-    async def go() -> int:
-        async with open_bridge(config, session, get_if_port_busy=True) as bridge:
-            targets = []
-            for uid in uids:
-                targets += await bridge._targets_for(uid)
-            bar = tqdm(total=len(targets), unit="obj", disable=quiet, file=sys.stderr)
-            wanted = {t.sop_uid for t in targets}
-            already = sum(
-                1 for t in targets if bridge.store.info(ObjectRef(t.sop_uid, t.view)) is not None
+    async def resolve(bridge: Bridge, uid: str) -> list[Target]:
+        try:
+            return await bridge.targets_for(uid)
+        except NotFound:
+            if not uid.startswith("2.25.") or session.local_admin:
+                raise
+        # A name of the principal's de-identified view: its original, found through the view.
+        found = await trio.to_thread.run_sync(
+            lambda: original_of(
+                config, session.resolver, bridge.principal, bridge.keys.secret, None, bare=uid
             )
-            bar.update(already)
+        )
+        if found is None:
+            raise NotFound(uid)
+        return await bridge.targets_for(found[1] or found[0])
 
-            def on_stored(info: Any) -> None:
-                if info.ref.sop_uid in wanted:
-                    bar.update(1)
-
-            bridge.fetcher.on_stored = on_stored
+    async def go() -> list[tuple[str, str, bool]]:
+        out: list[tuple[str, str, bool]] = []
+        async with open_bridge(config, session, get_if_port_busy=True) as bridge:
+            plans: list[tuple[str, list[Target] | None, str]] = []
+            for uid in wanted:
+                try:
+                    plans.append((uid, await resolve(bridge, uid), ""))
+                except NotFound:
+                    # Hidden and missing alike: nothing about which.
+                    plans.append((uid, None, "no study, series or instance you may see"))
+                except MdmError as e:
+                    plans.append((uid, None, str(e)))
+            total = sum(len(t or []) for _, t, _ in plans)
+            quiet_bar = quiet or not sys.stderr.isatty()
+            bar = tqdm(total=total, unit="obj", disable=quiet_bar, file=sys.stderr)
+            keys = {t.sop_uid for _, ts, _ in plans for t in ts or []}
+            bridge.fetcher.on_stored = lambda info: (
+                bar.update(1) if info.ref.sop_uid in keys else None
+            )
             try:
-                await bridge.fetcher.fetch_many(targets)
+                for uid, targets, err in plans:
+                    if targets is None:
+                        out.append((uid, f"error: {err}", False))
+                        continue
+                    had = sum(
+                        1
+                        for t in targets
+                        if bridge.store.info(ObjectRef(t.sop_uid, t.view)) is not None
+                    )
+                    bar.update(had)
+                    try:
+                        await bridge.fetcher.fetch_many(targets)
+                    except MdmError as e:
+                        out.append((uid, f"error: {e}", False))
+                        continue
+                    out.append((uid, f"{len(targets)} object(s) cached ({had} already)", True))
             finally:
                 bar.close()
-            return len(targets)
+        return out
 
     try:
-        n = trio.run(go)
+        results = trio.run(go)
     finally:
         session.close()
-    click.echo(f"{n} object(s) cached")
+    for uid, what, _ok in results:
+        click.echo(f"{uid}: {what}")
+    if not all(ok for _, _, ok in results):
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------------------- cache

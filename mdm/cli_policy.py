@@ -5,6 +5,7 @@ Exit codes: 0 success; 1 a test case failed; 2 the policy (or its test cases) ha
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from datetime import datetime
@@ -13,10 +14,17 @@ from typing import Any
 
 import click
 
-from mdm.access import Resource
-from mdm.errors import UserError
+from mdm.access import AccessLevel, Resource
+from mdm.config import Config
+from mdm.errors import MdmError, NotFound, UserError
 from mdm.identity import Principal
-from mdm.policy.evaluate import explain_lines, explain_text, principal_from_claims
+from mdm.policy.evaluate import (
+    Explanation,
+    Policy,
+    explain_lines,
+    format_explanation,
+    principal_from_claims,
+)
 from mdm.policy.load import load_policy
 from mdm.policy.testing import load_cases, run_cases, undecided_rules
 
@@ -47,18 +55,43 @@ def policy() -> None:
     "directory",
     required=False,
     type=click.Path(path_type=Path),
-    default=lambda: os.environ.get("MDM_POLICY_DIR", DEFAULT_DIR),
+    default=None,
 )
-def check(directory: Path) -> None:
-    """Validate the policy files of DIRECTORY (default acl_policies/ or $MDM_POLICY_DIR)."""
-    pol = load_policy(directory)
-    for w in pol.warnings:
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="mdm.toml: check against its sites, and its [policy] dir when DIRECTORY is not given.",
+)
+@click.option("--strict", is_flag=True, help="Warnings fail the check too (exit 1).")
+def check(directory: Path | None, config_path: Path | None, strict: bool) -> None:
+    """Validate the policy files of DIRECTORY (default: [policy] dir of --config, else
+    acl_policies/ or $MDM_POLICY_DIR), and warn about rules that are valid but likely wrong:
+    unknown sites or modalities, denies that fail open on a missing attribute, broad
+    identified grants, case-variant levels."""
+    known: list[str] | None = None
+    if config_path is not None:
+        from mdm.config import load_config
+
+        config = load_config(config_path)
+        known = [s.name for s in config.sites]
+        if directory is None and config.policy is not None:
+            directory = config.policy.dir
+    if directory is None:
+        directory = Path(os.environ.get("MDM_POLICY_DIR", DEFAULT_DIR))
+    pol = load_policy(directory, known_sites=known)
+    warnings = sorted(set(pol.warnings), key=lambda w: (w.file, w.line, w.message))
+    for w in warnings:
         click.echo(f"warning: {w}", err=True)
     allows = sum(1 for r in pol.rules if r.effect == "allow")
     click.echo(
         f"{directory}: OK, {len(pol.rules)} rules ({allows} allow, {len(pol.rules) - allows} deny)"
         f" in {len(pol.files)} files, version {pol.version}"
+        + (f", {len(warnings)} warning(s)" if warnings else "")
     )
+    if strict and warnings:
+        sys.exit(1)
 
 
 @policy.command("test")
@@ -143,12 +176,15 @@ def _token_principal(token_file: Path) -> Principal:
     help="The policy directory.",
 )
 @click.option(
+    "--token-file",
     "--token",
     "token_file",
     type=click.Path(path_type=Path),
-    help="Explain for the principal of this JWT (its signature is not checked).",
+    default=lambda: os.environ.get("MDM_TOKEN_FILE"),
+    help="Explain for the principal of this JWT (also $MDM_TOKEN_FILE; verified under "
+    "[identity] when TARGET is given, read as it is otherwise).",
 )
-@click.option("--sub", help="Principal subject (instead of --token).")
+@click.option("--sub", help="Principal subject (instead of --token-file).")
 @click.option("--issuer", default="", help="Principal issuer.")
 @click.option("--groups", multiple=True, help="Groups, comma-separated or repeated.")
 @click.option("--claim", "claims", multiple=True, help="KEY=VALUE (repeatable).")
@@ -167,8 +203,12 @@ def _token_principal(token_file: Path) -> Principal:
     default=lambda: os.environ.get("MDM_CONFIG", "mdm.toml"),
     help="mdm.toml, to look TARGET up in the federation (and its [policy] dir).",
 )
+@click.option("--json", "as_json", is_flag=True, help="Print the explanation as JSON.")
+@click.option("--fail", is_flag=True, help="Exit 1 unless the decision allows some access.")
 @click.argument("target", required=False)
 def explain(
+    as_json: bool,
+    fail: bool,
     config_path: Path,
     target: str | None,
     directory: Path,
@@ -192,8 +232,10 @@ def explain(
     instance UID: its attributes are looked up in the federation of --config. Without TARGET,
     describe the resource with the flags.
     """
+    if sub is not None:
+        token_file = None  # --sub describes a principal; $MDM_TOKEN_FILE does not apply
     if (token_file is None) == (sub is None):
-        raise click.UsageError("give either --token FILE or --sub (with --groups/--claim)")
+        raise click.UsageError("give either --token-file FILE or --sub (with --groups/--claim)")
     config = None
     if target is not None:
         from mdm.config import load_config
@@ -202,6 +244,19 @@ def explain(
         if config.policy is not None and directory == Path(DEFAULT_DIR):
             directory = config.policy.dir
     pol = load_policy(directory)
+    if config is not None and target is not None and config.identity is not None:
+        # A real object under [identity]: a verified token, and nothing about the object
+        # unless the principal may see it (or is a security officer).
+        if token_file is None:
+            raise UserError(
+                f"{config_path}: [identity] is configured: explaining an object of the "
+                "federation needs --token-file (verified; --sub only describes a resource by "
+                "flags)"
+            )
+        level = _explain_guarded(config, pol, token_file, target, now, as_json)
+        if fail and level < AccessLevel.METADATA:
+            sys.exit(1)
+        return
     if token_file is not None:
         principal = _token_principal(token_file)
         click.echo("note: token claims read without verifying its signature", err=True)
@@ -232,4 +287,120 @@ def explain(
             modalities=frozenset(modalities),
             study_date=study_date,
         )
-    click.echo(explain_text(pol, principal, resource, now))
+    exp = pol.explain(principal, resource, now)
+    click.echo(
+        json.dumps(explanation_dict(exp), indent=2)
+        if as_json
+        else format_explanation(pol, principal, resource, exp)
+    )
+    if fail and exp.decision.level < AccessLevel.METADATA:
+        sys.exit(1)
+
+
+def explanation_dict(exp: Explanation, *, reasons: bool = True) -> dict[str, Any]:
+    """An explanation as JSON-ready data (``reasons=False``: decision and rule only)."""
+    d = exp.decision
+    out: dict[str, Any] = {
+        "decision": d.level.label,
+        "rule": d.rule,
+        "policy_version": exp.version,
+    }
+    if reasons:
+        out["rules"] = [
+            {
+                "id": o.rule.id,
+                "effect": o.rule.effect,
+                "access": o.rule.access.label,
+                "status": o.status,
+                "where": o.rule.where,
+                "reasons": list(o.reasons),
+            }
+            for o in exp.outcomes
+        ]
+    return out
+
+
+def _explain_guarded(
+    config: Config,
+    pol: Policy,
+    token_file: Path,
+    target: str,
+    now: datetime | None,
+    as_json: bool = False,
+) -> AccessLevel:
+    """``policy explain TARGET`` under ``[identity]``: the token is verified; a principal that
+    may not see the object learns nothing of it (a hidden object and a missing one read the
+    same); below ``identified``, only the decision and its rule (no attributes, no reasons:
+    they name patient IDs and dates); security officers (``[policy] officers``) see all.
+    TARGET may be a path or UID as the principal's own mount shows it (remapped ``2.25.`` UIDs
+    of a de-identified view included)."""
+    from mdm.explain import resource_for
+    from mdm.identity import TokenVerifier
+
+    assert config.identity is not None
+    try:
+        text = token_file.read_text().strip()
+    except OSError as e:
+        raise UserError(f"{token_file}: cannot read: {e.strerror or e}") from None
+    principal = TokenVerifier(config.identity).verify(text)
+    officers = set(config.policy.officers) if config.policy is not None else set()
+    officer = bool(officers & set(principal.groups))
+    resource: Resource | None
+    try:
+        resource = resource_for(config, target)
+    except NotFound:
+        resource = _resource_as_shown(config, principal, token_file, target)
+    decision = pol.decide(principal, resource, now) if resource is not None else None
+    if not officer and (decision is None or decision.level < AccessLevel.METADATA):
+        raise UserError(
+            f"{target}: nothing to explain for {principal.label()} (no such object, or not "
+            "visible to this principal)"
+        )
+    assert resource is not None and decision is not None
+    full = officer or decision.level >= AccessLevel.IDENTIFIED
+    exp = pol.explain(principal, resource, now)
+    if as_json:
+        click.echo(json.dumps(explanation_dict(exp, reasons=full), indent=2))
+    elif full:
+        click.echo(format_explanation(pol, principal, resource, exp))
+    else:
+        click.echo(f"decision: {decision.level.label} by {decision.rule}")
+        click.echo(
+            "(attributes and per-rule reasons are shown to identified principals and security "
+            "officers only)"
+        )
+    return decision.level
+
+
+def _resource_as_shown(
+    config: Config, principal: Principal, token_file: Path, target: str
+) -> Resource | None:
+    """The resource behind a path or UID of the principal's own view (remapped UIDs)."""
+    from mdm.explain import parse_target, resource_for
+    from mdm.find import original_of
+    from mdm.keys import LocalKeyring
+    from mdm.keyservice.client import provider_for
+    from mdm.policy import PolicyResolver
+
+    assert config.policy is not None
+    study, series, sop, bare = parse_target(target)
+    if not any(n and n.startswith("2.25.") for n in (study, series, sop, bare)):
+        return None  # no remapped name: the originals were looked up already
+    try:
+        keys = provider_for(config.keys, token_file) or LocalKeyring.load(
+            config.keys.keyring, create=False
+        )
+        resolver = PolicyResolver(config.policy.dir, known_sites=[s.name for s in config.sites])
+        found = original_of(config, resolver, principal, keys.secret, study, series, sop, bare)
+    except MdmError:
+        return None
+    if found is None:
+        return None
+    ostudy, oseries, osop = found
+    path = "/x/studies/" + "/".join(
+        [ostudy, *([oseries] if oseries else []), *([osop + ".dcm"] if osop else [])]
+    )
+    try:
+        return resource_for(config, path)
+    except NotFound:
+        return None

@@ -7,6 +7,7 @@ which the ``mdm`` group prints as one line with its exit code.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from datetime import UTC, datetime
@@ -41,21 +42,28 @@ def token_init(directory: Path, force: bool) -> None:
 @click.option("--issuer", required=True, help="The iss claim ([identity] issuer).")
 @click.option("--audience", required=True, help="The aud claim ([identity] audience).")
 @click.option("--sub", required=True, help="The subject (user or service account).")
-@click.option("--groups", default="", help="Comma-separated groups.")
+@click.option("--groups", multiple=True, help="Groups, comma-separated or repeated.")
 @click.option(
     "--claim", "claims", multiple=True, help="NAME=VALUE (a string) or NAME:=JSON; repeatable."
 )
-@click.option("--ttl", default="8h", show_default=True, help="Lifetime (30m, 8h, 2d).")
+@click.option("--ttl", default="8h", show_default=True, help="Lifetime (30m, 8h, 1h30m, 2d).")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(path_type=Path),
+    help="Write the token to this file (mode 0600, as mounts require) instead of stdout.",
+)
 def token_issue(
     key_path: Path,
     issuer: str,
     audience: str,
     sub: str,
-    groups: str,
+    groups: tuple[str, ...],
     claims: tuple[str, ...],
     ttl: str,
+    out: Path | None,
 ) -> None:
-    """Print a signed token on stdout."""
+    """Print a signed token on stdout, or write it to --out FILE (0600)."""
     try:
         seconds = parse_duration(ttl)
     except ValueError as e:
@@ -66,11 +74,21 @@ def token_issue(
         issuer=issuer,
         audience=audience,
         sub=sub,
-        groups=[g.strip() for g in groups.split(",") if g.strip()],
+        groups=[g.strip() for gs in groups for g in gs.split(",") if g.strip()],
         claims=extra,
         ttl=seconds,
     )
-    click.echo(tok)
+    if out is None:
+        click.echo(tok)
+        return
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT: set it
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(tok + "\n")
+    except OSError as e:
+        raise UserError(f"--out {out}: {e.strerror or e}") from None
+    click.echo(f"token written to {out} (0600)", err=True)
 
 
 @token.command("show")

@@ -28,6 +28,7 @@ _SIZE_UNITS = {
     "TIB": 2**40,
 }
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash, 1..16 chars
 RETRIEVE_MODES = ("move", "get", "auto")
@@ -61,9 +62,14 @@ def parse_duration(value: object) -> float:
     if not isinstance(value, str):
         raise ValueError("expected a duration such as 30s")
     m = _DURATION_RE.match(value)
-    if not m:
-        raise ValueError(f"not a duration: {value!r} (examples: 500ms, 30s, 10m, 8h)")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+    if m:
+        return float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+    # Compound forms: 1h30m, 2d12h, 1m30s.
+    text = value.strip()
+    parts = _DURATION_PART_RE.findall(text)
+    if parts and "".join(n + u for n, u in parts) == text.replace(" ", ""):
+        return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    raise ValueError(f"not a duration: {value!r} (examples: 500ms, 30s, 10m, 8h, 1h30m)")
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,8 @@ class PolicySettings:
     """``[policy]``: the ACL policy directory."""
 
     dir: Path
+    officers: tuple[str, ...] = ()
+    """Groups whose (verified) members may ``policy explain`` any object of the federation."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,11 @@ class AuditSettings:
     """``[audit]``: the append-only, hash-chained audit log."""
 
     log: Path
+    syslog: str | None = None
+    """``udp://HOST:PORT``, ``tcp://HOST:PORT`` or ``unix:/dev/log``: where each record is
+    copied as it is written (RFC 5424), off the writing host (docs/AUDIT.md)."""
+    anchor_interval: float = 5.0
+    """With ``[keys] servers``: seconds between checkpoints sent to the key servers."""
 
 
 @dataclass(frozen=True)
@@ -274,6 +287,7 @@ class _Section:
         return v
 
 
+_SYSLOG = re.compile(r"^((udp|tcp)://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}|unix:/\S+)$")
 _TOP = {"bridge", "cache", "site", "identity", "policy", "audit", "keys"}
 
 
@@ -411,13 +425,24 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
     policy = None
     ptab = top.table_("policy")
     if ptab is not None:
-        pol = _Section(p, "policy", ptab, {"dir"})
-        policy = PolicySettings(dir=pol.path_("dir", p.parent / "acl_policies"))
+        pol = _Section(p, "policy", ptab, {"dir", "officers"})
+        officers = ptab.get("officers", [])
+        if not isinstance(officers, list) or not all(isinstance(g, str) and g for g in officers):
+            raise pol._err("officers", "expected a list of group names")
+        policy = PolicySettings(
+            dir=pol.path_("dir", p.parent / "acl_policies"), officers=tuple(officers)
+        )
     audit = None
     atab = top.table_("audit")
     if atab is not None:
-        a = _Section(p, "audit", atab, {"log"})
-        audit = AuditSettings(log=a.path_("log"))
+        a = _Section(p, "audit", atab, {"log", "syslog", "anchor_interval"})
+        syslog = a.get_str("syslog", "") or None
+        if syslog is not None and not _SYSLOG.match(syslog):
+            raise a._err("syslog", "expected udp://HOST:PORT, tcp://HOST:PORT or unix:/PATH")
+        interval = a.duration("anchor_interval", 5.0)
+        if not 0.1 <= interval <= 3600:
+            raise a._err("anchor_interval", "expected between 0.1s and 1h")
+        audit = AuditSettings(log=a.path_("log"), syslog=syslog, anchor_interval=interval)
 
     return Config(
         path=p,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -161,21 +162,32 @@ def run_demo(workdir: Path, *, patients: int, foreground: bool) -> None:
     click.echo(_howto(workdir, config, mnt, foreground=False))
 
 
+def _mdm_command() -> str:
+    """How to run this very ``mdm``: its name if PATH finds this one, its absolute path
+    otherwise (a venv's ``bin`` that is not on PATH)."""
+    here = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    found = shutil.which("mdm")
+    if here is not None and here.name == "mdm" and here.is_file():
+        return "mdm" if found and Path(found).resolve() == here else str(here)
+    exe = Path(sys.executable).parent / "mdm"  # run as python -m mdm
+    if found and exe.is_file() and Path(found).resolve() == exe.resolve():
+        return "mdm"
+    return str(exe) if exe.is_file() else f"{sys.executable} -m mdm"
+
+
 def _howto(workdir: Path, config: Path, mnt: Path, *, foreground: bool) -> str:
-    mdm = ".venv/bin/mdm"
-    rel = os.path.relpath(workdir)
-    if rel.startswith(".."):
-        rel = str(workdir)
-    stop = "Ctrl-C here" if foreground else f"{mdm} demo --stop --dir {rel}"
+    mdm = _mdm_command()
+    py = sys.executable
+    stop = "Ctrl-C here" if foreground else f"{mdm} demo --stop --dir {workdir.resolve()}"
     return f"""
-The federation of two local PACS (NORTH and SOUTH) is mounted at {mnt}
-Try:
-  {mdm} sites --config {config}
-  {mdm} find --config {config} --level study
-  ls {mnt}/patients {mnt}/sites/NORTH
-  cat {mnt}/studies/*/.metadata.json | head -30
-  .venv/bin/python -c "import pydicom, glob; \\
-    print(pydicom.dcmread(sorted(glob.glob('{mnt}/studies/*/*/*.dcm'))[0]))"
-  {mdm} cache stats --config {config}
+The federation of two local PACS (NORTH and SOUTH) is mounted at {mnt.resolve()}
+Try (from any directory):
+  {mdm} sites --config {config.resolve()}
+  {mdm} find --config {config.resolve()} --level study
+  ls {mnt.resolve()}/patients {mnt.resolve()}/sites/NORTH
+  cat {mnt.resolve()}/studies/*/.metadata.json | head -30
+  {py} -c "import pydicom, glob; \\
+    print(pydicom.dcmread(sorted(glob.glob('{mnt.resolve()}/studies/*/*/*.dcm'))[0]))"
+  {mdm} cache stats --config {config.resolve()}
 Stop: {stop}
 """

@@ -23,6 +23,13 @@ class UserError(MdmError):
     exit_code: int = 1
 
 
+class UsageError(UserError):
+    """A command line that asks for something that does not exist (a misspelt key, an unknown
+    site): exit code 2, like a configuration error."""
+
+    exit_code = 2
+
+
 class ConfigError(UserError):
     """A configuration file is missing, malformed or holds a wrong key or value."""
 

@@ -11,7 +11,7 @@ from pathlib import PurePosixPath
 from pydicom.dataset import Dataset
 
 from mdm.access import Resource
-from mdm.bridge import IMAGE_KEYS, SERIES_KEYS, STUDY_KEYS, TOP, _attrs, _query
+from mdm.bridge import IMAGE_KEYS, SERIES_KEYS, STUDY_KEYS, TOP, dataset_attrs, query_dataset
 from mdm.config import Config
 from mdm.dicom.query import fan_out
 from mdm.errors import NotFound, UserError
@@ -59,7 +59,7 @@ def resource_for(config: Config, target: str) -> Resource:
             ("SERIES", "SeriesInstanceUID", SERIES_KEYS),
             ("IMAGE", "SOPInstanceUID", IMAGE_KEYS),
         ):
-            hits = _find(config, level, _query(level, keys, **{key: uid}))
+            hits = _find(config, level, query_dataset(level, keys, **{key: uid}))
             if hits:
                 ds = hits[0][1]
                 study = str(ds.get("StudyInstanceUID", ""))
@@ -71,14 +71,14 @@ def resource_for(config: Config, target: str) -> Resource:
         else:
             raise NotFound(f"no site holds {uid}")
     assert study is not None
-    hits = _find(config, "STUDY", _query("STUDY", STUDY_KEYS, StudyInstanceUID=study))
+    hits = _find(config, "STUDY", query_dataset("STUDY", STUDY_KEYS, StudyInstanceUID=study))
     if not hits:
         raise NotFound(f"no site holds study {study}")
-    attrs = _attrs(hits[0][1], STUDY_KEYS)
+    attrs = dataset_attrs(hits[0][1], STUDY_KEYS)
     sites = {s for s, _ in hits}
     modalities = [m for m in attrs.get("ModalitiesInStudy", "").split("\\") if m]
     if series:
-        q = _query("SERIES", SERIES_KEYS, StudyInstanceUID=study, SeriesInstanceUID=series)
+        q = query_dataset("SERIES", SERIES_KEYS, StudyInstanceUID=study, SeriesInstanceUID=series)
         shits = _find(config, "SERIES", q)
         if not shits:
             raise NotFound(f"no site holds series {series}")

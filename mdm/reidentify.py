@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from mdm.access import AccessLevel, Resource
-from mdm.bridge import IMAGE_KEYS, SERIES_KEYS, STUDY_KEYS, _attrs, _query
+from mdm.access import AccessLevel, Resource, resource_of
+from mdm.bridge import IMAGE_KEYS, SERIES_KEYS, STUDY_KEYS, dataset_attrs, query_dataset
 from mdm.config import Config
 from mdm.deid import map_uid, pseudonym
-from mdm.errors import AccessDenied, NotFound
+from mdm.errors import NotFound
 from mdm.explain import _find
 from mdm.session import Session
 
@@ -32,23 +32,12 @@ class Match:
 
 def _studies(config: Config) -> Iterator[tuple[set[str], dict[str, str]]]:
     by_uid: dict[str, tuple[set[str], dict[str, str]]] = {}
-    for site, ds in _find(config, "STUDY", _query("STUDY", STUDY_KEYS)):
-        a = _attrs(ds, STUDY_KEYS)
+    for site, ds in _find(config, "STUDY", query_dataset("STUDY", STUDY_KEYS)):
+        a = dataset_attrs(ds, STUDY_KEYS)
         uid = a.get("StudyInstanceUID", "")
         if uid:
             by_uid.setdefault(uid, (set(), a))[0].add(site)
     yield from by_uid.values()
-
-
-def _resource(sites: set[str], a: dict[str, str]) -> Resource:
-    return Resource(
-        sites=frozenset(sites),
-        patient_id=a.get("PatientID"),
-        study_uid=a.get("StudyInstanceUID"),
-        trial=a.get("ClinicalTrialProtocolID") or None,
-        modalities=frozenset(m for m in a.get("ModalitiesInStudy", "").split("\\") if m),
-        study_date=a.get("StudyDate") or None,
-    )
 
 
 def find_original(config: Config, secret: bytes, value: str) -> list[Match]:
@@ -56,7 +45,7 @@ def find_original(config: Config, secret: bytes, value: str) -> list[Match]:
     out: list[Match] = []
     studies = list(_studies(config))
     for sites, a in studies:
-        res = _resource(sites, a)
+        res = resource_of(sites, a)
         pid, st = a.get("PatientID", ""), a.get("StudyInstanceUID", "")
         if pid and pseudonym(pid, secret=secret) == value:
             out.append(Match("patient", pid, st, res))
@@ -66,13 +55,13 @@ def find_original(config: Config, secret: bytes, value: str) -> list[Match]:
         return out
     for sites, a in studies:
         st = a["StudyInstanceUID"]
-        res = _resource(sites, a)
-        q = _query("SERIES", SERIES_KEYS, StudyInstanceUID=st)
+        res = resource_of(sites, a)
+        q = query_dataset("SERIES", SERIES_KEYS, StudyInstanceUID=st)
         for _site, ds in _find(config, "SERIES", q):
             se = str(ds.get("SeriesInstanceUID", ""))
             if map_uid(se, secret=secret) == value:
                 return [Match("series", se, st, res)]
-            qi = _query("IMAGE", IMAGE_KEYS, StudyInstanceUID=st, SeriesInstanceUID=se)
+            qi = query_dataset("IMAGE", IMAGE_KEYS, StudyInstanceUID=st, SeriesInstanceUID=se)
             for _s, di in _find(config, "IMAGE", qi):
                 sop = str(di.get("SOPInstanceUID", ""))
                 if map_uid(sop, secret=secret) == value:
@@ -81,7 +70,11 @@ def find_original(config: Config, secret: bytes, value: str) -> list[Match]:
 
 
 def reidentify(config: Config, session: Session, secret: bytes, value: str) -> list[Match]:
-    """The originals behind ``value`` that the session's principal may see identified."""
+    """The originals behind ``value`` that the session's principal may see identified.
+
+    A principal that may not re-identify ``value`` gets the same answer whether or not it
+    designates something (NotFound either way): the answer is no membership oracle.
+    """
     principal = session.principal()
     matches = find_original(config, secret, value)
     allowed: list[Match] = []
@@ -99,8 +92,17 @@ def reidentify(config: Config, session: Session, secret: bytes, value: str) -> l
             )
         if ok:
             allowed.append(m)
-    if not matches:
-        raise NotFound(f"{value}: no object of the federation has this pseudonym in this scope")
+    if not matches and session.audit is not None:
+        session.audit.record(
+            principal=principal,
+            action="reidentify",
+            decision="deny",
+            resource={"kind": "no-match"},
+            rule="",
+            policy=session.resolver.version(),
+        )
     if not allowed:
-        raise AccessDenied(f"{value}: re-identification needs identified access to the object")
+        raise NotFound(
+            f"{value}: nothing you may re-identify has this pseudonym or UID in this scope"
+        )
     return allowed

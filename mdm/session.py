@@ -5,7 +5,8 @@
   said in the log; a token given anyway is an error;
 - with ``[identity]``: a valid token is mandatory and ``[policy]`` is required; the policy is
   loaded at once (a broken policy refuses to start) and hot-reloaded afterwards;
-- with ``[audit]``: every open, retrieval and key use is recorded.
+- with ``[audit]``: every open, retrieval and key use is recorded; with ``[keys] servers`` too,
+  the log is anchored at the key servers (mdm.audit_anchor).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from mdm.access import AccessResolver, LocalAdminResolver
 from mdm.audit import AuditLog
+from mdm.audit_anchor import AuditAnchorer, anchorer_for
 from mdm.config import Config
 from mdm.errors import ConfigError, UserError
 from mdm.identity import LOCAL_ADMIN, Principal, TokenFile, TokenVerifier
@@ -34,22 +36,32 @@ class Session:
     audit: AuditLog | None
     local_admin: bool
     token_file: Path | None = None
+    anchor: AuditAnchorer | None = None
+    """Sends the audit log's checkpoints to the key servers (with ``[keys] servers``)."""
 
     def close(self) -> None:
-        """Flush and close the audit log."""
+        """Anchor the last records, then flush and close the audit log."""
+        if self.anchor is not None:
+            self.anchor.close()
         if self.audit is not None:
             self.audit.close()
 
 
 def open_session(config: Config, token_file: Path | None, *, audit: bool = True) -> Session:
     """Build the session of ``config``; raise a UserError (clear message, exit code) if not."""
-    audit_log = AuditLog(config.audit.log) if audit and config.audit is not None else None
+    audit_log = None
+    if audit and config.audit is not None:
+        from mdm.audit_syslog import SyslogSink
+
+        sink = SyslogSink(config.audit.syslog) if config.audit.syslog else None
+        audit_log = AuditLog(config.audit.log, sink=sink)
     if config.identity is None:
         if token_file is not None:
             raise ConfigError(
                 config.path, "identity", "a token was given but [identity] is not configured"
             )
-        log.warning(
+        # Said once at mount start (WARNING, by the mount); every other command: INFO.
+        log.info(
             "no [identity] in %s: running as the local administrator of a single-user "
             "workstation (full access, identified view)",
             config.path,
@@ -77,4 +89,7 @@ def open_session(config: Config, token_file: Path | None, *, audit: bool = True)
         config.policy.dir,
         resolver.version(),
     )
-    return Session(tokens.current, resolver, audit_log, False, token_file)
+    anchor = None
+    if audit_log is not None and config.audit is not None:
+        anchor = anchorer_for(audit_log, config.keys, token_file, config.audit.anchor_interval)
+    return Session(tokens.current, resolver, audit_log, False, token_file, anchor)

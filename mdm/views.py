@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mdm.access import AccessLevel, AccessResolver, Decision
 from mdm.deid import DeidOptions, deidentify_attrs, map_uid, pseudonym
 from mdm.errors import AccessDenied
 from mdm.names import safe_name, uid_name
@@ -86,3 +87,15 @@ def deid_options(rule_id: str, table: Mapping[str, Any] | None) -> tuple[DeidOpt
         return DeidOptions(**t), scope
     except (TypeError, ValueError) as e:
         raise AccessDenied(f"policy rule {rule_id}: [allow.deid]: {e}") from None
+
+
+def view_of(decision: Decision, resolver: AccessResolver, secret: Callable[[str], bytes]) -> View:
+    """The view a decision grants: the one construction used by the mount, ``find`` and
+    ``reidentify``. ``secret(name)`` gives the pseudonym key of a scope (``pseudonym:SCOPE``
+    or ``pseudonym:metadata:RULE``), from the keyring or the key servers."""
+    if decision.level >= AccessLevel.IDENTIFIED:
+        return View("identified")
+    if decision.level >= AccessLevel.DEIDENTIFIED:
+        options, scope = deid_options(decision.rule, resolver.deid_of(decision.rule))
+        return View("deidentified", scope, secret("pseudonym:" + scope), options)
+    return View("metadata", decision.rule, secret("pseudonym:metadata:" + decision.rule))

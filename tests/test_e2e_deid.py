@@ -145,7 +145,15 @@ def test_deidentified_mount(orthanc_pair: PacsPair, idp: Path, tmp_path: Path) -
     assert on_a.patient_id in out.stdout
     denied = mdm(*args, "--token-file", str(grid), check=False)
     assert denied.returncode != 0 and on_a.patient_id not in denied.stdout + denied.stderr
-    assert "identified access" in denied.stderr
+    # Not entitled: a real pseudonym and a made-up one get the same answer.
+    made_up = "P" + "Z" * (len(pseudo) - 1)
+    fake = mdm(*args[:-1], made_up, "--token-file", str(grid), check=False)
+    assert (fake.returncode, fake.stdout, fake.stderr.replace(made_up, "X")) == (
+        denied.returncode,
+        denied.stdout,
+        denied.stderr.replace(pseudo, "X"),
+    )
+    assert "nothing you may re-identify" in denied.stderr
     # `mdm fetch` as the de-identified principal caches de-identified objects only.
     other_study = next(i.study_uid for i in trial if i.study_uid != trial[0].study_uid)
     mdm("fetch", "--config", str(cfg), "--token-file", str(grid), "-q", other_study)
@@ -161,6 +169,16 @@ def test_deidentified_mount(orthanc_pair: PacsPair, idp: Path, tmp_path: Path) -
         env.close()
     assert any(r.sop_uid in {i.sop_uid for i in trial if i.study_uid == other_study} for r in refs)
     assert refs and all(r.view.startswith("deid/nant/") for r in refs)
+    # A job warms its cohort by the UIDs its own view shows (remapped), read from stdin.
+    third = next(i for i in trial if i.study_uid not in (trial[0].study_uid, other_study))
+    shown = map_uid(third.series_uid, secret=secret)
+    res = mdm(
+        "fetch", "--config", str(cfg), "--token-file", str(grid), "-q", "-",
+        input=f"{shown}\n{map_uid(third.study_uid, secret=secret)}\n",
+    )  # fmt: skip
+    n = sum(1 for i in trial if i.series_uid == third.series_uid)
+    assert f"{shown}: {n} object(s) cached" in res.stdout, res.stdout
+    assert res.stdout.count("object(s) cached") == 2
     # Another scope: not linkable.
     other = token(idp, tmp_path / "other.jwt", "svc-other", "other")
     with Mount(cfg, tmp_path / "mnt3", token_file=other) as m:

@@ -49,6 +49,8 @@ audience = "{AUD}"
 public_keys = "{idp / "jwks.json"}"
 [policy]
 dir = "{tmp_path / "policies"}"
+[audit]
+log = "{tmp_path / "audit.jsonl"}"
 """
     cfg = pair.write_config(tmp_path, bridge_options={"ae_title": aet, "port": port}, extra=extra)
     ports = [free_port() for _ in range(3)]
@@ -100,6 +102,16 @@ dir = "{tmp_path / "policies"}"
         with Mount(cfg, tmp_path / "mnt", token_file=tok) as m:
             for i in on_a:
                 same_dataset(study_path(m.mountpoint, i).read_bytes(), i)
+            # The catalog of a running mount is private to it (a key that never left it) ...
+            cats = list((tmp_path / "cache" / "catalogs").iterdir())
+            assert len(cats) == 1
+            blob = b"".join(f.read_bytes() for f in (tmp_path / "cache").rglob("*") if f.is_file())
+            assert not [i for i in pair.instances if i.patient_name.encode() in blob]
+        # ... and gone with it: nothing on the node's disk opens a catalog afterwards.
+        assert not list((tmp_path / "cache" / "catalogs").iterdir())
+        # The mount anchored its audit log at the key servers (on unmount at the latest).
+        out = mdm("audit", "verify", "--config", str(cfg), "--token-file", str(tok)).stdout
+        assert "signed by key servers 1, 2, 3" in out and "0 record(s) after it" in out, out
         # Remount: the objects are cached; their keys come from the servers again.
         procs[3].send_signal(signal.SIGSTOP)  # a silent server: 2 of 3 answer
         with Mount(cfg, tmp_path / "mnt", token_file=tok) as m:

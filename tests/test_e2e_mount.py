@@ -261,10 +261,12 @@ def test_fetch_find_sites_commands(orthanc_pair: PacsPair, tmp_path: Path) -> No
     assert {r["SeriesInstanceUID"] for r in rows} == {i.series_uid for i in orthanc_pair.instances}
     for r in rows:
         assert set(r["sites"]) == orthanc_pair.sites_holding(r["SeriesInstanceUID"])
-    ct = json.loads(
-        mdm("find", "--config", str(cfg), "--level", "series", "--json", "Modality=CT").stdout
-    )
+    res = mdm("find", "--config", str(cfg), "--level", "series", "--json", "Modality=CT")
+    ct = json.loads(res.stdout)
     assert ct and all(r["Modality"] == "CT" for r in ct)
+    # Numbers are JSON numbers; a workstation without [identity] is not warned on every command.
+    assert all(isinstance(r["NumberOfSeriesRelatedInstances"], int) for r in ct)
+    assert "local administrator" not in res.stderr
     study = orthanc_pair.instances[0].study_uid
     res = mdm("fetch", "--config", str(cfg), study)
     n = sum(1 for i in orthanc_pair.instances if i.study_uid == study)
@@ -283,7 +285,7 @@ def test_fetch_beside_a_running_mount(orthanc_pair: PacsPair, tmp_path: Path) ->
     mine = [i for i in orthanc_pair.instances if i.study_uid == study]
     with Mount(cfg, tmp_path / "mnt") as m:
         assert all(os.stat(study_path(m.mountpoint, i)).st_size == 0 for i in mine)
-        res = mdm("fetch", "--config", str(cfg), "--quiet", study)
+        res = mdm("--log-level", "INFO", "fetch", "--config", str(cfg), "--quiet", study)
         assert f"{len(mine)} object(s) cached" in res.stdout
         assert "retrieving by C-GET" in res.stderr
         time.sleep(1.2)  # attribute cache (1 s) of the sizes seen as 0 before

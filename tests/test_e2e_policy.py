@@ -179,9 +179,20 @@ def test_each_principal_sees_exactly_its_grant(
     assert "radiology-a" in out.stdout and "identified" in out.stdout
     path = f"/mnt/x/studies/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.dcm"
     out = mdm(
-        "policy", "explain", "--config", str(cfg), "--token", str(tmp_path / "grid.jwt"), path
+        "policy",
+        "explain",
+        "--config",
+        str(cfg),
+        "--token",
+        str(tmp_path / "grid.jwt"),
+        path,
+        check=False,
     )
     assert ("grid-trial" in out.stdout) == (inst.sop_uid in trial)
+    # Below identified: the decision only, never the object's attributes.
+    assert inst.patient_id not in out.stdout + out.stderr
+    if inst.sop_uid not in trial:
+        assert out.returncode == 1 and "nothing to explain" in out.stderr
     # The audit trail of all four mounts verifies.
     res = mdm("audit", "verify", "--config", str(cfg))
     assert "chain intact" in res.stdout or res.returncode == 0

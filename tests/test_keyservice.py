@@ -276,7 +276,7 @@ def test_key_store_refused_if_readable_by_others(tmp_path: Path) -> None:
     from mdm.keyservice.store import KeyStore
 
     path = tmp_path / "server-1.keys.json"
-    KeyStore.create(path, 1, "x" * 64, os.urandom(32), ["SiteA/identified"])
+    KeyStore.create(path, 1, "x" * 64, 12345, ["SiteA/identified"])
     assert path.stat().st_mode & 0o777 == 0o600
     assert KeyStore.load(path).public("SiteA/identified") is not None
     path.chmod(0o640)
@@ -351,8 +351,8 @@ def test_bad_tokens_replays_and_wrong_servers_are_refused(
     assert info_a is not None and info_b is not None
     for who, reason in [
         ("forged", "token refused"),
-        ("expired", "expired"),
-        ("carol", "policy grants"),
+        ("expired", "token refused"),
+        ("carol", "not granted"),
     ]:
         p = dep.provider(who)
         try:
@@ -475,7 +475,7 @@ def test_patient_attribute_is_sealed_and_decides(dep: Deployment) -> None:
         sealed_mine = p.seal(ident, scope, dek, resource=mine)
         assert p.open(ANY, ident, scope, sealed_mine) == dek
         sealed_other = p.seal(ident, scope, dek, resource=other)
-        with pytest.raises(KeyUnavailable, match="policy grants asmith"):
+        with pytest.raises(KeyUnavailable, match="not granted"):
             # The mount claims the granted patient: the servers decide on the sealed one.
             p.open(ANY, ident, scope, sealed_other, resource=mine)
         assert b"PAT-SECRET" not in sealed_mine and b"PAT-OTHER" not in sealed_other
@@ -501,7 +501,7 @@ def test_revoked_grant_loses_access_within_5s(
             try:
                 p.open(ANY, ref.identity(), SCOPE, info.sealed_key)
             except KeyUnavailable as e:
-                assert "0 of 3" in str(e) and "default-deny" in str(e)
+                assert "0 of 3" in str(e) and "not granted" in str(e)
                 break
             assert time.monotonic() - t0 < 5.0, "still released 5 s after the revocation"
             time.sleep(0.1)
@@ -511,19 +511,124 @@ def test_revoked_grant_loses_access_within_5s(
     assert read_all(st, ref) == objects[ref]  # alice keeps her grant
 
 
-def test_secret_is_stable_and_m_of_n(dep: Deployment) -> None:
-    p1, p2 = dep.provider(), dep.provider("carol")
+def test_pseudonym_keys_are_scoped_stable_and_m_of_n(dep: Deployment) -> None:
+    """A pseudonym key leaves the servers only for a principal granted its scope; it is the
+    same for every entitled principal and any M servers; the catalog key never leaves."""
+    p1, p2, carol = dep.provider("asmith"), dep.provider("asmith"), dep.provider("carol")
+    alice = dep.provider("alice")
     try:
         dep.procs[1].send_signal(signal.SIGSTOP)
         try:
-            a = p1.secret("catalog")
+            a = p1.secret("pseudonym:cohort")  # asmith's de-identified grant: scope "cohort"
         finally:
             dep.procs[1].send_signal(signal.SIGCONT)
-        assert a == p2.secret("catalog") and len(a) == 32
-        assert p1.secret("other") != a
+        assert a == p2.secret("pseudonym:cohort") and len(a) == 32
+        # Identified access (re-identification needs it) gets the same key.
+        assert alice.secret("pseudonym:cohort") == a
+        # Another scope, a metadata rule it does not hold, or no grant at all: nothing.
+        for who, name in [
+            (p1, "pseudonym:other-programme"),
+            (p1, "pseudonym:metadata:radiology-a"),
+            (carol, "pseudonym:cohort"),
+            (carol, "pseudonym:metadata:cohort"),
+        ]:
+            with pytest.raises(KeyUnavailable, match="0 of 3"):
+                who.secret(name)
+        # The catalog key is this process's own: never the same twice, never asked for.
+        assert p1.secret("catalog") != p2.secret("catalog")
     finally:
-        p1.close()
-        p2.close()
+        for p in (p1, p2, carol, alice):
+            p.close()
+    for k in (1, 2, 3):
+        log = (dep.ks_dir / f"server-{k}-audit.log").read_text()
+        assert '"action":"pseudonym-release"' in log and "secret-release" not in log
+
+
+def test_no_rule_no_token_gets_nothing_from_any_endpoint(
+    dep: Deployment, store: tuple[ObjectStore, dict[ObjectRef, bytes]]
+) -> None:
+    """A valid token that matches no rule gets nothing from any endpoint, and the refusals
+    name no rule, level or key id (those stay in the server's own log)."""
+    st, objects = store
+    ref = next(iter(objects))
+    info = st.info(ref)
+    assert info is not None
+    sk = SealedKey.decode(info.sealed_key)
+    pool = HttpsPool(dep.config.keys.servers, dep.ks_dir / "ca.pem")
+    eph = b64e(public_bytes(X25519PrivateKey.generate()))
+    s = sk.shares[0]
+    calls = {
+        "/v1/public-key": {"scope": "SiteA/identified"},
+        "/v1/pseudonym": {"label": "deid:cohort", "reply_key": eph},
+        "/v1/open": {
+            "identity": b64e(ref.identity()),
+            "scope": SCOPE.label(),
+            "index": s.index,
+            "kid": s.kid,
+            "sealed": b64e(s.sealed),
+            "reply_key": eph,
+        },
+        "/v1/secret": {"reply_key": eph},
+    }
+    try:
+        for who in ("carol", "forged", "expired"):
+            for path, body in calls.items():
+                with pytest.raises(Exception) as ei:
+                    pool.post(1, path, body, dep.tokens[who], 5)
+                msg = str(ei.value)
+                assert "HTTP 40" in msg, (who, path, msg)
+                for leak in ("default-deny", "radiology", "cohort", "identified", "kid", "key id"):
+                    assert leak not in msg.split("refused (HTTP")[1], (who, path, msg)
+    finally:
+        pool.close()
+
+
+def test_scope_x_cannot_open_scope_y(dep: Deployment) -> None:
+    """A de-identified grant in pseudonym scope X opens de-identified copies of scope X only."""
+    p = dep.provider("asmith")
+    try:
+        mine = Resource(sites=frozenset({"SiteA"}), patient_id="PAT-SECRET-77")
+        scope = Scope("SiteA", "deidentified")
+        dek = os.urandom(32)
+        here = ObjectRef("1.2.826.0.1.3680043.8.498.600", "deid/cohort/0123456789ab").identity()
+        there = ObjectRef("1.2.826.0.1.3680043.8.498.600", "deid/other/0123456789ab").identity()
+        assert p.open(ANY, here, scope, p.seal(here, scope, dek, resource=mine)) == dek
+        with pytest.raises(KeyUnavailable, match="not granted"):
+            p.open(ANY, there, scope, p.seal(there, scope, dek, resource=mine))
+    finally:
+        p.close()
+
+
+def test_a_copy_of_the_cache_and_a_token_decrypt_nothing(dep: Deployment, tmp_path: Path) -> None:
+    """What a compromised worker's disk holds: the private catalog of a running process is
+    under a key that never left it, and is gone with the process; a token matching no rule
+    opens no object key and no pseudonym key."""
+    import shutil
+
+    from mdm.catalog import Catalog, Record
+
+    cat = Catalog.private(tmp_path / "cache", 600)
+    cat.merge([Record("STUDY", "1.2.3.4", "PAT-SECRET-77", {"PatientName": "DOE^JANE"})])
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "cache", copy)
+    raw = b"".join(f.read_bytes() for f in copy.rglob("*") if f.is_file())
+    assert b"DOE^JANE" not in raw and b"PAT-SECRET" not in raw
+    cat.close()
+    assert not list((tmp_path / "cache" / "catalogs").iterdir())
+    # A later process cannot read what the copy holds: its key was random and in memory.
+    p = dep.provider("carol")
+    try:
+        with pytest.raises(KeyUnavailable):
+            p.secret("pseudonym:cohort")
+        assert p.secret("catalog") not in raw
+    finally:
+        p.close()
+    # A crashed process's private catalog is removed by the next one.
+    dead = tmp_path / "cache" / "catalogs" / "c-dead"
+    dead.mkdir()
+    (dead / "owner.lock").write_bytes(b"")
+    Catalog.private(tmp_path / "cache", 600).close()
+    assert not dead.exists()
 
 
 def test_rotation_reseals_and_destroys_old_keys(

@@ -463,7 +463,10 @@ def test_warnings_tests_dir_and_version(tmp_path: Path) -> None:
     p = load_policy(tmp_path, known_sites={"NORTH", "SOUTH"})
     msgs = [str(w) for w in p.warnings]
     assert f"{tmp_path / 'a.toml'}:6: rule a expired on 2020-01-01: it is ignored" in msgs
-    assert f"{tmp_path / 'a.toml'}:4: site 'NORHT' is not a configured site" in msgs
+    assert (
+        f"{tmp_path / 'a.toml'}:4: site 'NORHT' is not a configured site (did you mean 'NORTH'?)"
+        in msgs
+    )
     v1 = p.version
     assert len(v1) == 16
     write(tmp_path, "notes.txt", "still ignored")
@@ -599,7 +602,7 @@ def test_cli_explain(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "decision: deidentified by allow grid-nant-trial" in r.output
     r = CliRunner().invoke(policy_cli, ["explain", "--policy-dir", str(EXAMPLES)])
-    assert r.exit_code == 2 and "--token FILE or --sub" in r.output
+    assert r.exit_code == 2 and "--token-file FILE or --sub" in r.output
 
 
 # ---------------------------------------------------------------------------- hot reload

@@ -29,30 +29,28 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mdm.access import Resource
 from mdm.config import KeySettings
 from mdm.errors import ConfigError, IntegrityError, KeyUnavailable
 from mdm.identity import Principal
 from mdm.keys import Scope
+from mdm.keyservice import prf
 from mdm.keyservice import shares as sss
 from mdm.keyservice.seal import open_from, public_bytes, seal_to
 from mdm.keyservice.wire import (
+    INFO_PRF,
     INFO_REPLY,
-    INFO_SECRET,
     INFO_SHARE,
-    SECRET_CONTEXT,
     SealedKey,
     SealedShare,
     b64d,
     b64e,
     dek_context,
+    prf_aad,
     reply_aad,
     resource_to_dict,
-    secret_aad,
     share_aad,
     share_plaintext,
 )
@@ -176,11 +174,11 @@ class HttpsPool:
 
 @dataclass(frozen=True)
 class PublicKeys:
-    """``public-keys.json``: each server's public scope keys and the master-secret commitments."""
+    """``public-keys.json``: each server's public scope keys and pseudonym-PRF commitments."""
 
     scopes: dict[str, dict[int, tuple[str, bytes]]]
-    secret_check: bytes | None
-    secret_commitments: dict[int, bytes]
+    prf: dict[int, bytes]
+    """Each server's commitment ``K_i`` to its pseudonym-PRF share."""
 
     @classmethod
     def load(cls, path: Path) -> PublicKeys:
@@ -193,10 +191,8 @@ class PublicKeys:
                 }
                 for label, per_server in d["scopes"].items()
             }
-            sec = d.get("secret") or {}
-            check = b64d(sec["check"]) if "check" in sec else None
-            commits = {int(i): b64d(c) for i, c in (sec.get("commitments") or {}).items()}
-            return cls(scopes, check, commits)
+            commits = {int(i): b64d(c) for i, c in (d.get("prf") or {}).items()}
+            return cls(scopes, commits)
         except OSError as e:
             raise ConfigError(path, None, f"cannot read: {e.strerror}") from None
         except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -245,7 +241,7 @@ class KeyServiceProvider:
         self._pub_sig: tuple[int, int] | None = None
         self._pub: PublicKeys | None = None
         self._fetched: dict[str, dict[int, tuple[str, bytes]]] = {}
-        self._master: bytes | None = None
+        self._secrets: dict[str, bytes] = {}
 
     @classmethod
     def from_settings(
@@ -401,59 +397,75 @@ class KeyServiceProvider:
         return key
 
     def secret(self, name: str) -> bytes:
-        """HKDF of the master secret, itself M-of-N shares released to any valid token.
+        """The secret ``name``, scoped so that nothing beyond this principal's grant leaves
+        the key servers:
 
-        Combined once and then kept in memory for the life of the process.
+        - ``catalog``: a random key of this process, never stored nor released. The catalog
+          is a cache of C-FIND answers for every study of the federation (PHI of patients
+          this principal may not see); under the key service it lives in a private index of
+          this process (:meth:`mdm.catalog.Catalog.private`), unreadable once it ends.
+        - ``pseudonym:SCOPE`` and ``pseudonym:metadata:RULE``: the threshold PRF of the
+          servers (:mod:`mdm.keyservice.prf`) on ``deid:SCOPE`` / ``metadata:RULE``, released
+          only to a principal granted that scope or rule; kept in memory once combined.
         """
         with self._lock:
-            master = self._master
-        if master is None:
-            master = self._fetch_master()
-            with self._lock:
-                self._master = master
-        return HKDF(
-            algorithm=hashes.SHA256(),
-            length=32,
-            salt=b"mdm-keyservice-v1",
-            info=b"mdm-secret\0" + name.encode(),
-        ).derive(master)
+            got = self._secrets.get(name)
+        if got is not None:
+            return got
+        if name == "catalog":
+            got = os.urandom(32)
+        elif name.startswith("pseudonym:metadata:"):
+            got = self._pseudonym_key("metadata:" + name[len("pseudonym:metadata:") :])
+        elif name.startswith("pseudonym:"):
+            got = self._pseudonym_key("deid:" + name[len("pseudonym:") :])
+        else:
+            raise KeyUnavailable(f"the key service keeps no secret named {name!r}")
+        with self._lock:
+            return self._secrets.setdefault(name, got)
 
-    def _fetch_master(self) -> bytes:
+    def _pseudonym_key(self, label: str) -> bytes:
         pub = self._public()
-        if pub is None or pub.secret_check is None:
-            raise KeyUnavailable(f"no master-secret commitments in {self.public_file}")
+        if pub is None or len(pub.prf) < self.threshold:
+            raise KeyUnavailable(
+                f"no pseudonym-key commitments in {self.public_file} (made by an older "
+                "'mdm keys init'?)"
+            )
         bearer = self._bearer()
+        data = label.encode()
 
         def ask(i: int) -> Callable[[float], bytes]:
             def call(timeout: float) -> bytes:
                 eph = X25519PrivateKey.generate()
                 a = self._http.post(
-                    i, "/v1/secret", {"reply_key": b64e(public_bytes(eph))}, bearer, timeout
+                    i,
+                    "/v1/pseudonym",
+                    {"label": label, "reply_key": b64e(public_bytes(eph))},
+                    bearer,
+                    timeout,
                 )
-                share = open_from(eph, b64d(a["share"]), secret_aad(i), INFO_SECRET)
-                if sss.commit(SECRET_CONTEXT, i, share) != pub.secret_commitments.get(i):
-                    raise ServerError(f"key server {i}: returned a wrong master-secret share")
-                return share
+                got = open_from(eph, b64d(a["partial"]), prf_aad(label, i), INFO_PRF)
+                point, proof = got[: prf.POINT_LEN], got[prf.POINT_LEN :]
+                if not prf.verify(pub.prf.get(i, b""), data, point, proof):
+                    raise ServerError(f"key server {i}: its pseudonym partial fails its proof")
+                return point
 
             return call
 
         deadline = time.monotonic() + self.timeout
-        calls = {i: ask(i) for i in range(1, self.n + 1)}
+        calls = {i: ask(i) for i in range(1, self.n + 1) if i in pub.prf}
         results, errors = self._http.gather(calls, deadline, self.threshold)
         if len(results) < self.threshold:
             raise KeyUnavailable(
-                f"master secret not released: {len(results)} of {self.n} key servers "
+                f"pseudonym key {label} not released: {len(results)} of {self.n} key servers "
                 f"answered, {self.threshold} needed ({'; '.join(errors.values())})"
             )
-        master = sss.combine(sorted(results.items()), self.threshold)
-        if sss.commit(SECRET_CONTEXT, 0, master) != pub.secret_check:
-            raise KeyUnavailable("the master-secret shares do not combine to the right secret")
-        return master
+        chosen = dict(sorted(results.items())[: self.threshold])
+        return prf.derive(data, prf.combine(chosen))
 
     def close(self) -> None:
-        """Forget the master secret and stop the request threads."""
+        """Forget the secrets and stop the request threads."""
         with self._lock:
-            self._master = None
+            self._secrets.clear()
         self._http.close()
 
 

@@ -16,11 +16,15 @@ Endpoints (JSON bodies, JSON answers, ``{"error": "..."}`` on failure):
 ``POST /v1/public-key``  (token)       ``{"scope"}`` -> ``{"index", "kid", "public"}``
 ``POST /v1/open``        (token)       ``{"identity", "scope", "index", "kid", "sealed",
                                        "reply_key"}`` -> ``{"index", "share"}``
-``POST /v1/secret``      (token)       ``{"reply_key"}`` -> ``{"index", "share"}``
+``POST /v1/pseudonym``   (token)       ``{"label", "reply_key"}`` -> ``{"index", "partial"}``
 ``POST /v1/admin/rotate/begin``        ``{"scope"}`` -> ``{"old", "kid", "public"}``
 ``POST /v1/admin/rotate/reseal``       ``{"identity", "scope", "index", "kid", "sealed"}``
                                        -> ``{"kid", "sealed"}``
 ``POST /v1/admin/rotate/finish``       ``{"scope"}`` -> ``{"kid", "public"}``
+``POST /v1/anchor``      (token)       ``{"log", "chain", "seq", "head"}`` -> ``{"index",
+                                       "anchor"}`` (mdm.keyservice.anchor)
+``POST /v1/anchor/list`` (token)       ``{"log", "after"}`` -> ``{"index", "public",
+                                       "anchors", "next"}``
 =====================================  ===========================================
 """
 
@@ -43,24 +47,29 @@ from mdm.audit import AuditLog
 from mdm.config import IdentitySettings, PolicySettings, _Section
 from mdm.errors import ConfigError, IntegrityError, UserError
 from mdm.identity import InvalidToken, Principal, TokenVerifier
+from mdm.keyservice import prf
+from mdm.keyservice.anchor import AnchorBook, AnchorConflict, AnchorRequestError, book_path
 from mdm.keyservice.seal import open_from, public_bytes, seal_to
 from mdm.keyservice.store import KeyStore
 from mdm.keyservice.wire import (
+    INFO_PRF,
     INFO_REPLY,
-    INFO_SECRET,
     INFO_SHARE,
+    PSEUDONYM_LABEL,
     b64d,
     b64e,
     parse_identity,
     parse_scope,
     parse_share_plaintext,
+    prf_aad,
     reply_aad,
     resource_from_dict,
-    secret_aad,
     share_aad,
     share_plaintext,
 )
 from mdm.policy import PolicyResolver
+from mdm.policy.model import Rule
+from mdm.views import deid_options
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +191,9 @@ class KeyServiceApp:
         self.verifier = TokenVerifier(settings.identity)
         self.resolver = PolicyResolver(settings.policy.dir, reload_interval=1.0, settle=0.25)
         self.audit = AuditLog(settings.audit_log)
+        self.anchors = AnchorBook(
+            book_path(settings.keystore, self.index), self.index, self.keys.anchor_key
+        )
 
     # -- ASGI -------------------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
@@ -238,10 +250,12 @@ class KeyServiceApp:
         routes: dict[str, Callable[[str, dict[str, Any]], dict[str, Any]]] = {
             "/v1/public-key": self._public_key,
             "/v1/open": self._open,
-            "/v1/secret": self._secret,
+            "/v1/pseudonym": self._pseudonym,
             "/v1/admin/rotate/begin": self._rotate_begin,
             "/v1/admin/rotate/reseal": self._rotate_reseal,
             "/v1/admin/rotate/finish": self._rotate_finish,
+            "/v1/anchor": self._anchor,
+            "/v1/anchor/list": self._anchor_list,
         }
         try:
             if path == "/v1/health" and method == "GET":
@@ -269,8 +283,19 @@ class KeyServiceApp:
         try:
             return self.verifier.verify(bearer)
         except InvalidToken as e:
+            # The reason (expired, unknown key id, ...) stays here: an unauthenticated
+            # caller learns nothing about the configured keys or issuers.
             self._audit(_UNVERIFIED, action, "deny", resource, reason=str(e), token=e.code)
-            raise Refused(401, f"key server {self.index}: token refused: {e}") from None
+            log.info("key server %d: %s refused: %s", self.index, action, e)
+            raise Refused(401, f"key server {self.index}: token refused") from None
+
+    def _not_granted(self, principal: Principal, action: str, why: str) -> Refused:
+        """A 403 that names neither rule nor level (they are in this server's log and audit)."""
+        log.info("key server %d: %s refused to %s: %s", self.index, action, principal.label(), why)
+        return Refused(403, f"key server {self.index}: not granted")
+
+    def _grants(self, principal: Principal) -> tuple[Rule, ...]:
+        return self.resolver.grants(principal)
 
     def _audit(
         self,
@@ -347,7 +372,11 @@ class KeyServiceApp:
             scope = parse_scope(label)
         except ValueError as e:
             raise Refused(400, f"bad scope: {e}") from None
-        self._principal(bearer, "key-public", {"site": scope.site, "level": scope.level})
+        ares = {"site": scope.site, "level": scope.level}
+        principal = self._principal(bearer, "key-public", ares)
+        if not self._grants(principal):
+            self._audit(principal, "key-public", "deny", ares, "", self.resolver.version())
+            raise self._not_granted(principal, "key-public", "no rule names this principal")
         got = self.keys.public(scope.label(), create=True)
         assert got is not None
         return {"index": self.index, "kid": got[0], "public": b64e(got[1])}
@@ -377,30 +406,60 @@ class KeyServiceApp:
         need = _needed_level(parse_scope(label).level, view)
         decision = self.resolver.decide(principal, resource)
         version = getattr(decision, "version", "") or self.resolver.version()
+        why = ""
         if decision.level < need:
+            why = f"{decision.level.label} access by rule {decision.rule}, {need.label} needed"
+        elif decision.level < AccessLevel.IDENTIFIED and view.startswith("deid/"):
+            # A de-identified copy is released only within the pseudonym scope the decision
+            # grants: a grant in scope X must not open (and so link) objects of scope Y.
+            granted = deid_options(decision.rule, self.resolver.deid_of(decision.rule))[1]
+            if view.split("/")[1] != granted:
+                why = f"rule {decision.rule} grants pseudonym scope {granted}, not this object's"
+        if why:
             self._audit(
                 principal, "key-release", "deny", ares, decision.rule, version, need=need.label
             )
-            raise Refused(
-                403,
-                f"key server {self.index}: policy grants {principal.label()} "
-                f"{decision.level.label} access, {need.label} needed (rule {decision.rule})",
-            )
+            raise self._not_granted(principal, "key-release", why)
         reply = seal_to(reply_key, share, reply_aad(identity, label, index), INFO_REPLY)
         self._audit(principal, "key-release", "allow", ares, decision.rule, version)
         return {"index": self.index, "share": b64e(reply)}
 
-    def _secret(self, bearer: str, req: dict[str, Any]) -> dict[str, Any]:
+    def _pseudonym(self, bearer: str, req: dict[str, Any]) -> dict[str, Any]:
+        """This server's partial of a pseudonym key (mdm.keyservice.prf), only for a principal
+        entitled to that label: ``deid:SCOPE`` to one granted a de-identified view in SCOPE
+        (or identified access, which re-identification needs); ``metadata:RULE`` to one that
+        rule grants metadata access."""
+        label = _field(req, "label")
+        if not isinstance(label, str) or not PSEUDONYM_LABEL.match(label):
+            raise Refused(400, "'label' must be deid:SCOPE or metadata:RULE")
         try:
             reply_key = b64d(_field(req, "reply_key"))
             if len(reply_key) != 32:
                 raise ValueError("length")
         except ValueError:
             raise Refused(400, "'reply_key' must be a base64 X25519 public key") from None
-        principal = self._principal(bearer, "secret-release", {"kind": "master-secret"})
-        reply = seal_to(reply_key, self.keys.secret_share, secret_aad(self.index), INFO_SECRET)
-        self._audit(principal, "secret-release", "allow", {"kind": "master-secret"})
-        return {"index": self.index, "share": b64e(reply)}
+        kind, _, name = label.partition(":")
+        ares = {"kind": "pseudonym-key", "level": kind}
+        principal = self._principal(bearer, "pseudonym-release", ares)
+        ok = False
+        for r in self._grants(principal):
+            if kind == "metadata":
+                ok = r.id == name and r.access == AccessLevel.METADATA
+            elif r.access >= AccessLevel.IDENTIFIED:
+                ok = True
+            elif r.access == AccessLevel.DEIDENTIFIED:
+                ok = deid_options(r.id, r.deid)[1] == name
+            if ok:
+                rule = r.id
+                break
+        version = self.resolver.version()
+        if not ok:
+            self._audit(principal, "pseudonym-release", "deny", ares, "", version)
+            raise self._not_granted(principal, "pseudonym-release", f"no grant of {label}")
+        partial, proof = prf.partial(self.keys.prf_share, label.encode())
+        reply = seal_to(reply_key, partial + proof, prf_aad(label, self.index), INFO_PRF)
+        self._audit(principal, "pseudonym-release", "allow", ares, rule, version)
+        return {"index": self.index, "partial": b64e(reply)}
 
     def _scope_label(self, req: dict[str, Any]) -> str:
         try:
@@ -448,9 +507,54 @@ class KeyServiceApp:
         self._audit(_ADMIN, "rotate-finish", "allow", {"site": site, "level": level}, kid=kid)
         return {"index": self.index, "kid": kid, "public": b64e(public)}
 
+    def _anchor(self, bearer: str, req: dict[str, Any]) -> dict[str, Any]:
+        res = {"kind": "audit-anchor"}
+        principal = self._principal(bearer, "audit-anchor", res)
+        args = (req.get("log"), req.get("chain"), req.get("seq"), req.get("head"))
+        try:
+            anchor, new = self.anchors.checkpoint(*args)  # type: ignore[arg-type]
+        except AnchorRequestError as e:
+            raise Refused(400, str(e)) from None
+        except AnchorConflict as e:
+            self._audit(principal, "audit-anchor", "deny", res, log_id=args[0], reason=str(e))
+            raise Refused(409, f"key server {self.index}: {e}") from None
+        if new:
+            self._audit(
+                principal,
+                "audit-anchor",
+                "allow",
+                res,
+                log_id=anchor.log,
+                chain=anchor.chain,
+                anchor_seq=anchor.seq,
+                head=anchor.head,
+            )
+        return {"index": self.index, "anchor": anchor.to_dict()}
+
+    def _anchor_list(self, bearer: str, req: dict[str, Any]) -> dict[str, Any]:
+        # Checkpoints are accepted from any valid token (a revoked principal's denials must
+        # still be anchored; the answer is a signature over the caller's own checkpoint), but
+        # the anchors of a log, like everything a server gives out, need a rule naming the caller.
+        res = {"kind": "audit-anchor"}
+        principal = self._principal(bearer, "audit-anchor-list", res)
+        if not self._grants(principal):
+            self._audit(principal, "audit-anchor-list", "deny", res, "", self.resolver.version())
+            raise self._not_granted(principal, "audit-anchor-list", "no rule names this principal")
+        try:
+            page, nxt = self.anchors.list(req.get("log"), req.get("after", 0))  # type: ignore[arg-type]
+        except AnchorRequestError as e:
+            raise Refused(400, str(e)) from None
+        return {
+            "index": self.index,
+            "public": b64e(self.keys.anchor_public()),
+            "anchors": [a.to_dict() for a in page],
+            "next": nxt,
+        }
+
     def close(self) -> None:
-        """Close the audit log."""
+        """Close the audit log and the anchor book."""
         self.audit.close()
+        self.anchors.close()
 
 
 def serve(settings: ServerSettings) -> None:

@@ -7,8 +7,9 @@ Writes into DIR::
     server-K.keys.json (0600)            server K's key store (scope keys, secret share)
     server-K.toml                        server K's config: listen, TLS, key store, audit log,
                                          and the [identity] and [policy] of mdm.toml
-    public-keys.json                     every server's public scope keys and the
-                                         master-secret commitments (read by mounts)
+    public-keys.json                     every server's public scope keys, the
+                                         pseudonym-PRF commitments (read by mounts) and
+                                         the public keys of the servers' audit anchors
     admin.key (0600)                     the admin credential for ``mdm keys rotate``
 """
 
@@ -30,10 +31,11 @@ from cryptography.x509.oid import NameOID
 from mdm.config import Config
 from mdm.errors import ConfigError, UserError
 from mdm.keys import LEVELS, Scope
+from mdm.keyservice import prf
 from mdm.keyservice import shares as sss
 from mdm.keyservice.client import PUBLIC_FILE, write_public_keys
 from mdm.keyservice.store import KeyStore, admin_hash
-from mdm.keyservice.wire import SECRET_CONTEXT, b64e
+from mdm.keyservice.wire import b64e
 
 ADMIN_FILE = "admin.key"
 
@@ -127,10 +129,11 @@ def init_deployment(
     _write(d / "ca.pem", ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
     admin = secrets.token_urlsafe(32)
     _write(d / ADMIN_FILE, admin.encode() + b"\n", 0o600)
-    master = os.urandom(sss.SECRET_LEN)
-    master_shares = dict(sss.split(master, threshold, shares))
+    # The pseudonym PRF key: split at once and never stored whole (mdm.keyservice.prf).
+    prf_shares = prf.split(prf.random_scalar(), threshold, shares)
     labels = [Scope(s.name, lv).label() for s in config.sites for lv in LEVELS]
     public_scopes: dict[str, dict[str, dict[str, str]]] = {label: {} for label in labels}
+    anchor_public: dict[str, str] = {}
     configs: list[Path] = []
     urls: list[str] = []
     ident, pol = config.identity, config.policy
@@ -154,8 +157,9 @@ def init_deployment(
         _write(d / f"server-{k}.key", _key_pem(key), 0o600)
         _write(d / f"server-{k}.crt", cert.public_bytes(serialization.Encoding.PEM), 0o644)
         store = KeyStore.create(
-            d / f"server-{k}.keys.json", k, admin_hash(admin), master_shares[k], labels
+            d / f"server-{k}.keys.json", k, admin_hash(admin), prf_shares[k], labels
         )
+        anchor_public[str(k)] = b64e(store.anchor_public())
         for label in labels:
             got = store.public(label)
             assert got is not None
@@ -186,12 +190,8 @@ def init_deployment(
         "threshold": threshold,
         "servers": urls,
         "scopes": public_scopes,
-        "secret": {
-            "check": b64e(sss.commit(SECRET_CONTEXT, 0, master)),
-            "commitments": {
-                str(i): b64e(sss.commit(SECRET_CONTEXT, i, s)) for i, s in master_shares.items()
-            },
-        },
+        "prf": {str(i): b64e(prf.commitment(s)) for i, s in prf_shares.items()},
+        "anchor": anchor_public,
     }
     write_public_keys(d / PUBLIC_FILE, doc)
     return InitResult(d / "ca.pem", d / PUBLIC_FILE, d / ADMIN_FILE, tuple(configs), tuple(urls))

@@ -1,9 +1,10 @@
-"""A key server's key store: its X25519 scope keys, its master-secret share, the admin hash.
+"""A key server's key store: its X25519 scope keys, its pseudonym-PRF share, the admin hash.
 
 One JSON file, mode 0600, refused if group/other may access it or another user owns it::
 
     {"version": 1, "index": K, "admin": "<sha256 hex of the admin credential>",
-     "secret_share": b64,
+     "prf_share": b64 (32-byte little-endian scalar: this server's share of the PRF key),
+     "anchor_key": b64 raw Ed25519 private key (signs audit anchors),
      "scopes": {"SiteA/identified": {"current": kid, "pending": kid | null,
                                       "keys": {kid: b64 raw X25519 private key}}}}
 
@@ -26,6 +27,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from mdm.errors import ConfigError
@@ -65,24 +68,27 @@ class KeyStore:
         path: Path,
         index: int,
         admin: str,
-        secret_share: bytes,
+        prf_share: int,
         scopes: dict[str, ScopeKeys],
+        anchor_key: Ed25519PrivateKey | None = None,
     ) -> None:
         self.path = path
         self.index = index
         self._admin = admin
-        self.secret_share = secret_share
+        self.prf_share = prf_share
         self._scopes = scopes
         self._lock = threading.Lock()
+        self.anchor_key = anchor_key or Ed25519PrivateKey.generate()
+        """Signs audit anchors (mdm.keyservice.anchor); its public half is in public-keys.json."""
 
     @classmethod
     def create(
-        cls, path: Path, index: int, admin: str, secret_share: bytes, scopes: list[str]
+        cls, path: Path, index: int, admin: str, prf_share: int, scopes: list[str]
     ) -> KeyStore:
         """A new key store with a key for each scope label; refuses to overwrite a file."""
         if path.exists():
             raise ConfigError(path, None, "key store already exists; refusing to overwrite it")
-        ks = cls(path, index, admin, secret_share, {})
+        ks = cls(path, index, admin, prf_share, {})
         for label in scopes:
             parse_scope(label)
             kid, k = _new_key()
@@ -115,19 +121,45 @@ class KeyStore:
                 if sk.current not in keys or (sk.pending is not None and sk.pending not in keys):
                     raise ValueError("scope names a key it does not hold")
                 scopes[label] = sk
-            share = b64d(d["secret_share"])
-            return cls(path, int(d["index"]), str(d["admin"]), share, scopes)
+            if "prf_share" not in d:
+                raise ConfigError(
+                    path,
+                    "prf_share",
+                    "this key store predates scoped pseudonym keys (it held a master-secret "
+                    "share released to any token); make new key servers with 'mdm keys init'",
+                )
+            share = int.from_bytes(b64d(d["prf_share"]), "little")
+            anchor = d.get("anchor_key")
+            anchor_key = Ed25519PrivateKey.from_private_bytes(b64d(anchor)) if anchor else None
+            ks = cls(path, int(d["index"]), str(d["admin"]), share, scopes, anchor_key)
         except ConfigError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(path, None, f"malformed key store ({type(e).__name__})") from None
+        if anchor_key is None:  # a key store made before audit anchors: give it its key
+            ks._save()
+            log.info("key store %s: made its audit anchor key", path)
+        return ks
+
+    def anchor_public(self) -> bytes:
+        """The raw public key of the audit anchor key."""
+        return self.anchor_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
 
     def _save(self) -> None:
         doc = {
             "version": _VERSION,
             "index": self.index,
             "admin": self._admin,
-            "secret_share": b64e(self.secret_share),
+            "prf_share": b64e(self.prf_share.to_bytes(32, "little")),
+            "anchor_key": b64e(
+                self.anchor_key.private_bytes(
+                    serialization.Encoding.Raw,
+                    serialization.PrivateFormat.Raw,
+                    serialization.NoEncryption(),
+                )
+            ),
             "scopes": {
                 label: {
                     "current": s.current,

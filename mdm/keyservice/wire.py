@@ -18,6 +18,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ from mdm.keys import Scope
 SEALED_VERSION = b"\x02"
 INFO_SHARE = b"mdm-ks-share-v1"
 INFO_REPLY = b"mdm-ks-reply-v1"
-INFO_SECRET = b"mdm-ks-secret-v1"
+INFO_PRF = b"mdm-ks-prf-v1"
 _OBJ_PREFIX = b"mdm-object-v1\0"
 
 
@@ -70,17 +71,18 @@ def reply_aad(identity: bytes, scope: str, index: int) -> bytes:
     return b"mdm-ks-reply-aad-v1\0" + lp(identity, scope.encode(), str(index).encode())
 
 
-def secret_aad(index: int) -> bytes:
-    """AAD of a master-secret share a server returns to the client's ephemeral key."""
-    return b"mdm-ks-secret-aad-v1\0" + lp(str(index).encode())
+def prf_aad(label: str, index: int) -> bytes:
+    """AAD of a pseudonym-PRF partial a server returns to the client's ephemeral key."""
+    return b"mdm-ks-prf-aad-v1\0" + lp(label.encode(), str(index).encode())
+
+
+PSEUDONYM_LABEL = re.compile(r"^(deid|metadata):[^\x00-\x1f\x7f]{1,256}$")
+"""``deid:SCOPE`` (a de-identified view's pseudonym scope) or ``metadata:RULE``."""
 
 
 def dek_context(identity: bytes, scope: str) -> bytes:
     """The commitment context of an object's key and shares."""
     return lp(b"object", identity, scope.encode())
-
-
-SECRET_CONTEXT = lp(b"master-secret")
 
 
 def parse_scope(label: object) -> Scope:

@@ -255,6 +255,12 @@ class Policy:
             object.__setattr__(self, "_cache", cache)
         return denies, allows
 
+    def grants(self, principal: Principal, now: datetime | date | None = None) -> tuple[Rule, ...]:
+        """The unexpired allow rules whose principal conditions ``principal`` meets (whatever
+        the resource): what the principal may be granted somewhere."""
+        t = normalize_now(now)
+        return tuple(r for r in self._for_principal(principal)[1] if not r.expired(t))
+
     def decide(
         self, principal: Principal, resource: Resource, now: datetime | date | None = None
     ) -> PolicyDecision:

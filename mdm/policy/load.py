@@ -27,7 +27,7 @@ from typing import Any
 
 from mdm.access import AccessLevel
 from mdm.policy.evaluate import RESERVED_CLAIMS, Policy, normalize_now
-from mdm.policy.model import Effect, PolicyError, Problem, Rule
+from mdm.policy.model import Advice, Effect, PolicyError, Problem, Rule
 
 TESTS_SUBDIR = "tests"
 RULE_KINDS: tuple[Effect, ...] = ("allow", "deny")
@@ -167,6 +167,9 @@ class Checker:
 
     def warn(self, path: tuple[str, ...], message: str) -> None:
         self.warnings.append(Problem(self.file, self.line(*path), message))
+
+    def advise(self, path: tuple[str, ...], message: str) -> None:
+        self.warnings.append(Advice(self.file, self.line(*path), message))
 
     def unknown_keys(
         self, table: dict[str, Any], allowed: Collection[str], prefix: tuple[str, ...], what: str
@@ -344,6 +347,54 @@ def _resources(ck: Checker, value: Any, kw: dict[str, Any]) -> None:
                 kw["study_dates"] = (lo, hi)
 
 
+MODALITIES = frozenset(
+    "AR ASMT AU BDUS BI BMD CFM CR CT CTPROTOCOL DMS DG DOC DX ECG EEG EMG EOG EPS ES FID GM "
+    "HC HD IO IOL IVOCT IVUS KER KO LEN LS MG MR M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV "
+    "OSS OT PA PLAN POS PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD "
+    "RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA XAPROTOCOL XC".split()
+)
+"""Modality defined terms (DICOM PS3.3 C.7.3.1.1.1)."""
+_FAIL_OPEN = {
+    "trial": "ClinicalTrialProtocolID",
+    "modalities": "Modality / ModalitiesInStudy",
+    "study_dates": "StudyDate",
+}
+
+
+def _lint(ck: Checker, kind: Effect, tab: Any, kw: dict[str, Any], access: AccessLevel) -> None:
+    """Warnings about rules that are valid but likely not what their author meant."""
+    res = tab.get("resources") if isinstance(tab, dict) else None
+    res = res if isinstance(res, dict) else {}
+    for m in sorted(kw.get("modalities") or ()):
+        if m not in MODALITIES:
+            hint = difflib.get_close_matches(m, sorted(MODALITIES), n=1)
+            did = f" (did you mean {hint[0]!r}?)" if hint else ""
+            ck.advise(("resources", "modalities"), f"modality {m!r} is not a DICOM modality{did}")
+    if kind == "deny":
+        for key, attr in _FAIL_OPEN.items():
+            if key in res:
+                ck.advise(
+                    ("resources", key),
+                    f"a deny on {key} does not apply to objects without {attr}: it fails open "
+                    "where the PACS leaves that attribute empty (deny on sites or patient_ids, "
+                    "or allow narrowly instead)",
+                )
+    if kind == "allow" and access == AccessLevel.IDENTIFIED:
+        if not res:
+            ck.advise((), "identified access with no resources: every patient of every site")
+        if not kw.get("issuers"):
+            ck.advise(
+                ("principals",),
+                "identified access without issuers: any trusted issuer's token with these "
+                "names or groups is granted it",
+            )
+    text = tab.get("access") if isinstance(tab, dict) else None
+    if isinstance(text, str) and text != text.strip().lower():
+        ck.advise(
+            ("access",), f"access {text!r}: write it in lower case ({text.strip().lower()!r})"
+        )
+
+
 def compile_rule(
     ck: Checker,
     kind: Effect,
@@ -402,7 +453,10 @@ def compile_rule(
             ck.warn(("expires",), f"rule {rule_id} expired on {kw['expires_text']}: it is ignored")
     if known_sites is not None and kw.get("sites"):
         for s in sorted(kw["sites"] - set(known_sites)):
-            ck.warn(("resources", "sites"), f"site {s!r} is not a configured site")
+            hint = difflib.get_close_matches(s, list(known_sites), n=1)
+            did = f" (did you mean {hint[0]!r}?)" if hint else ""
+            ck.warn(("resources", "sites"), f"site {s!r} is not a configured site{did}")
+    _lint(ck, kind, tab, kw, access)
     if len(ck.errors) > n_errors or rule_id is None:
         return None
     return Rule(id=rule_id, effect=kind, access=access, file=ck.file, line=ck.block.line, **kw)
@@ -435,9 +489,24 @@ def read_toml(
             line, col = max(1, len(text.rstrip().splitlines())), 0
             msg = msg.replace("(at end of document)", "at end of file").strip()
         where = f" (column {col})" if col else ""
+        if "Invalid date" in msg and 0 < line <= len(text.splitlines()):
+            bad = _date_problem(text.splitlines()[line - 1])
+            if bad:
+                errors.append(Problem(label, line, bad))
+                return None
         errors.append(Problem(label, line, f"TOML syntax error: {msg}{where}"))
         return None
     return doc, SourceMap(text)
+
+
+def _date_problem(line: str) -> str | None:
+    """What is wrong with a date on a line the TOML parser refused (e.g. 2024-02-30)."""
+    for m in re.finditer(r"\d{4}-\d{2}-\d{2}", line):
+        try:
+            date.fromisoformat(m.group(0))
+        except ValueError as e:
+            return f"{m.group(0)} is not a calendar date ({e}); write YYYY-MM-DD"
+    return None
 
 
 def policy_files(directory: Path) -> list[Path]:

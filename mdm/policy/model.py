@@ -33,6 +33,12 @@ class Problem:
         return f"{where}: {self.message}"
 
 
+@dataclass(frozen=True)
+class Advice(Problem):
+    """A warning of the lint (``policy check``): the rule is valid but likely not meant.
+    Running mounts log it at INFO only; ``policy check`` prints it."""
+
+
 class PolicyError(UserError):
     """A policy directory (or its test cases) failed validation; lists every problem found."""
 
@@ -40,7 +46,8 @@ class PolicyError(UserError):
 
     def __init__(self, where: object, problems: Sequence[Problem]) -> None:
         self.where = str(where)
-        self.problems = tuple(problems)
+        # By file and line, each once: a reviewer reads them top to bottom.
+        self.problems = tuple(sorted(set(problems), key=lambda p: (p.file, p.line, p.message)))
         n = len(self.problems)
         head = f"{self.where}: {n} policy error{'s' if n != 1 else ''}"
         super().__init__("\n  ".join([head, *(str(p) for p in self.problems)]))

@@ -21,14 +21,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Any
 
 from mdm.access import Resource
 from mdm.identity import Principal
 from mdm.policy.evaluate import Policy, PolicyDecision
 from mdm.policy.load import load_policy, snapshot
-from mdm.policy.model import PolicyError
+from mdm.policy.model import Advice, PolicyError, Rule
 
 log = logging.getLogger("mdm.policy")
 
@@ -83,6 +84,17 @@ class PolicyResolver:
     def version(self) -> str:
         """The version (hash) of the policy in force."""
         return self._policy.version
+
+    def deid_of(self, rule_id: str) -> Mapping[str, Any] | None:
+        """The ``[allow.deid]`` table of a rule of the policy in force."""
+        rule = self._policy.rule(rule_id)
+        return rule.deid if rule is not None else None
+
+    def grants(self, principal: Principal) -> tuple[Rule, ...]:
+        """The unexpired allow rules whose principal conditions ``principal`` meets."""
+        if time.monotonic() >= self._next_check:
+            self.refresh()
+        return self._policy.grants(principal)
 
     def refresh(self) -> bool:
         """Check the directory now and reload it if it changed; True if a new policy is in force.
@@ -140,4 +152,6 @@ class PolicyResolver:
     @staticmethod
     def _log_warnings(policy: Policy) -> None:
         for w in policy.warnings:
-            log.warning("policy warning: %s", w)
+            # The lint's advice is for `mdm policy check`; here it would be noise on every start.
+            level = logging.INFO if isinstance(w, Advice) else logging.WARNING
+            log.log(level, "policy warning: %s", w)
