@@ -304,6 +304,8 @@ class Hostile:
         try:
             for uid in self._uids(event):
                 if assoc is None or not alive(assoc):
+                    if assoc is not None:  # let its reactor see that it is over
+                        assoc._reactor_checkpoint.set()
                     assoc = self.store_ae.associate(
                         "127.0.0.1", self.bridge_port, ae_title=self.bridge_aet
                     )
