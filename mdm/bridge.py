@@ -14,6 +14,7 @@ may not see does not exist (NotFound); what it may see but not read is AccessDen
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -29,6 +30,7 @@ import trio
 from pydicom.dataset import Dataset
 
 from mdm.access import AccessLevel, Decision, Resource, resource_of
+from mdm.audit import AuditError
 from mdm.catalog import ROOT, Catalog, Level, Record
 from mdm.config import Config, SiteSettings
 from mdm.db import open_env
@@ -253,7 +255,10 @@ class Bridge:
         principal: Principal | None = None,
         **extra: Any,
     ) -> None:
-        """One audit record (no-op without [audit]); UIDs only, never PHI."""
+        """One audit record (no-op without [audit]); UIDs only, never PHI.
+
+        Fails closed: a record that cannot be written raises AuditError (EIO) after one log
+        line, unless ``[audit] fail_open = true`` (then the log line only)."""
         if self.audit is None:
             return
         if principal is None:
@@ -272,8 +277,11 @@ class Bridge:
                 **extra,
             )
         except (OSError, MdmError) as e:
-            # Fail closed would stop every reader; the log line makes the gap visible.
-            log.error("audit record could not be written: %s", e)
+            if self.config.audit is not None and self.config.audit.fail_open:
+                log.error("audit record could not be written (audit.fail_open: going on): %s", e)
+                return
+            log.error("audit record could not be written; %s refused: %s", action, e)
+            raise AuditError(f"audit record could not be written: {e}") from None
 
     def decide(
         self, study: Record, series: Record | None = None, principal: Principal | None = None
@@ -796,7 +804,8 @@ class Bridge:
             # Audited too, with what the path names that is not PHI (a UID, never a name).
             stem = path[-1].removesuffix(".dcm") if path else ""
             res = {"sop_uid": stem} if path and path[-1].endswith(".dcm") and is_uid(stem) else {}
-            self.record("open", "deny", res, reason=type(e).__name__)
+            with contextlib.suppress(AuditError):  # denied either way (and logged)
+                self.record("open", "deny", res, reason=type(e).__name__)
             raise
         if node.kind == "metadata":
             data = self.metadata(node)
@@ -806,7 +815,8 @@ class Bridge:
         assert node.decision and node.instance and node.series and node.study and node.view
         v = node.view
         if v.kind == "metadata":
-            self._audit_open(node, "deny")
+            with contextlib.suppress(AuditError):  # denied either way (and logged)
+                self._audit_open(node, "deny")
             raise AccessDenied(f"{self.principal.label()} may see but not read {node.instance.uid}")
         self._audit_open(node, "allow", view=v.kind)
         principal = self.principal
@@ -821,12 +831,16 @@ class Bridge:
             )
             reader = await self._open_cached(info.ref, principal)
         scope = reader.info.scope
-        self.record(
-            "key-unwrap",
-            "allow",
-            {"sop_uid": node.instance.uid, "site": scope.site, "level": scope.level},
-            principal=principal,
-        )
+        try:
+            self.record(
+                "key-unwrap",
+                "allow",
+                {"sop_uid": node.instance.uid, "site": scope.site, "level": scope.level},
+                principal=principal,
+            )
+        except AuditError:
+            reader.close()
+            raise
         study, series = node.study, node.series
         last = [time.monotonic()]
 
@@ -936,13 +950,29 @@ class Bridge:
         try:
             await self._ensure_instances(study, series)
             # The object being read first: its first byte matters more than the series'.
+            store_view = view.store_view if view else "identified"
             with trio.move_on_after(5):
-                await self.fetcher.wait(first, view.store_view if view else "identified")
+                await self.fetcher.wait(first, store_view)
             rest = [
                 self._target(study, series, i, prefer, view)
                 for i in self.catalog.children("IMAGE", series.uid)
                 if i.uid != first and i.sites
             ]
+            # A series the cache cannot hold comfortably is not prefetched: its objects would
+            # evict each other (LRU) before the reader gets to them, and be fetched again.
+            # Within half the cap, what a prefetch evicts is older than the series.
+            one = self.store.info(ObjectRef(first, store_view))
+            need = (one.stored_bytes if one is not None else 0) * len(rest)
+            if one is not None and need > self.store.max_bytes // 2:
+                log.info(
+                    "prefetch of series %s skipped: about %d bytes for %d object(s), "
+                    "cache.max_bytes is %d",
+                    series.uid,
+                    need,
+                    len(rest),
+                    self.store.max_bytes,
+                )
+                return
             self.fetcher.prefetch(rest)
         except MdmError as e:
             log.info("prefetch of series %s not started: %s", series.uid, e)
@@ -1004,10 +1034,11 @@ class Bridge:
     async def _series_targets(self, study: Record, series: Record) -> list[Target]:
         await self._ensure_instances(study, series)
         v = self._readable_view(study, series)
+        members = [i for i in self.catalog.children("IMAGE", series.uid) if i.sites]
+        # The whole series as listed: a single SERIES-level request can fetch it.
         return [
-            self._target(study, series, i, None, v)
-            for i in self.catalog.children("IMAGE", series.uid)
-            if i.sites
+            dataclasses.replace(self._target(study, series, i, None, v), series_size=len(members))
+            for i in members
         ]
 
 

@@ -145,6 +145,9 @@ class AuditSettings:
     copied as it is written (RFC 5424), off the writing host (docs/AUDIT.md)."""
     anchor_interval: float = 5.0
     """With ``[keys] servers``: seconds between checkpoints sent to the key servers."""
+    fail_open: bool = False
+    """Go on when a record cannot be written (logged). Default: fail closed, the operation
+    whose record cannot be written fails (an open gets EIO)."""
 
 
 @dataclass(frozen=True)
@@ -344,6 +347,14 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
     )
     if not 4096 <= cache.chunk_size <= 16 * 2**20:
         raise ConfigError(p, "cache.chunk_size", "must be between 4KiB and 16MiB")
+    # The cache directory is created when missing; one that exists as something else (or
+    # under a file) is a configuration error, said in one line.
+    for d in (cache.dir, *cache.dir.parents):
+        if d.exists() or d.is_symlink():
+            if not d.is_dir():
+                what = "is not a directory" if d == cache.dir else f"is under {d}, a file"
+                raise ConfigError(p, "cache.dir", f"{cache.dir} {what}")
+            break
 
     sites_raw = data.get("site", [])
     if not isinstance(sites_raw, list) or not all(isinstance(s, dict) for s in sites_raw):
@@ -435,14 +446,19 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
     audit = None
     atab = top.table_("audit")
     if atab is not None:
-        a = _Section(p, "audit", atab, {"log", "syslog", "anchor_interval"})
+        a = _Section(p, "audit", atab, {"log", "syslog", "anchor_interval", "fail_open"})
         syslog = a.get_str("syslog", "") or None
         if syslog is not None and not _SYSLOG.match(syslog):
             raise a._err("syslog", "expected udp://HOST:PORT, tcp://HOST:PORT or unix:/PATH")
         interval = a.duration("anchor_interval", 5.0)
         if not 0.1 <= interval <= 3600:
             raise a._err("anchor_interval", "expected between 0.1s and 1h")
-        audit = AuditSettings(log=a.path_("log"), syslog=syslog, anchor_interval=interval)
+        audit = AuditSettings(
+            log=a.path_("log"),
+            syslog=syslog,
+            anchor_interval=interval,
+            fail_open=a.get_bool("fail_open", False),
+        )
 
     return Config(
         path=p,

@@ -8,6 +8,7 @@ in the storage SCP's threads are encrypted and stored there, then reported back 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import queue
@@ -23,7 +24,7 @@ from mdm.access import Resource
 from mdm.config import Config, SiteSettings
 from mdm.deid import DeidOptions, deidentify
 from mdm.dicom.receiver import ReceivedObject, StoredNotice
-from mdm.dicom.retrieve import Retriever
+from mdm.dicom.retrieve import IncompleteRetrieve, Retriever, move_may_help
 from mdm.errors import MdmError, RetrieveError, RetrieveTimeout
 from mdm.keys import Scope
 from mdm.store import ObjectInfo, ObjectRef, ObjectStore
@@ -48,6 +49,8 @@ class Target:
     """De-identification secret and options, for a de-identified view."""
     resource: Resource | None = field(default=None, compare=False, repr=False)
     """The policy attributes of the object (a key service seals them with its key)."""
+    series_size: int = field(default=0, compare=False)
+    """How many instances the catalog lists in the series (0: unknown)."""
 
     @property
     def key(self) -> str:
@@ -300,38 +303,45 @@ class Fetcher:
 
         started = time.monotonic()
         self.stats.retrievals += 1
-        # Always an IMAGE-level request with the exact UID list (PS3.4 C.4.2.2.1 allows a
-        # list of UIDs): a SERIES-level move would resend objects already cached or in
-        # another flight, and the storage SCP refuses objects nobody asked for.
+        # The whole series, as the catalog lists it: one SERIES-level request (short, and what
+        # every PACS serves). Otherwise the exact UIDs at IMAGE level (PS3.4 C.4.2.2.1), in
+        # bounded batches (Retriever.BATCH_SIZE): a SERIES-level move would resend objects
+        # already cached or in another flight, which the storage SCP refuses.
         sop_uids = sorted(remaining_sops)
-        lvl = "IMAGE"
-        sop_classes = {t.sop_class_uid for t in group if t.sop_class_uid} or None
+        whole = level == "SERIES" and first.series_size == len(group) == len(remaining)
+        lvl = "SERIES" if whole else "IMAGE"
+        classes_of = {t.sop_uid: t.sop_class_uid for t in group if t.sop_class_uid}
+        sop_classes = set(classes_of.values()) or None
         log.info(
             "retrieving %d object(s) of series %s from site %s (%s, %s)",
             len(remaining),
             first.series_uid,
             site.name,
             site.retrieve,
-            level,
+            lvl,
         )
         # "auto": a single object (a reader waiting for its first byte) by C-GET on an open
         # association, ~7 ms; a series by C-MOVE into the receiver process, for throughput.
-        # A PACS that refuses C-GET falls back to C-MOVE.
+        # A C-GET that the PACS does not serve (association result, DIMSE status) is followed
+        # by a C-MOVE of what it did not deliver.
         modes = [site.retrieve]
         if site.retrieve == "auto":
             modes = ["get", "move"] if len(remaining) == 1 else ["move"]
+        got_before: set[str] = set()
         for i, mode in enumerate(modes):
+            todo = sorted(set(sop_uids) - got_before)
             try:
                 outcome = await trio.to_thread.run_sync(
-                    lambda mode=mode: self.retriever.retrieve(  # type: ignore[misc]
+                    lambda mode=mode, todo=todo, lvl=lvl: self.retriever.retrieve(  # type: ignore[misc]
                         site,
                         level=lvl,
                         study_uid=first.study_uid,
                         series_uid=first.series_uid,
-                        sop_uids=sop_uids,
-                        expected=set(remaining_sops),
+                        sop_uids=todo if lvl == "IMAGE" else None,
+                        expected=set(todo),
                         sink=sink,
                         sop_classes=sop_classes,
+                        classes_of=classes_of,
                         store_spec={
                             "site": site.name,
                             "level": scope.level,
@@ -345,10 +355,14 @@ class Fetcher:
                     ),
                     limiter=self._limiters[site.name],
                 )
+                outcome.received |= got_before
                 break
             except RetrieveError as e:
-                if i + 1 < len(modes) and "refused" in str(e):
+                if i + 1 < len(modes) and move_may_help(e):
                     log.info("site %s: %s; using C-MOVE", site.name, e)
+                    if isinstance(e, IncompleteRetrieve):
+                        got_before |= e.outcome.received
+                    lvl = "IMAGE"
                     continue
                 raise
             finally:
@@ -370,6 +384,13 @@ class Fetcher:
     ) -> None:
         if self.audit is None:
             return
+        with contextlib.suppress(MdmError):
+            # Logged by the recorder; the opens this retrieval serves are audited (and fail
+            # closed) on their own.
+            self._audit_retrieve(site, first, got, wanted, error)
+
+    def _audit_retrieve(self, site: str, first: Target, got: int, wanted: int, error: str) -> None:
+        assert self.audit is not None
         self.audit(
             "retrieve",
             "ok" if got == wanted else "incomplete",

@@ -37,11 +37,14 @@ def is_stale_mount(mountpoint: Path) -> bool:
 
 
 def unmount(mountpoint: Path, *, lazy: bool = False) -> None:
-    """Unmount a FUSE mount with fusermount3 (or umount as root); raise UserError on failure."""
+    """Unmount a FUSE mount with fusermount3 (or umount as root); raise UserError on failure.
+
+    A dead mount (its daemon crashed or was killed: ENOTCONN) is detached lazily, as
+    nothing can be busy on it any more."""
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     cmd = [tool, "-u"] if tool else ["umount"]
-    if lazy:
-        cmd.append("-z")
+    if lazy or is_stale_mount(mountpoint):
+        cmd.append("-z" if tool else "-l")
     res = subprocess.run([*cmd, str(mountpoint)], capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise UserError(f"cannot unmount {mountpoint}: {res.stderr.strip() or res.stdout.strip()}")
@@ -79,7 +82,7 @@ async def serve(
             len(config.sites),
             ", ".join(s.name for s in config.sites),
         )
-        unmounted = False
+        clean = False
         try:
             async with trio.open_nursery() as nursery:
 
@@ -94,9 +97,21 @@ async def serve(
                 task_status.started()
                 await pyfuse3.main(min_tasks=4, max_tasks=MAX_TASKS)
                 nursery.cancel_scope.cancel()
+            clean = True
         finally:
+            # Only a clean end (a signal, or an unmount from outside) unmounts. After a
+            # crash the mount point stays a dead mount (ENOTCONN) until `mdm umount` or the
+            # next `mdm mount` clears it: a job must see an error, never an empty directory
+            # it could take for an empty federation.
+            if not clean:
+                log.error(
+                    "the mount daemon failed; %s is left as a dead mount (ENOTCONN) until "
+                    "`mdm umount %s` or the next `mdm mount`",
+                    mountpoint,
+                    mountpoint,
+                )
             try:
-                pyfuse3.close(unmount=not unmounted)
+                pyfuse3.close(unmount=clean)
             except Exception:  # already unmounted from outside
                 log.debug("pyfuse3.close failed", exc_info=True)
         log.info("unmounted %s", mountpoint)

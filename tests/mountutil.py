@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -55,7 +56,11 @@ class Mount:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30) -> Mount:
-        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        try:
+            self.mountpoint.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a dead mount left by a crash: the mount clears it
+            if e.errno != errno.ENOTCONN:
+                raise
         env = dict(os.environ)
         if self.strict:
             env["MDM_STRICT"] = "1"

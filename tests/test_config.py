@@ -94,3 +94,28 @@ def test_units() -> None:
         parse_size("-1")
     with pytest.raises(ValueError):
         parse_duration("soon")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "command",
+    [["cache", "stats"], ["mount", "MNT"], ["mount", "MNT", "--foreground"]],
+    ids=["cache-stats", "mount", "mount-foreground"],
+)
+@pytest.mark.parametrize("where", ["file", "under-file"])
+def test_a_cache_dir_that_is_a_file_is_one_line_and_exit_2(
+    tmp_path: Path, command: list[str], where: str
+) -> None:
+    from mountutil import mdm
+
+    (tmp_path / "afile").write_text("not a directory\n")
+    cache = tmp_path / "afile" if where == "file" else tmp_path / "afile" / "cache"
+    p = tmp_path / "mdm.toml"
+    p.write_text(GOOD.replace('dir = "cache"', f'dir = "{cache}"'))
+    (tmp_path / "mnt").mkdir()
+    args = [str(tmp_path / "mnt") if a == "MNT" else a for a in command]
+    res = mdm(*args, "--config", str(p), check=False, timeout=60)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert f"{p}: cache.dir" in lines[0] and str(cache) in lines[0]

@@ -196,9 +196,13 @@ class FastAssociationSocket(AssociationSocket):
     stall_timeout: float | None = None
     """Seconds a started PDU may stall before the connection counts as broken."""
 
+    connect_failed = False
+    """The TCP connection could not be made (pynetdicom only logs why)."""
+
     def connect(self, primitive: T_CONNECT) -> None:
         """Connect as pynetdicom does, then tune the socket and restore a stall timeout."""
         super().connect(primitive)
+        self.connect_failed = not self._is_connected
         if self.socket is not None and self._is_connected:
             tune_socket(self.socket)
             # pynetdicom clears the timeout after connect(); the reader thread only calls
@@ -1126,6 +1130,19 @@ def open_association(
     if assoc.is_established:
         return assoc
     elapsed = time.monotonic() - started
+    # Say what happened: refused (nothing listens), timed out, rejected (with the reason),
+    # or aborted by the peer during negotiation.
+    where = f"{site.host}:{site.port}"
+    if getattr(getattr(assoc, "dul", None), "socket", None) is not None and getattr(
+        assoc.dul.socket, "connect_failed", False
+    ):
+        if elapsed >= 0.9 * site.timeout:
+            raise RetrieveTimeout(
+                f"site {site.name}: cannot connect to {where}: timed out after {site.timeout:g}s"
+            )
+        raise RetrieveError(
+            f"site {site.name}: cannot connect to {where}: connection refused or unreachable"
+        )
     if assoc.is_rejected:
         raise RetrieveError(f"site {site.name}: association rejected ({_reject_reason(assoc)})")
     if elapsed >= 0.9 * site.timeout:
@@ -1134,13 +1151,10 @@ def open_association(
         )
     if assoc.is_aborted:
         raise RetrieveError(
-            f"site {site.name}: association aborted during negotiation "
-            "(malformed answer or abort by the peer)"
+            f"site {site.name}: association aborted by the peer during negotiation "
+            "(an A-ABORT, a malformed answer, or the connection closed)"
         )
-    raise RetrieveError(
-        f"site {site.name}: cannot connect to {site.host}:{site.port} "
-        "(connection refused or closed)"
-    )
+    raise RetrieveError(f"site {site.name}: the connection to {where} closed during negotiation")
 
 
 def _reject_reason(assoc: Association) -> str:
@@ -1202,9 +1216,12 @@ class Watchdog:
     pynetdicom would otherwise never report to a waiter without a DIMSE timeout.
     """
 
-    def __init__(self, assoc: Association, timeout: float) -> None:
+    def __init__(self, assoc: Association, timeout: float, since: float | None = None) -> None:
         self.assoc = assoc
         self.timeout = timeout
+        self._since = since
+        """When the wait began (monotonic), if before entering: the first deadline counts
+        from then (a request that first validated or opened an association)."""
         self.fired = False
         """The deadline passed: the peer went silent."""
         self.died = False
@@ -1224,7 +1241,7 @@ class Watchdog:
         return self.fired or self.died
 
     def __enter__(self) -> Watchdog:
-        self._last = time.monotonic()
+        self._last = time.monotonic() if self._since is None else self._since
         self._thread = threading.Thread(target=self._run, name="mdm-watchdog", daemon=True)
         self._thread.start()
         return self

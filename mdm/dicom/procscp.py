@@ -18,6 +18,7 @@ import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import queue
 import sys
 import threading
@@ -93,7 +94,14 @@ class ProcessStorageSCP(StorageSCP):
         parent, child = ctx.Pipe()
         proc = ctx.Process(
             target=_child_main,
-            args=(self.bridge, self._fixed_allowed, self._store_params, child, self._log_level),
+            args=(
+                self.bridge,
+                self._fixed_allowed,
+                self._store_params,
+                child,
+                self._log_level,
+                os.getpid(),
+            ),
             name="mdm-receiver",
             daemon=True,
         )
@@ -153,6 +161,11 @@ class ProcessStorageSCP(StorageSCP):
     def running(self) -> bool:
         return self._proc is not None and self._proc.is_alive()
 
+    @property
+    def pid(self) -> int | None:
+        """The receiver process's id (None when not running)."""
+        return None if self._proc is None else int(self._proc.pid)
+
     # --- routing -----------------------------------------------------------------------
     def expect(
         self,
@@ -161,17 +174,20 @@ class ProcessStorageSCP(StorageSCP):
         spec: Mapping[str, Any] | None = None,
         *,
         inbound: bool = True,
+        source: Any = None,
     ) -> Expectation:
         """Register in the parent, then (for objects that come to the listener) in the child,
         acknowledged before returning. A C-GET's objects arrive on the parent's association:
         no round trip to the child for those."""
-        exp = super().expect(sop_uids, sink, spec, inbound=inbound)
+        exp = super().expect(sop_uids, sink, spec, inbound=inbound, source=source)
         if self._proc is None or not inbound:
             return exp
         eid = next(self._ids)
         exp.proc_id = eid  # type: ignore[attr-defined]
         self._exp_ids[eid] = exp
-        self._request(("expect", eid, sorted(exp.sop_uids), dict(spec or {})), ("expected", eid))
+        self._request(
+            ("expect", eid, sorted(exp.sop_uids), dict(spec or {}), exp.source), ("expected", eid)
+        )
         return exp
 
     def _unregister(self, exp: Expectation) -> None:
@@ -254,14 +270,37 @@ class ProcessStorageSCP(StorageSCP):
 
 
 # ------------------------------------------------------------------------------- child
+PARENT_POLL = 0.2
+"""Seconds between checks that the parent (the mount) is alive."""
+
+
+def _watch_parent(parent_pid: int) -> None:
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                # Orphaned: stop at once. Objects being written are lost, as in any crash
+                # (the store is crash-safe); the listening socket closes with the process.
+                os._exit(0)
+            threading.Event().wait(PARENT_POLL)
+
+    threading.Thread(target=watch, name="mdm-parent-watch", daemon=True).start()
+
+
 def _child_main(
     bridge: BridgeSettings,
     allowed: set[str],
     params: StoreParams,
     conn: multiprocessing.connection.Connection,
     log_level: int,
+    parent_pid: int = 0,
 ) -> None:
-    """The receiver process: a storage SCP whose sink encrypts and stores in place."""
+    """The receiver process: a storage SCP whose sink encrypts and stores in place.
+
+    It lives no longer than its parent: a watcher thread ends it within ``PARENT_POLL``
+    seconds of the parent's death (a kill -9 closes no pipe that a blocked thread would
+    notice), so the listening port is free for the next mount at once.
+    """
+    _watch_parent(parent_pid or os.getppid())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(name)s[receiver]: %(message)s")
@@ -281,8 +320,11 @@ def _child_main(
     send_lock = threading.Lock()
 
     def send(msg: tuple[Any, ...]) -> None:
-        with send_lock:
-            conn.send(msg)
+        try:
+            with send_lock:
+                conn.send(msg)
+        except OSError:  # the parent is gone (BrokenPipeError): nobody to report to
+            os._exit(0)
 
     try:
         from mdm.keyservice.client import provider_for
@@ -303,7 +345,12 @@ def _child_main(
 
     jobs: queue.Queue[tuple[int, ReceivedObject, dict[str, Any]] | None]
     jobs = queue.Queue(maxsize=WRITE_QUEUE)
+    # Objects of each expectation still being stored; the expectations whose flush waits
+    # for them (answered by the writer that stores the last one, so the main loop never
+    # blocks and keeps answering other retrievals' requests); those cancelled meanwhile.
     outstanding: dict[int, int] = {}
+    flushing: set[int] = set()
+    cancelled: set[int] = set()
     cv = threading.Condition()
 
     def writer() -> None:
@@ -339,7 +386,15 @@ def _child_main(
             finally:
                 with cv:
                     outstanding[eid] -= 1
-                    cv.notify_all()
+                    drained = outstanding[eid] == 0
+                    flush = drained and eid in flushing
+                    if flush:
+                        flushing.discard(eid)
+                    if drained and eid in cancelled and not flush:
+                        del outstanding[eid]
+                        cancelled.discard(eid)
+                if flush:
+                    send(("flushed", eid))
 
     threads = [threading.Thread(target=writer, daemon=True) for _ in range(WRITERS)]
     for t in threads:
@@ -363,23 +418,27 @@ def _child_main(
                 break  # the mount died: stop with it
             kind = msg[0]
             if kind == "expect":
-                _, eid, uids, spec = msg
+                _, eid, uids, spec, source = msg
                 outstanding.setdefault(eid, 0)
-                exps[eid] = scp.expect(uids, make_sink(eid, spec), spec)
+                exps[eid] = scp.expect(uids, make_sink(eid, spec), spec, source=source)
                 send(("expected", eid))
             elif kind == "cancel":
                 exp = exps.pop(msg[1], None)
                 if exp is not None:
                     exp.cancel()
+                with cv:  # forget its count once nothing of it is being stored
+                    if outstanding.get(msg[1], 0) == 0 and msg[1] not in flushing:
+                        outstanding.pop(msg[1], None)
+                    else:
+                        cancelled.add(msg[1])
             elif kind == "flush":
                 eid = msg[1]
-
-                def drained(e: int = eid) -> bool:
-                    return outstanding.get(e, 0) == 0
-
                 with cv:
-                    cv.wait_for(drained, SYNC_TIMEOUT)
-                send(("flushed", eid))
+                    now = outstanding.get(eid, 0) == 0
+                    if not now:
+                        flushing.add(eid)
+                if now:
+                    send(("flushed", eid))
             elif kind == "stop":
                 break
     finally:

@@ -10,7 +10,9 @@ The same routing serves C-GET, where the objects arrive on the retriever's own a
 
 from __future__ import annotations
 
+import functools
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -81,19 +83,60 @@ Sink = Callable[[Any], None]
 """Called with a :class:`ReceivedObject` (or a :class:`StoredNotice` from a receiver process)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where the objects of a retrieval may come from: the site it was asked of."""
+
+    ae_title: str
+    addresses: frozenset[str]
+    """The site's host and the addresses it resolves to."""
+
+    def matches(self, calling_aet: str, address: str) -> bool:
+        """True for an association from this AE title and one of these addresses."""
+        return calling_aet == self.ae_title and address in self.addresses
+
+
+@functools.lru_cache(maxsize=256)
+def _addresses(host: str) -> frozenset[str]:
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        infos = []
+    out = {host}
+    for info in infos:
+        addr = str(info[4][0])
+        out.add(addr)
+        if addr.startswith("::ffff:"):
+            out.add(addr.removeprefix("::ffff:"))
+    return frozenset(out)
+
+
+def source_of(site: Any) -> Source:
+    """The :class:`Source` of a configured site (anything with ae_title and host)."""
+    return Source(str(site.ae_title).strip(), _addresses(str(site.host)))
+
+
 class Expectation:
     """A registration of SOP Instance UIDs that one retrieval is waiting for."""
 
     def __init__(
-        self, scp: StorageSCP, sop_uids: frozenset[str], sink: Sink, site: str = ""
+        self,
+        scp: StorageSCP,
+        sop_uids: frozenset[str],
+        sink: Sink,
+        source: Source | None = None,
+        site: str = "",
     ) -> None:
         self._scp = scp
         self.sop_uids = sop_uids
         self.sink = sink
+        self.source = source
+        """Only objects from this site are accepted (None: from any allowed AE, for tests)."""
         self.site = site
-        """The site retrieving (for log lines; empty if unknown)."""
+        """The name of the site retrieving (for log lines; empty if unknown)."""
         self._lock = threading.Lock()
         self._received: set[str] = set()
+        self._claimed: set[str] = set()
         self.refused = 0
         """C-STOREs of these UIDs that the sink raised for."""
         self.cancelled = False
@@ -111,12 +154,22 @@ class Expectation:
             self._scp._unregister(self)
 
     def _claim(self, sop_uid: str) -> bool:
-        """True if this UID still has to be delivered (False for a duplicate)."""
+        """Claim a UID for delivery: True once, False for a duplicate (even one arriving on
+        another association while the first copy is still in the sink)."""
         with self._lock:
-            return sop_uid not in self._received
+            if sop_uid in self._claimed:
+                return False
+            self._claimed.add(sop_uid)
+            return True
+
+    def _unclaim(self, sop_uid: str) -> None:
+        """The claimed copy could not be delivered: a resent copy may be."""
+        with self._lock:
+            self._claimed.discard(sop_uid)
 
     def _delivered(self, sop_uid: str) -> None:
         with self._lock:
+            self._claimed.add(sop_uid)
             self._received.add(sop_uid)
 
     def __enter__(self) -> Expectation:
@@ -133,6 +186,7 @@ class ReceiverStats:
     stored: int = 0
     duplicates: int = 0
     refused_unexpected: int = 0
+    refused_wrong_site: int = 0
     refused_malformed: int = 0
     refused_sink_error: int = 0
     rejected_associations: int = 0
@@ -215,6 +269,7 @@ class StorageSCP:
         handlers = [
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
         ]
         self._server = ae.start_tuned_server(
             (self.bridge.host, self.bridge.port), storage_contexts(), handlers
@@ -263,6 +318,7 @@ class StorageSCP:
         spec: Mapping[str, Any] | None = None,
         *,
         inbound: bool = True,
+        source: Any = None,
     ) -> Expectation:
         """Accept C-STOREs of these SOP Instance UIDs and hand them to ``sink``.
 
@@ -271,8 +327,13 @@ class StorageSCP:
         the expectation as a context manager) when the retrieval is over. ``spec`` tells a
         receiver that stores objects itself where to store them (ignored here). ``inbound``
         False: the objects come on our own association (C-GET), never to the listener.
+        ``source``: the site asked (a :class:`Source`, or settings with ``ae_title`` and
+        ``host``): objects from any other calling AE title or address are refused.
         """
-        exp = Expectation(self, frozenset(sop_uids), sink, str((spec or {}).get("site") or ""))
+        if source is not None and not isinstance(source, Source):
+            source = source_of(source)
+        site = str((spec or {}).get("site") or "")
+        exp = Expectation(self, frozenset(sop_uids), sink, source, site)
         with self._lock:
             for uid in exp.sop_uids:
                 self._routes.setdefault(uid, []).append(exp)
@@ -310,10 +371,11 @@ class StorageSCP:
     def handle_store(self, event: Event) -> int:
         """EVT_C_STORE handler (also bound on C-GET associations): route, check, never decode.
 
-        Every C-STORE gets a status: an unexpected instance 0x0124, one on a presentation
-        context that was not accepted for its class (or not in the SCP role) 0x0122, one with
-        no data set or a data set that is not a well-formed copy of the instance
-        (:func:`~mdm.dicom.validate.check_object`) 0xC000, each with one log line.
+        Every C-STORE gets a status: an unexpected instance, or one from another site than
+        the one asked, 0x0124; one on a presentation context that was not accepted for its
+        class (or not in the SCP role) 0x0122; one with no data set or a data set that is not
+        a well-formed copy of the instance (:func:`~mdm.dicom.validate.check_object`) 0xC000;
+        each with one log line.
         """
         req = event.request
         assert isinstance(req, C_STORE)
@@ -322,9 +384,21 @@ class StorageSCP:
         assoc = event.assoc
         peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
         calling = str(peer.ae_title or "").strip()
+        address = str(getattr(peer, "address", "") or "")
         with self._lock:
-            exps = self._routes.get(sop_uid)
-            exp = exps[0] if exps else None
+            exps = self._routes.get(sop_uid) or []
+            exp = next(
+                (e for e in exps if e.source is None or e.source.matches(calling, address)), None
+            )
+        if exp is None and exps:
+            self._count("refused_wrong_site")
+            log.warning(
+                "refused C-STORE from %r at %s: SOP instance %s was requested from another site",
+                calling,
+                address,
+                printable_uid(sop_uid),
+            )
+            return STORE_NOT_AUTHORISED
         if exp is None:
             self._count("refused_unexpected")
             log.warning(
@@ -384,10 +458,6 @@ class StorageSCP:
                 who,
                 sop_uid,
             )
-        if not exp._claim(sop_uid):
-            # A PACS may resend after a lost response: acknowledge, do not store twice.
-            self._count("duplicates")
-            return STORE_SUCCESS
         try:
             check_object(
                 data,
@@ -399,6 +469,10 @@ class StorageSCP:
             )
         except IntegrityError as e:
             return self._refuse(exp, "refused_malformed", STORE_CANNOT_UNDERSTAND, "%s", e)
+        if not exp._claim(sop_uid):
+            # A PACS may resend after a lost response: acknowledge, do not store twice.
+            self._count("duplicates")
+            return STORE_SUCCESS
         obj = ReceivedObject(
             sop_uid=sop_uid,
             sop_class_uid=sop_class,
@@ -410,6 +484,7 @@ class StorageSCP:
         try:
             exp.sink(obj)
         except StoreFull:
+            exp._unclaim(sop_uid)
             return self._refuse(
                 exp,
                 "refused_sink_error",
@@ -419,6 +494,7 @@ class StorageSCP:
                 sop_uid,
             )
         except Exception:
+            exp._unclaim(sop_uid)
             self._count("refused_sink_error")
             exp.refused += 1
             log.exception("C-STORE of %s from %r failed in the sink", sop_uid, calling)
@@ -432,6 +508,20 @@ class StorageSCP:
         exp.refused += 1
         log.warning(msg, *args)
         return status
+
+    def _on_accepted(self, event: Event) -> None:
+        # A PACS that proposes a storage class only in syntaxes we do not accept cannot send
+        # those objects as stored: say which, rather than leave a count that does not add up
+        # (we never ask for a transcoding).
+        rq = event.assoc.requestor
+        for cx in event.assoc.rejected_contexts:
+            log.warning(
+                "site AE %r proposed SOP class %s only in transfer syntax(es) %s, which the "
+                "bridge does not accept: such objects cannot be received as stored",
+                str(rq.ae_title or "").strip(),
+                cx.abstract_syntax,
+                ", ".join(str(ts) for ts in cx.transfer_syntax) or "(none)",
+            )
 
     def _on_rejected(self, event: Event) -> None:
         self._count("rejected_associations")

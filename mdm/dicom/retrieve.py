@@ -23,7 +23,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import build_role, evt
 from pynetdicom.association import Association
-from pynetdicom.presentation import PresentationContext
+from pynetdicom.presentation import PresentationContext, build_context
 
 from mdm.config import BridgeSettings, SiteSettings
 from mdm.dicom.net import (
@@ -50,6 +50,7 @@ from mdm.dicom.net import (
     status_code,
     status_name,
 )
+from mdm.dicom.query import c_find
 from mdm.dicom.receiver import Expectation, ReceivedObject, StorageSCP
 from mdm.errors import RetrieveError, RetrieveTimeout
 
@@ -103,6 +104,25 @@ DEFAULT_GET_CLASSES: tuple[str, ...] = (
 )
 # Contexts besides storage on a C-GET association: Study Root GET and Verification.
 _MAX_GET_STORAGE = MAX_REQUESTED_CONTEXTS - 2
+GET_SYNTAXES: tuple[str, ...] = tuple(TRANSFER_SYNTAXES)
+"""Transfer syntaxes offered for each storage class on a C-GET association, each in its own
+presentation context: an SCP picks a context that carries the syntax it holds the object in
+and sends it as stored. One context listing several syntaxes lets the SCP choose the first
+it can produce, and it transcodes the object into that one."""
+CLASSES_PER_GET = max(1, _MAX_GET_STORAGE // len(GET_SYNTAXES))
+"""Storage SOP classes one C-GET association covers (126 contexts / one per syntax)."""
+
+
+def get_contexts(classes: Iterable[str]) -> list[PresentationContext]:
+    """One SCP-role storage context per (SOP class, transfer syntax), for a C-GET."""
+    return [build_context(c, ts) for c in classes for ts in GET_SYNTAXES]
+
+
+def class_groups(classes: Iterable[str]) -> list[list[str]]:
+    """``classes`` in groups that each fit one C-GET association (sorted, deterministic)."""
+    ordered = sorted(set(classes))
+    return [ordered[i : i + CLASSES_PER_GET] for i in range(0, len(ordered), CLASSES_PER_GET)]
+
 
 IDLE_TIMEOUT = 20.0
 """Seconds an unused pooled association stays open (PACS often drop theirs after ~30 s)."""
@@ -121,6 +141,13 @@ class RetrieveOutcome:
     status: str
     """The final DIMSE status, named (e.g. ``Success 0x0000``)."""
     elapsed: float
+    code: int = 0
+    """The final DIMSE status code."""
+
+
+class GetUnavailable(RetrieveError):
+    """The PACS does not serve this C-GET: it refused the service, or answered with a status
+    that says it cannot perform the sub-operations (a C-MOVE may still work)."""
 
 
 class IncompleteRetrieve(RetrieveError):
@@ -129,6 +156,29 @@ class IncompleteRetrieve(RetrieveError):
     def __init__(self, message: str, outcome: RetrieveOutcome) -> None:
         super().__init__(message)
         self.outcome = outcome
+
+
+# Final C-GET statuses after which a C-MOVE may still deliver: the SCP does not support the
+# request, or cannot perform (all of) the sub-operations on our association (for instance it
+# cannot send an object in any syntax we offered; over C-MOVE it proposes its own contexts).
+GET_NOT_PERFORMED = frozenset(
+    {
+        0x0122,  # Refused: SOP Class not supported
+        0xA701,  # Refused: Out of Resources - Unable to calculate number of matches
+        0xA702,  # Refused: Out of Resources - Unable to perform sub-operations
+        0xB000,  # Warning: Sub-operations complete - One or more Failures or Warnings
+        0xC000,  # Failure: Unable to process (Orthanc, when it cannot send an object as asked)
+    }
+)
+
+
+def move_may_help(e: RetrieveError) -> bool:
+    """True if a failed C-GET should be followed by a C-MOVE: decided on the association
+    result (no Study Root C-GET context accepted) and the final DIMSE status, never on
+    timeouts, aborts or other failures (a C-MOVE would meet the same PACS state)."""
+    if isinstance(e, GetUnavailable):
+        return True
+    return isinstance(e, IncompleteRetrieve) and e.outcome.code in GET_NOT_PERFORMED
 
 
 @dataclass
@@ -149,6 +199,9 @@ class _Conn:
     storage_classes: frozenset[str] = frozenset()
     last_used: float = field(default_factory=time.monotonic)
     warming: bool = False
+    deadline: float = 0.0
+    """When the request this connection was acquired for must have seen its first answer:
+    validating a stale pooled association and opening another count against it."""
 
     def alive(self) -> bool:
         a = self.assoc
@@ -172,12 +225,19 @@ class _Pool:
         self.ae = TunedAE(retriever.bridge.ae_title, site.timeout, retriever.bridge.max_pdu)
 
     def acquire(
-        self, mode: str, need: frozenset[str], *, warming: bool = False
+        self,
+        mode: str,
+        need: frozenset[str],
+        *,
+        warming: bool = False,
+        deadline: float | None = None,
     ) -> tuple[_Conn, bool]:
         """A connection for ``mode`` covering the storage classes ``need``; (conn, reused).
 
         ``warming``: this is an association opened ahead of time, which retrievals that
-        start meanwhile wait for instead of opening their own.
+        start meanwhile wait for instead of opening their own. ``deadline`` (monotonic):
+        checking a pooled association and opening a new one end by then (default: one site
+        timeout from when a connection slot is had); it is kept as ``conn.deadline``.
         """
         while True:
             victim: _Conn | None = None
@@ -203,6 +263,9 @@ class _Pool:
                         self.in_use += 1
                         break
                     self.cond.wait()
+            if deadline is None:
+                # Waiting for a free slot is not a network wait; from here on, everything is.
+                deadline = time.monotonic() + self.site.timeout
             if victim is not None:
                 self._close(victim)
             if conn is None:
@@ -210,59 +273,90 @@ class _Pool:
                     with self.cond:
                         self.warming[mode] = self.warming.get(mode, 0) + 1
                 try:
-                    opened = self._open(mode, need)
+                    opened = self._open(mode, need, deadline)
                 except BaseException:
                     if warming:
                         self._warmed(mode)
                     self._release_slot()
                     raise
                 opened.warming = warming  # counted until released into the pool
+                opened.deadline = deadline
                 return opened, False
-            if self._usable(conn):
+            if self._usable(conn, deadline):
                 with self.cond:
                     self.stats.reused += 1
+                conn.deadline = deadline
                 return conn, True
-            self._close(conn)
+            # Dead or silent: abort (a polite release would wait for the silent peer again).
+            self._abort(conn)
             self._release_slot()
 
-    def _usable(self, conn: _Conn) -> bool:
+    def _usable(self, conn: _Conn, deadline: float) -> bool:
         if not conn.alive():
             return False
         if time.monotonic() - conn.last_used < VALIDATE_AFTER:
             return True
         # The peer may have dropped it silently (firewall, PACS idle timeout): an echo is
-        # one round trip, cheaper than a failed C-MOVE.
+        # one round trip, cheaper than a failed C-MOVE. It waits only for what is left of
+        # the request's deadline.
         try:
-            with Watchdog(conn.assoc, self.site.timeout) as wd:
+            with Watchdog(conn.assoc, max(0.0, deadline - time.monotonic())) as wd:
                 status = conn.assoc.send_c_echo()
             return not wd.tripped and status_code(status) == 0
         except Exception:
             return False
 
-    def _open(self, mode: str, need: frozenset[str]) -> _Conn:
+    def _open(self, mode: str, need: frozenset[str], deadline: float) -> _Conn:
+        bridge = self.retriever.bridge
+        ae, site = self.ae, self.site
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RetrieveTimeout(
+                f"site {site.name}: no answer within {site.timeout:g}s (a pooled association "
+                "went silent)"
+            )
+        if left < site.timeout:
+            # What is left of the request's deadline bounds the connection and negotiation
+            # (a stall timeout of the whole site timeout stays with the association).
+            ae = TunedAE(bridge.ae_title, site.timeout, bridge.max_pdu)
+            ae.connection_timeout = ae.acse_timeout = left
+            site = dataclasses.replace(site, timeout=left)
+        try:
+            return self._open_with(mode, need, ae, site)
+        except RetrieveTimeout:
+            if site is self.site:
+                raise
+            raise RetrieveTimeout(
+                f"site {site.name}: no answer within {self.site.timeout:g}s (a pooled "
+                "association went silent, then a new association request got no answer)"
+            ) from None
+
+    def _open_with(self, mode: str, need: frozenset[str], ae: TunedAE, site: SiteSettings) -> _Conn:
         bridge = self.retriever.bridge
         if mode == "move":
             mcxs = contexts_for([STUDY_ROOT_MOVE, VERIFICATION], QUERY_SYNTAXES)
-            assoc = open_association(self.ae, self.site, mcxs, max_pdu=bridge.max_pdu)
+            assoc = open_association(ae, site, mcxs, max_pdu=bridge.max_pdu)
             if not accepted(assoc, STUDY_ROOT_MOVE):
                 close_association(assoc)
                 raise RetrieveError(f"site {self.site.name}: the PACS refused Study Root C-MOVE")
             conn = _Conn(assoc, mode)
         else:
-            classes = list(dict.fromkeys([*sorted(need), *DEFAULT_GET_CLASSES]))
-            if len(need) > _MAX_GET_STORAGE:
+            if len(need) > CLASSES_PER_GET:
                 raise RetrieveError(
                     f"site {self.site.name}: {len(need)} storage classes in one C-GET "
-                    f"(at most {_MAX_GET_STORAGE} fit in one association)"
+                    f"(at most {CLASSES_PER_GET} fit in one association)"
                 )
-            classes = classes[:_MAX_GET_STORAGE]
+            # The caller's classes, then common ones (an association warmed ahead of time
+            # serves the first read of a CT or MR series without another handshake).
+            classes = list(dict.fromkeys([*sorted(need), *DEFAULT_GET_CLASSES]))
+            classes = classes[:CLASSES_PER_GET]
             cxs: list[PresentationContext] = contexts_for(
                 [STUDY_ROOT_GET, VERIFICATION], QUERY_SYNTAXES
-            ) + contexts_for(classes, TRANSFER_SYNTAXES)
+            ) + get_contexts(classes)
             roles = [build_role(c, scp_role=True) for c in classes]
             assoc = open_association(
-                self.ae,
-                self.site,
+                ae,
+                site,
                 cxs,
                 max_pdu=bridge.max_pdu,
                 ext_neg=roles,
@@ -270,7 +364,7 @@ class _Pool:
             )
             if not accepted(assoc, STUDY_ROOT_GET):
                 close_association(assoc)
-                raise RetrieveError(f"site {self.site.name}: the PACS refused Study Root C-GET")
+                raise GetUnavailable(f"site {self.site.name}: the PACS refused Study Root C-GET")
             got = frozenset(str(cx.abstract_syntax) for cx in assoc.accepted_contexts if cx.as_scp)
             conn = _Conn(assoc, mode, got)
         with self.cond:
@@ -421,6 +515,7 @@ class Retriever:
         expected: set[str],
         sink: Callable[[Any], None],
         sop_classes: set[str] | None = None,
+        classes_of: Mapping[str, str] | None = None,
         store_spec: Mapping[str, Any] | None = None,
         mode: str | None = None,
     ) -> RetrieveOutcome:
@@ -430,10 +525,16 @@ class Retriever:
         "auto" means C-MOVE).
 
         ``expected`` holds the SOP Instance UIDs that must arrive (from C-FIND); only these
-        and ``sop_uids`` are accepted by the storage SCP. ``sink`` runs in a pynetdicom thread
-        for each object as it arrives. Raises RetrieveTimeout if the PACS goes silent for
-        ``site.timeout`` seconds, IncompleteRetrieve (a RetrieveError) if it finishes with
-        objects missing, RetrieveError for refusals, failures and aborts.
+        and ``sop_uids`` are accepted by the storage SCP, and only from ``site``. ``sink``
+        runs in a pynetdicom thread for each object as it arrives. ``sop_classes`` (or
+        ``classes_of``, SOP Instance UID -> SOP Class UID) says which storage classes a C-GET
+        must offer; a C-GET that needs more classes than one association holds is split by
+        class (the classes are asked for with a C-FIND when the caller does not know them).
+        An IMAGE-level list of more than ``BATCH_SIZE`` UIDs goes out in bounded requests.
+        Raises RetrieveTimeout if the PACS goes silent for ``site.timeout`` seconds,
+        IncompleteRetrieve (a RetrieveError) if it finishes with objects missing,
+        GetUnavailable if the PACS does not serve this C-GET (a C-MOVE may), RetrieveError
+        for other refusals, failures and aborts.
         """
         if level not in LEVELS:
             raise ValueError(f"unknown retrieve level {level!r}")
@@ -444,16 +545,10 @@ class Retriever:
         mode = mode or ("get" if site.retrieve == "get" else "move")
         if mode == "move" and not self.scp.running:
             raise RetrieveError("the storage SCP is not running: C-MOVE has no destination")
-        identifier = Dataset()
-        identifier.QueryRetrieveLevel = level
-        identifier.StudyInstanceUID = study_uid
-        if level in ("SERIES", "IMAGE"):
-            identifier.SeriesInstanceUID = series_uid
-        if level == "IMAGE":
-            assert sop_uids is not None
-            identifier.SOPInstanceUID = list(sop_uids) if len(sop_uids) > 1 else sop_uids[0]
-        need = frozenset(sop_classes or ())
         started = time.monotonic()
+        requests = self._plan(
+            site, mode, level, study_uid, series_uid, sop_uids, expected, sop_classes, classes_of
+        )
         watch: list[Watchdog] = []
 
         def tracked(obj: Any) -> None:
@@ -466,20 +561,27 @@ class Retriever:
             tracked,
             {"site": site.name, **(store_spec or {})},
             inbound=mode == "move",
+            source=site,
         )
+        codes: list[int] = []
         try:
-            code = self._exchange(site, mode, need, identifier, watch, expectation)
+            for identifier, need in requests:
+                codes.append(self._exchange(site, mode, need, identifier, watch, expectation))
+                if status_category(codes[-1]) in (FAILURE, CANCEL):
+                    break
         finally:
             try:
                 # A receiver process reports stored objects asynchronously: wait for them.
                 self.scp.sync(expectation)
             finally:
                 expectation.cancel()
+        # The final status of the whole: the first that is not a success, else success.
+        code = next((c for c in codes if status_category(c) != SUCCESS), codes[-1])
         received = expectation.received
         missing = set(expected) - received
         elapsed = time.monotonic() - started
         name = status_name(mode, code)
-        outcome = RetrieveOutcome(received, missing, name, elapsed)
+        outcome = RetrieveOutcome(received, missing, name, elapsed, code)
         cat = status_category(code)
         if not missing:
             if cat not in (SUCCESS, PENDING):
@@ -491,17 +593,113 @@ class Retriever:
                 )
             return outcome
         got = len(set(expected) & received)
+        hint = ""
+        if mode == "get" and not received & set(expected) and classes_of:
+            # Every transfer syntax the bridge knows was offered on its own context: a PACS
+            # that sends nothing holds the objects in another one (or cannot send them).
+            classes = sorted({classes_of[u] for u in missing if u in classes_of})
+            hint = (
+                f"; SOP class {', '.join(classes)}: not sent on any of the "
+                f"{len(GET_SYNTAXES)} transfer syntaxes offered (the PACS may hold it in a "
+                "syntax the bridge does not accept; it never asks for a transcoding)"
+            )
         if cat in (SUCCESS, WARNING):
             raise IncompleteRetrieve(
-                f"site {site.name}: delivered {got} of {len(expected)} ({name})", outcome
+                f"site {site.name}: delivered {got} of {len(expected)} ({name}){hint}", outcome
             )
         what = "cancelled" if cat == CANCEL else "failed"
         assert cat in (CANCEL, FAILURE)
         raise IncompleteRetrieve(
             f"site {site.name}: C-{mode.upper()} {what}: {name}; delivered {got} of "
-            f"{len(expected)}",
+            f"{len(expected)}{hint}",
             outcome,
         )
+
+    def _plan(
+        self,
+        site: SiteSettings,
+        mode: str,
+        level: str,
+        study_uid: str,
+        series_uid: str | None,
+        sop_uids: list[str] | None,
+        expected: set[str],
+        sop_classes: set[str] | None,
+        classes_of: Mapping[str, str] | None,
+    ) -> list[tuple[Dataset, frozenset[str]]]:
+        """The requests of one retrieval: (identifier, storage classes a C-GET needs)."""
+
+        def ident(lvl: str, series: str | None, uids: list[str] | None) -> Dataset:
+            ds = Dataset()
+            ds.QueryRetrieveLevel = lvl
+            ds.StudyInstanceUID = study_uid
+            if lvl in ("SERIES", "IMAGE"):
+                ds.SeriesInstanceUID = series
+            if lvl == "IMAGE":
+                assert uids
+                ds.SOPInstanceUID = list(uids) if len(uids) > 1 else uids[0]
+            return ds
+
+        def images(series: str | None, uids: list[str], need: frozenset[str]) -> list[Any]:
+            return [
+                (ident("IMAGE", series, uids[i : i + BATCH_SIZE]), need)
+                for i in range(0, len(uids), BATCH_SIZE)
+            ]
+
+        wanted = list(dict.fromkeys(sop_uids or sorted(expected)))
+        known = dict(classes_of or {})
+        classes = set(sop_classes or ()) | {known[u] for u in wanted if u in known}
+        if mode == "move" or (classes and len(classes) <= CLASSES_PER_GET):
+            need = frozenset(classes) if mode == "get" else frozenset()
+            if level == "IMAGE":
+                return images(series_uid, wanted, need)
+            return [(ident(level, series_uid, None), need)]
+        # A C-GET whose classes do not fit one association (or are unknown): one request per
+        # group of classes, naming its instances.
+        series_of: dict[str, str] = {}
+        if not wanted or any(u not in known for u in wanted) or (level == "STUDY"):
+            for ds in self._classes(site, level, study_uid, series_uid):
+                uid = str(ds.get("SOPInstanceUID", ""))
+                if uid and (not wanted or uid in set(wanted)):
+                    known.setdefault(uid, str(ds.get("SOPClassUID", "")))
+                    series_of[uid] = str(ds.get("SeriesInstanceUID", "") or series_uid or "")
+            if not wanted:
+                wanted = sorted(series_of)
+        unknown = [u for u in wanted if not known.get(u)]
+        if unknown:
+            raise RetrieveError(
+                f"site {site.name}: the SOP class of {len(unknown)} object(s) is unknown "
+                "(C-FIND gave none): cannot offer C-GET storage contexts for them"
+            )
+        requests: list[tuple[Dataset, frozenset[str]]] = []
+        for group in class_groups(known[u] for u in wanted):
+            members = [u for u in wanted if known[u] in group]
+            by_series: dict[str, list[str]] = {}
+            for u in members:
+                by_series.setdefault(series_of.get(u) or series_uid or "", []).append(u)
+            for se, uids in by_series.items():
+                if not se:
+                    raise RetrieveError(
+                        f"site {site.name}: no series known for {len(uids)} object(s)"
+                    )
+                requests += images(se, uids, frozenset(group))
+        if not requests:
+            raise RetrieveError(f"site {site.name}: C-FIND lists no instance to retrieve")
+        if len(requests) == 1 and level != "IMAGE":
+            requests = [(ident(level, series_uid, None), requests[0][1])]
+        return requests
+
+    def _classes(
+        self, site: SiteSettings, level: str, study_uid: str, series_uid: str | None
+    ) -> list[Dataset]:
+        """The instances (SOP Instance, Class and Series UIDs) of a study or series."""
+        q = Dataset()
+        q.QueryRetrieveLevel = "IMAGE"
+        q.StudyInstanceUID = study_uid
+        q.SeriesInstanceUID = series_uid if level != "STUDY" and series_uid else ""
+        q.SOPInstanceUID = ""
+        q.SOPClassUID = ""
+        return c_find(site, self.bridge, "IMAGE", q)
 
     def _exchange(
         self,
@@ -515,8 +713,11 @@ class Retriever:
         """Send the C-MOVE/C-GET and wait for its final status code (retry once on a stale
         pooled association that died before answering anything)."""
         pool = self._pool(site)
+        deadline: float | None = None
         for attempt in (1, 2):
-            conn, reused = pool.acquire(mode, need)
+            # One deadline for the first answer, whatever stale associations cost before it.
+            conn, reused = pool.acquire(mode, need, deadline=deadline)
+            deadline = conn.deadline
             if mode == "get" and need and not need <= conn.storage_classes:
                 pool.release(conn, True)
                 missing_cx = len(need - conn.storage_classes)
@@ -529,7 +730,7 @@ class Retriever:
             pending: list[int] = []
             progress = conn.assoc.dimse.msg_queue
             try:
-                wd = Watchdog(conn.assoc, site.timeout)
+                wd = Watchdog(conn.assoc, site.timeout, since=deadline - site.timeout)
                 watch[:] = [wd]
                 if isinstance(progress, ProgressQueue):
                     # Pending responses touch the deadline on the DUL thread, unqueued.
