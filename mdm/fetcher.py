@@ -25,7 +25,6 @@ from mdm.config import Config, SiteSettings
 from mdm.deid import DeidOptions, deidentify
 from mdm.dicom.receiver import ReceivedObject, StoredNotice
 from mdm.dicom.retrieve import IncompleteRetrieve, Retriever, move_may_help
-from mdm.dicom.validate import check_object
 from mdm.errors import MdmError, RetrieveError, RetrieveTimeout
 from mdm.keys import Scope
 from mdm.store import ObjectInfo, ObjectRef, ObjectStore
@@ -410,13 +409,6 @@ class Fetcher:
             obj, scope, meta, batch, view, deid, resource = job
             key = pending_key(obj.sop_uid, view)
             try:
-                check_object(
-                    obj.data,
-                    obj.sop_uid,
-                    meta["site"],
-                    dataset_offset=obj.dataset_offset,
-                    transfer_syntax=obj.transfer_syntax,
-                )
                 data = obj.data
                 if deid is not None:
                     data = deidentify(

@@ -511,7 +511,7 @@ class ObjectStore:
         self,
         ref: ObjectRef,
         scope: Scope,
-        data: bytes,
+        data: bytes | memoryview,
         meta: dict[str, str] | None = None,
         *,
         resource: Resource | None = None,
@@ -575,7 +575,7 @@ class ObjectStore:
                 del self._inflight[name]
             mine.set()
 
-    def _write_blob(self, name: str, cipher: ChunkCipher, data: bytes) -> None:
+    def _write_blob(self, name: str, cipher: ChunkCipher, data: bytes | memoryview) -> None:
         """Encrypt into tmp/, fsync, rename into objects/, fsync the directory."""
         tmp = self._tmp_dir / f"{name}.{secrets.token_hex(8)}.tmp"
         final = self._blob_path(name)

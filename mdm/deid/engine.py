@@ -677,7 +677,7 @@ def deidentify_dataset(ds: Dataset, *, secret: bytes, options: DeidOptions) -> N
     _process_meta(ds, ctx)
 
 
-def deidentify(data: bytes, *, secret: bytes, options: DeidOptions) -> bytes:
+def deidentify(data: bytes | memoryview, *, secret: bytes, options: DeidOptions) -> bytes:
     """De-identify a DICOM Part-10 object; Part-10 bytes out, same transfer syntax.
 
     Raises :class:`DeidRefused` when the view may not serve the object (burned-in text) and
@@ -685,6 +685,7 @@ def deidentify(data: bytes, *, secret: bytes, options: DeidOptions) -> bytes:
     result. Pixel data bytes are left unchanged. ``ValueError`` for a secret under 16 bytes.
     """
     Pseudonymizer(secret)  # validate the secret before anything else
+    data = bytes(data)  # a received object may be a view of the receive buffer
     # Reading odd objects warns, and pydicom's warnings quote values (PHI): silence them here.
     # (catch_warnings is process-wide; see docs/DEID.md.)
     with warnings.catch_warnings():

@@ -31,6 +31,7 @@ import ssl
 import struct
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from io import BytesIO
 from types import TracebackType
@@ -47,7 +48,7 @@ from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.pdu_primitives import A_P_ABORT, P_DATA
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.status import (
     GENERAL_STATUS,
@@ -67,7 +68,7 @@ from pynetdicom.transport import (
 
 from mdm.config import SiteSettings
 from mdm.dicom.command import read_command
-from mdm.dicom.part10 import ui_value
+from mdm.dicom.part10 import PREAMBLE, file_meta, ui_value
 from mdm.errors import RetrieveError, RetrieveTimeout
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,74 @@ _config.LOG_HANDLER_LEVEL = "none"
 # pydicom validates values as it decodes them and logs an invalid value verbatim (a malformed
 # PatientName would land in the log): PACS answers are checked by our own code instead.
 pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+# pydicom also warns (``warnings.warn``) with the offending value in the message, e.g. an
+# unknown Specific Character Set as the PACS sent it; printed warnings end up in the logs.
+warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+
+
+class _NoPeerTracebacks(logging.Filter):
+    """pynetdicom logs ``LOGGER.exception(exc)`` when a peer's message fails to decode: the
+    traceback and the exception's text (which can quote the peer's bytes) become one line
+    naming the exception type."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            exc = record.exc_info[1]
+            record.msg = "%s (details withheld: they come from the peer)"
+            record.args = (type(exc).__name__,)
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+class _NoPydicomValues(logging.Filter):
+    """pydicom logs the values it cannot decode or validate word for word (``Unknown encoding
+    'ISO_IR 1^A2'``), whatever level the application sets (its ``config.debug`` resets the
+    level). Its warnings are dropped; an error keeps its level and loses its text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return False
+        record.msg = "pydicom reported an error (details withheld: they quote DICOM values)"
+        record.args = ()
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+for _name in [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "pydicom"]:
+    logging.getLogger(_name).addFilter(_NoPydicomValues())
+logging.getLogger("pydicom").addFilter(_NoPydicomValues())
+
+# A logger's filters see only the records logged on it, not its children's: every module
+# logger of pynetdicom (all created by the imports above) gets one.
+for _name in [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "pynetdicom"]:
+    logging.getLogger(_name).addFilter(_NoPeerTracebacks())
+
+# --- limits on what a peer can make us hold (docs/DICOM.md, Limits) -----------------------
+MAX_ASSOCIATE_PDU = 1 << 20
+"""Largest A-ASSOCIATE-RQ/AC accepted (one with 128 contexts x 30 syntaxes is ~100 KB)."""
+DEFAULT_MAX_PDU = 4 << 20
+"""The largest PDU we announce when ``bridge.max_pdu`` is 0 (no explicit choice): never
+"unlimited", so that a peer cannot make us read a PDU of any length."""
+PART10_PREFIX = "_mdm_part10_prefix"
+"""Attribute of a received C-STORE request primitive: the length of the Part-10 header
+written ahead of its data set in ``DataSet`` (absent: the data set alone)."""
+PDU_SLACK = 64
+"""Bytes over the announced maximum tolerated (peers differ on what the maximum counts)."""
+MAX_MESSAGE_BYTES = 1 << 30
+"""Largest DIMSE message (command set and data set) received; the association is aborted."""
+ASSOCIATE_DEADLINE = 10.0
+"""Seconds an inbound connection has to present its A-ASSOCIATE-RQ."""
+MAX_UNAUTHENTICATED = 8
+"""Inbound connections that have not yet been associated, at most, per listener."""
+_READ_CHUNK = 1 << 20
+
+
+class PeerViolation(Exception):
+    """A peer broke the protocol or a limit: the association is aborted at once. The message
+    carries no byte sent by the peer."""
+
 
 VERIFICATION = "1.2.840.10008.1.1"
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
@@ -151,22 +220,38 @@ class FastAssociationSocket(AssociationSocket):
             return True
         return super().ready
 
-    def recv(self, nr_bytes: int, quickack: bool = True) -> bytearray:
+    def recv(
+        self, nr_bytes: int, quickack: bool = True, deadline: float | None = None
+    ) -> bytearray:
         """Read exactly ``nr_bytes`` (fewer only if the peer closed), in as few calls as can be.
-        ``quickack=False``: leave quick-ack mode alone (a PDU header, its body follows)."""
+        ``quickack=False``: leave quick-ack mode alone (a PDU header, its body follows).
+
+        Memory follows what arrives, not what the peer announced: past the first MiB the
+        buffer grows (doubling) as data comes in. ``deadline`` (monotonic): raise
+        TimeoutError when it passes, however slowly the peer keeps sending.
+        """
         sock = self.socket
         assert sock is not None
-        buf = bytearray(nr_bytes)
-        view = memoryview(buf)
+        buf = bytearray(min(nr_bytes, _READ_CHUNK))
         got = 0
         try:
             while got < nr_bytes:
-                n = sock.recv_into(view[got:], nr_bytes - got)
+                if got == len(buf):
+                    buf.extend(bytes(min(nr_bytes - got, len(buf))))
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError("deadline passed")
+                    stall = self.stall_timeout
+                    sock.settimeout(left if stall is None else min(stall, left))
+                with memoryview(buf) as view:
+                    n = sock.recv_into(view[got:], len(buf) - got)
                 if n == 0:
                     break
                 got += n
         finally:
-            view.release()
+            if deadline is not None:
+                sock.settimeout(self.stall_timeout)
         if _HAS_QUICKACK and quickack:
             # Linux leaves quick-ack mode on its own; re-arm it so our C-STORE-RSP/C-FIND
             # requests are not held behind a delayed ACK.
@@ -174,7 +259,7 @@ class FastAssociationSocket(AssociationSocket):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             except OSError:
                 pass
-        if got < nr_bytes:
+        if got < len(buf):
             del buf[got:]
         return buf
 
@@ -191,7 +276,7 @@ class TunedAE(ApplicationEntity):
         # associations are closed by their pool: neither pynetdicom timer fits those rules.
         self.dimse_timeout = None
         self.network_timeout = None
-        self.maximum_pdu_size = max_pdu
+        self.maximum_pdu_size = max_pdu_of(max_pdu)
 
     def _create_socket(
         self,
@@ -233,12 +318,38 @@ class TunedAE(ApplicationEntity):
 
 
 class _TunedServer(ThreadedAssociationServer):
+    _gate_lock = threading.Lock()
+    _unassociated = 0
+    """Accepted connections that have not yet been associated (or ended)."""
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = super().get_request()
         tune_socket(client)
         stall = getattr(self.ae, "stall_timeout", None)
         client.settimeout(stall)
         return client, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Refuse a connection while MAX_UNAUTHENTICATED others have not yet associated."""
+        with self._gate_lock:
+            if self._unassociated >= MAX_UNAUTHENTICATED:
+                refuse = True
+            else:
+                refuse = False
+                self._unassociated += 1
+        if refuse:
+            log.warning(
+                "refused a connection from %s: %d connections have not presented an "
+                "association yet",
+                client_address[0] if isinstance(client_address, tuple) else "?",
+                MAX_UNAUTHENTICATED,
+            )
+        return not refuse
+
+    def associated(self) -> None:
+        """One connection counted by :meth:`verify_request` associated or ended."""
+        with self._gate_lock:
+            self._unassociated -= 1
 
 
 class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
@@ -292,6 +403,65 @@ class FastDUL(DULServiceProvider):
         self.to_provider_queue = _WakingQueue(self)
         self._wake_r = -1
         self._wake_w = -1
+        self.gate: Callable[[], None] | None = None
+        """Called once when an inbound connection is associated or ends (the server's
+        count of unassociated connections)."""
+        self._associate_by = 0.0
+        """Monotonic deadline for an inbound peer to get associated (0: none, or done)."""
+
+    def peer(self) -> str:
+        """The peer, as log lines name it (site if known, AE title, address)."""
+        a = self.assoc
+        site = getattr(a, "mdm_site", "")
+        other = a.requestor if a.is_acceptor else a.acceptor
+        try:
+            ae = str(other.ae_title or "").strip()
+        except Exception:
+            ae = ""
+        ae = "".join(c if " " <= c < "\x7f" else "?" for c in ae)
+        try:
+            where = f"{other.address}:{other.port}" if other.address_info else "?"
+        except Exception:
+            where = "?"
+        label = f"AE {ae!r} at {where}" if ae else f"peer at {where}"
+        return f"site {site} ({label})" if site else label
+
+    def _pdu_problem(self, pdu_type: int, length: int) -> str | None:
+        """Why a PDU announced by its header is refused before its body is read, or None."""
+        if pdu_type not in _PDU_TYPES:
+            return f"unknown PDU type 0x{pdu_type:02X}"
+        if pdu_type in (0x03, 0x05, 0x06, 0x07):
+            return None if length == 4 else f"PDU type 0x{pdu_type:02X} of length {length}"
+        if pdu_type in (0x01, 0x02) or self._associate_by:
+            if length > MAX_ASSOCIATE_PDU:
+                return f"PDU of {length} bytes before association (limit {MAX_ASSOCIATE_PDU})"
+            return None
+        mine = self.assoc.acceptor if self.assoc.is_acceptor else self.assoc.requestor
+        limit = int(mine.maximum_length or 0) or DEFAULT_MAX_PDU
+        limit += PDU_SLACK
+        if length > limit:
+            return f"P-DATA-TF of {length} bytes, over the maximum of {limit}"
+        return None
+
+    _last_pdu = 0.0
+
+    def _stall_limit(self) -> float:
+        sock = self.socket
+        stall = sock.stall_timeout if isinstance(sock, FastAssociationSocket) else None
+        return float(stall or 0)
+
+    def _stalled(self) -> bool:
+        """A message was begun and nothing has come for the stall timeout: a peer that
+        announced a data set and never sends it would otherwise hold the association (and
+        its retrieval) until the idle timeout."""
+        limit = self._stall_limit()
+        return bool(limit) and time.monotonic() - self._last_pdu > limit
+
+    def _release_gate(self) -> None:
+        gate, self.gate = self.gate, None
+        self._associate_by = 0.0
+        if gate is not None:
+            gate()
 
     def wake(self) -> None:
         """Interrupt the reactor's wait (any thread)."""
@@ -353,28 +523,36 @@ class FastDUL(DULServiceProvider):
         raises the events it always raised.
         """
         sock = cast(AssociationSocket, self.socket)
+        deadline = self._associate_by or None
         try:
             if isinstance(sock, FastAssociationSocket):
-                head = sock.recv(6, quickack=False)
+                head = sock.recv(6, quickack=False, deadline=deadline)
             else:
                 head = sock.recv(6)
             if len(head) == 6:
                 pdu_type, _, length = struct.unpack(">BBL", head)
-                body = sock.recv(length) if pdu_type in _PDU_TYPES else bytearray()
+                problem = self._pdu_problem(pdu_type, length)
+                if problem is not None:
+                    raise PeerViolation(problem)
+                if isinstance(sock, FastAssociationSocket):
+                    body = sock.recv(length, deadline=deadline)
+                else:
+                    body = sock.recv(length)
         except (OSError, TimeoutError) as exc:
-            log.warning("association with %s: connection lost mid-PDU (%s)", self.assoc.name, exc)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise PeerViolation(
+                    f"no association within {ASSOCIATE_DEADLINE:g}s of connecting"
+                ) from None
+            log.warning("%s: connection lost mid-PDU (%s)", self.peer(), type(exc).__name__)
             self.event_queue.put("Evt17")
             return
-        if len(head) != 6:
+        if len(head) != 6 or len(body) != length:
             self.event_queue.put("Evt17")
             return
-        if pdu_type not in _PDU_TYPES:
-            log.warning("association with %s: unknown PDU type 0x%02X", self.assoc.name, pdu_type)
-            self.event_queue.put("Evt19")
-            return
-        if len(body) != length:
-            self.event_queue.put("Evt17")
-            return
+        if pdu_type == 0x04:
+            items = pdv_items(memoryview(body))
+            if items is None:
+                raise PeerViolation("P-DATA-TF with malformed presentation data value items")
         if (
             pdu_type == 0x04
             and self.state_machine.current_state == "Sta6"
@@ -382,20 +560,18 @@ class FastDUL(DULServiceProvider):
             and not self.assoc.get_handlers(evt.EVT_DATA_RECV)
             and not self.assoc.get_handlers(evt.EVT_PDU_RECV)
         ):
-            items = pdv_items(memoryview(body))
-            if items is not None:
-                primitive = P_DATA()
-                # Views, not bytes: DIMSE only indexes, slices and copies them out.
-                primitive.presentation_data_value_list.extend(cast(Any, items))
-                self.assoc.dimse.receive_primitive(primitive)
-                return
+            primitive = P_DATA()
+            # Views, not bytes: DIMSE only indexes, slices and copies them out.
+            primitive.presentation_data_value_list.extend(cast(Any, items))
+            self.assoc.dimse.receive_primitive(primitive)
+            return
         head += body
         try:
             pdu, event = self._decode_pdu(head)
         except Exception as exc:
-            log.warning("association with %s: undecodable PDU (%s)", self.assoc.name, exc)
-            self.event_queue.put("Evt19")
-            return
+            raise PeerViolation(
+                f"undecodable PDU type 0x{pdu_type:02X} ({type(exc).__name__})"
+            ) from None
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
 
@@ -403,9 +579,13 @@ class FastDUL(DULServiceProvider):
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        if self.assoc.is_acceptor:
+            wait = min(ASSOCIATE_DEADLINE, self.assoc.acse_timeout or ASSOCIATE_DEADLINE)
+            self._associate_by = time.monotonic() + wait
         try:
             self._reactor_loop()
         finally:
+            self._release_gate()
             r, w = self._wake_r, self._wake_w
             self._wake_r = self._wake_w = -1
             os.close(w)
@@ -413,7 +593,6 @@ class FastDUL(DULServiceProvider):
 
     def _reactor_loop(self) -> None:
         self._idle_timer.start()
-        sock = cast(AssociationSocket, self.socket)
         wait = False
         while True:
             if not self.assoc._dul_ready.is_set():
@@ -426,30 +605,63 @@ class FastDUL(DULServiceProvider):
             if self.artim_timer.expired:
                 self.event_queue.put("Evt18")
             try:
+                if self._associate_by:
+                    if self.state_machine.current_state == "Sta6":
+                        self._release_gate()
+                    elif time.monotonic() > self._associate_by:
+                        raise PeerViolation(
+                            f"no association within {ASSOCIATE_DEADLINE:g}s of connecting"
+                        )
                 if self._process_recv_primitive():
                     pass
                 elif self._is_transport_event():
                     self._idle_timer.restart()
+                    self._last_pdu = time.monotonic()
+                elif self.assoc.dimse.message is not None and self._stalled():
+                    raise PeerViolation(
+                        f"a DIMSE message left incomplete for {self._stall_limit():g}s"
+                    )
+                try:
+                    event = self.event_queue.get(block=False)
+                except queue.Empty:
+                    wait = True
+                    continue
+                self.state_machine.do_action(event)
+                wait = False
             except Exception as exc:
                 # As pynetdicom does: bypass the state machine and send an A-ABORT.
-                log.error("DICOM upper layer failed (%s); aborting the association", exc)
-                abort_pdu = A_ABORT_RQ()
-                abort_pdu.source = 0x02
-                abort_pdu.reason_diagnostic = 0x00
-                with contextlib.suppress(Exception):  # the connection may be gone already
-                    sock.send(abort_pdu.encode())
-                self.assoc.is_aborted = True
-                self.assoc.is_established = False
-                self.assoc._kill = True
-                self._kill_thread = True
+                if isinstance(exc, PeerViolation):
+                    log.error("%s: %s; association aborted", self.peer(), exc)
+                else:  # its text may quote the peer's bytes: the type only
+                    log.error(
+                        "%s: DICOM upper layer failed (%s); association aborted",
+                        self.peer(),
+                        type(exc).__name__,
+                    )
+                self.abort_now()
                 return
-            try:
-                event = self.event_queue.get(block=False)
-            except queue.Empty:
-                wait = True
-                continue
-            self.state_machine.do_action(event)
-            wait = False
+
+    def abort_now(self) -> None:
+        """Send an A-ABORT (service provider) and end the association, on the DUL thread."""
+        abort_pdu = A_ABORT_RQ()
+        abort_pdu.source = 0x02
+        abort_pdu.reason_diagnostic = 0x00
+        sock = self.socket
+        if sock is not None:
+            with contextlib.suppress(Exception):  # the connection may be gone already
+                sock.send(abort_pdu.encode())
+            with contextlib.suppress(Exception):
+                sock.close()
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
+        # Wake whoever waits on this association (ACSE negotiation, DIMSE responses), as
+        # pynetdicom's own abort actions do.
+        indication = A_P_ABORT()
+        indication.provider_reason = 0x00
+        self.to_user_queue.put(indication)
+        self.assoc.dimse.msg_queue.put((None, None))
 
 
 def install_fast_layers(assoc: Association) -> None:
@@ -535,11 +747,33 @@ class _FastMessage(DIMSEMessage):
                 self._primitive, has_data_set, self._dataset_keyword = fast
                 if not has_data_set:
                     return True
+                if type(self._primitive) is C_STORE and assoc is not None:
+                    self._write_part10_header(assoc, context_id)
             else:
                 cast(BytesIO, self.data_set).write(data[1:])
                 if control & 2:
                     return True
         return False
+
+    def _write_part10_header(self, assoc: Association, context_id: int) -> None:
+        """Start the data set buffer of a C-STORE request with the Part-10 header of its
+        object, so that the received buffer is the whole file and the receiver does not
+        copy the data set behind a header (one copy of a 200 MB object, not two). The
+        primitive carries the header's length as :data:`PART10_PREFIX`."""
+        req = self._primitive
+        cx = assoc._accepted_cx.get(context_id)
+        if cx is None or not req.AffectedSOPClassUID or not req.AffectedSOPInstanceUID:
+            return
+        try:
+            head = PREAMBLE + file_meta(
+                str(req.AffectedSOPClassUID),
+                str(req.AffectedSOPInstanceUID),
+                str(cx.transfer_syntax[0]),
+            )
+        except ValueError:  # a UID that is not ASCII: the receiver refuses it
+            return
+        cast(BytesIO, self.data_set).write(head)
+        setattr(req, PART10_PREFIX, len(head))
 
     def message_to_primitive(self) -> Any:
         primitive = self._primitive
@@ -573,9 +807,26 @@ class FastDIMSE(DIMSEServiceProvider):
     nothing is bound to ``EVT_DIMSE_RECV``.
     """
 
+    _message_bytes = 0
+    _command_done = False
+
     def receive_primitive(self, primitive: P_DATA) -> None:
         if self.message is None:
             self.message = _FastMessage()
+            self._message_bytes = 0
+            self._command_done = False
+        for _cx, data in primitive.presentation_data_value_list:
+            self._message_bytes += len(data)
+            # PS3.7 E.2 / PS3.8 E.2: the command set's fragments, then the data set's.
+            if data[0] & 1:
+                if self._command_done:
+                    raise PeerViolation("a command set where a data set was expected")
+                if data[0] & 2:
+                    self._command_done = True
+            elif not self._command_done:
+                raise PeerViolation("a data set before its command set")
+        if self._message_bytes > MAX_MESSAGE_BYTES:
+            raise PeerViolation(f"DIMSE message over {MAX_MESSAGE_BYTES >> 20} MiB")
         super().receive_primitive(primitive)
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
@@ -737,7 +988,7 @@ class _InlineStoreQueue(queue.Queue):  # type: ignore[type-arg]
         if (
             type(msg) is C_STORE
             and assoc.is_established
-            and msg.is_valid_request
+            and (msg.is_valid_request or msg.MessageID is not None)
             and context_id in assoc._accepted_cx
             and not assoc._sent_release
             and self.empty()
@@ -756,6 +1007,29 @@ class FastAssociation(Association):
     abort and network-timeout checks still run), and is otherwise pynetdicom's own loop.
     Used only for inbound (acceptor) associations, where nothing pauses the reactor to send.
     """
+
+    def _serve_request(self, msg: Any, context_id: int) -> None:
+        """pynetdicom's, except that a C-STORE lacking its data set (or another mandatory
+        field) is answered with a failure, or the association aborted if it cannot be
+        answered: pynetdicom drops it silently and the PACS waits for a response until
+        its own timeout, holding up the rest of the retrieval."""
+        if type(msg) is C_STORE and not msg.is_valid_request and not self._sent_release:
+            peer = cast(FastDUL, self.dul).peer()
+            if msg.MessageID is None or context_id not in self._accepted_cx:
+                log.error("%s: C-STORE without a message ID or context; aborting", peer)
+                self.abort()
+                return
+            log.warning("%s: C-STORE without a data set (or a mandatory field) refused", peer)
+            rsp = C_STORE()
+            rsp.MessageIDBeingRespondedTo = msg.MessageID
+            if msg.AffectedSOPClassUID is not None:
+                rsp.AffectedSOPClassUID = msg.AffectedSOPClassUID
+            if msg.AffectedSOPInstanceUID is not None:
+                rsp.AffectedSOPInstanceUID = msg.AffectedSOPInstanceUID
+            rsp.Status = STORE_CANNOT_UNDERSTAND
+            self.dimse.send_msg(rsp, context_id)
+            return
+        super()._serve_request(msg, context_id)
 
     def _run_reactor(self) -> None:
         self._is_paused = False
@@ -782,9 +1056,21 @@ class _TunedRequestHandler(RequestHandler):
     result contexts), so the association can share the server's list.
     """
 
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except Exception:
+            # The association never started: its DUL will not release the gate.
+            server = self.server
+            if isinstance(server, _TunedServer):
+                server.associated()
+            raise
+
     def _create_association(self) -> Association:
         assoc = FastAssociation(self.ae, MODE_ACCEPTOR)
         install_fast_layers(assoc)
+        if isinstance(self.server, _TunedServer):
+            cast(FastDUL, assoc.dul).gate = self.server.associated
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{time.strftime('%Y%m%d%H%M%S')}"
         sock = FastAssociationSocket(assoc, client_socket=self.request)
@@ -809,8 +1095,9 @@ class _TunedRequestHandler(RequestHandler):
 
 
 def max_pdu_of(max_pdu: int) -> int:
-    """pynetdicom's value for our maximum receive PDU (0 = unlimited, as in PS3.8)."""
-    return max(0, int(max_pdu))
+    """The maximum receive PDU we announce: ``bridge.max_pdu``, or DEFAULT_MAX_PDU for 0
+    (PS3.8's "unlimited" would let a peer send a PDU of any length)."""
+    return int(max_pdu) if int(max_pdu) > 0 else DEFAULT_MAX_PDU
 
 
 # --- associations ------------------------------------------------------------------------
@@ -839,6 +1126,7 @@ def open_association(
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise RetrieveError(f"site {site.name}: cannot open an association: {e}") from None
+    assoc.mdm_site = site.name  # type: ignore[attr-defined]  # for the DUL's log lines
     if assoc.is_established:
         return assoc
     elapsed = time.monotonic() - started
@@ -1031,6 +1319,8 @@ def status_name(service: str, code: int) -> str:
 # Status codes the bridge's storage SCP answers with.
 STORE_SUCCESS = 0x0000
 STORE_NOT_AUTHORISED = 0x0124  # PS3.7 C.5: "Refused: Not Authorized" - nobody asked for it
+STORE_NOT_SUPPORTED = 0x0122  # "Refused: SOP Class not supported" - not on its context
+STORE_CANNOT_UNDERSTAND = 0xC000  # PS3.4 B.2.3: no data set, or not a well-formed copy
 STORE_OUT_OF_RESOURCES = 0xA700  # the cache is full
 STORE_PROCESSING_FAILURE = 0x0110  # the sink failed for another reason
 

@@ -310,7 +310,6 @@ def _child_main(
 
     from mdm.db import open_env
     from mdm.deid import DeidOptions, deidentify
-    from mdm.dicom.validate import check_object
     from mdm.keys import LocalKeyring, Scope
     from mdm.store import ObjectRef, ObjectStore
 
@@ -357,13 +356,6 @@ def _child_main(
                 return
             eid, obj, spec = job
             try:
-                check_object(
-                    obj.data,
-                    obj.sop_uid,
-                    str(spec.get("site", "?")),
-                    dataset_offset=obj.dataset_offset,
-                    transfer_syntax=obj.transfer_syntax,
-                )
                 meta = dict(spec.get("meta", {}))
                 meta.update(sop_class_uid=obj.sop_class_uid, transfer_syntax=obj.transfer_syntax)
                 data = obj.data
@@ -424,7 +416,7 @@ def _child_main(
             if kind == "expect":
                 _, eid, uids, spec, source = msg
                 outstanding.setdefault(eid, 0)
-                exps[eid] = scp.expect(uids, make_sink(eid, spec), source=source)
+                exps[eid] = scp.expect(uids, make_sink(eid, spec), spec, source=source)
                 send(("expected", eid))
             elif kind == "cancel":
                 exp = exps.pop(msg[1], None)

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any, cast
+from typing import Any
 
 from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
@@ -27,7 +27,10 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from mdm.config import BridgeSettings
 from mdm.dicom.net import (
+    PART10_PREFIX,
+    STORE_CANNOT_UNDERSTAND,
     STORE_NOT_AUTHORISED,
+    STORE_NOT_SUPPORTED,
     STORE_OUT_OF_RESOURCES,
     STORE_PROCESSING_FAILURE,
     STORE_SUCCESS,
@@ -37,7 +40,8 @@ from mdm.dicom.net import (
     max_pdu_of,
 )
 from mdm.dicom.part10 import part10
-from mdm.errors import StoreFull
+from mdm.dicom.validate import check_object, printable_uid
+from mdm.errors import IntegrityError, StoreFull
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +60,10 @@ class ReceivedObject:
     sop_uid: str
     sop_class_uid: str
     transfer_syntax: str
-    data: bytes
-    """The Part-10 file: preamble, ``DICM``, file meta information and the dataset as sent."""
+    data: bytes | memoryview
+    """The Part-10 file: preamble, ``DICM``, file meta information and the dataset as sent
+    (a view of the receive buffer when the data set was received straight after its
+    Part-10 header: the object is held once, however large)."""
     calling_aet: str
     dataset_offset: int = 0
     """Where the dataset starts in ``data`` (0: unknown)."""
@@ -114,13 +120,20 @@ class Expectation:
     """A registration of SOP Instance UIDs that one retrieval is waiting for."""
 
     def __init__(
-        self, scp: StorageSCP, sop_uids: frozenset[str], sink: Sink, source: Source | None = None
+        self,
+        scp: StorageSCP,
+        sop_uids: frozenset[str],
+        sink: Sink,
+        source: Source | None = None,
+        site: str = "",
     ) -> None:
         self._scp = scp
         self.sop_uids = sop_uids
         self.sink = sink
         self.source = source
         """Only objects from this site are accepted (None: from any allowed AE, for tests)."""
+        self.site = site
+        """The name of the site retrieving (for log lines; empty if unknown)."""
         self._lock = threading.Lock()
         self._received: set[str] = set()
         self._claimed: set[str] = set()
@@ -174,6 +187,7 @@ class ReceiverStats:
     duplicates: int = 0
     refused_unexpected: int = 0
     refused_wrong_site: int = 0
+    refused_malformed: int = 0
     refused_sink_error: int = 0
     rejected_associations: int = 0
 
@@ -200,6 +214,11 @@ class _GatedAE(TunedAE):
     def require_calling_aet(self, ae_titles: list[str]) -> None:
         # pynetdicom's constructor assigns []; the real list always comes from `allowed`.
         pass
+
+
+def _is_empty(data: BytesIO, prefix: int) -> bool:
+    with data.getbuffer() as view:
+        return view.nbytes <= prefix
 
 
 def storage_contexts() -> list[PresentationContext]:
@@ -313,7 +332,8 @@ class StorageSCP:
         """
         if source is not None and not isinstance(source, Source):
             source = source_of(source)
-        exp = Expectation(self, frozenset(sop_uids), sink, source)
+        site = str((spec or {}).get("site") or "")
+        exp = Expectation(self, frozenset(sop_uids), sink, source, site)
         with self._lock:
             for uid in exp.sop_uids:
                 self._routes.setdefault(uid, []).append(exp)
@@ -349,7 +369,14 @@ class StorageSCP:
             setattr(self.stats, counter, getattr(self.stats, counter) + 1)
 
     def handle_store(self, event: Event) -> int:
-        """EVT_C_STORE handler (also bound on C-GET associations): route, never decode."""
+        """EVT_C_STORE handler (also bound on C-GET associations): route, check, never decode.
+
+        Every C-STORE gets a status: an unexpected instance, or one from another site than
+        the one asked, 0x0124; one on a presentation context that was not accepted for its
+        class (or not in the SCP role) 0x0122; one with no data set or a data set that is not
+        a well-formed copy of the instance (:func:`~mdm.dicom.validate.check_object`) 0xC000;
+        each with one log line.
+        """
         req = event.request
         assert isinstance(req, C_STORE)
         sop_uid = str(req.AffectedSOPInstanceUID or "")
@@ -369,7 +396,7 @@ class StorageSCP:
                 "refused C-STORE from %r at %s: SOP instance %s was requested from another site",
                 calling,
                 address,
-                sop_uid,
+                printable_uid(sop_uid),
             )
             return STORE_NOT_AUTHORISED
         if exp is None:
@@ -377,23 +404,71 @@ class StorageSCP:
             log.warning(
                 "refused C-STORE from %r: SOP instance %s (class %s) was not requested",
                 calling,
-                sop_uid,
-                sop_class,
+                printable_uid(sop_uid),
+                printable_uid(sop_class),
             )
             return STORE_NOT_AUTHORISED
-        transfer_syntax = str(event.context.transfer_syntax)
-        try:
-            # A view of the received bytes: the Part-10 file is their only copy.
-            with cast(BytesIO, req.DataSet).getbuffer() as dataset:
-                data = part10(sop_class, sop_uid, transfer_syntax, dataset)
-                dataset_offset = len(data) - dataset.nbytes
-        except ValueError:
-            self._count("refused_sink_error")
-            exp.refused += 1
-            log.warning(
-                "C-STORE of %s from %r refused: unusable UID in the request", sop_uid, calling
+        who = f"site {exp.site}" if exp.site else f"AE {calling!r}"
+        # pynetdicom serves a C-STORE on our own C-GET association under any accepted
+        # context of its class when the one it came on was never accepted (and the data set
+        # would then be labelled with that other context's transfer syntax).
+        cx = assoc._accepted_cx.get(req._context_id or 0)
+        if (
+            cx is None
+            or str(cx.abstract_syntax) != sop_class
+            or (assoc.is_requestor and not cx.as_scp)
+            or cx.context_id != event.context.context_id
+        ):
+            return self._refuse(
+                exp,
+                "refused_malformed",
+                STORE_NOT_SUPPORTED,
+                "%s: C-STORE of %s refused: on a presentation context not accepted for its class",
+                who,
+                sop_uid,
             )
-            return STORE_PROCESSING_FAILURE
+        if req.DataSet is None or _is_empty(req.DataSet, getattr(req, PART10_PREFIX, 0)):
+            return self._refuse(
+                exp,
+                "refused_malformed",
+                STORE_CANNOT_UNDERSTAND,
+                "%s: C-STORE of %s refused: no data set",
+                who,
+                sop_uid,
+            )
+        transfer_syntax = str(event.context.transfer_syntax)
+        data: bytes | memoryview
+        try:
+            prefixed = getattr(req, PART10_PREFIX, 0)
+            if prefixed:
+                # The DIMSE layer wrote this request's Part-10 header ahead of its data set
+                # (net._FastMessage): the receive buffer is the file, nothing is copied.
+                data = req.DataSet.getbuffer()
+                dataset_offset = prefixed
+            else:
+                with req.DataSet.getbuffer() as dataset:
+                    data = part10(sop_class, sop_uid, transfer_syntax, dataset)
+                    dataset_offset = len(data) - dataset.nbytes
+        except ValueError:
+            return self._refuse(
+                exp,
+                "refused_sink_error",
+                STORE_PROCESSING_FAILURE,
+                "%s: C-STORE of %s refused: unusable UID in the request",
+                who,
+                sop_uid,
+            )
+        try:
+            check_object(
+                data,
+                sop_uid,
+                exp.site or calling,
+                dataset_offset=dataset_offset,
+                transfer_syntax=transfer_syntax,
+                sop_class_uid=sop_class,
+            )
+        except IntegrityError as e:
+            return self._refuse(exp, "refused_malformed", STORE_CANNOT_UNDERSTAND, "%s", e)
         if not exp._claim(sop_uid):
             # A PACS may resend after a lost response: acknowledge, do not store twice.
             self._count("duplicates")
@@ -410,10 +485,14 @@ class StorageSCP:
             exp.sink(obj)
         except StoreFull:
             exp._unclaim(sop_uid)
-            self._count("refused_sink_error")
-            exp.refused += 1
-            log.warning("C-STORE of %s from %r refused: cache full", sop_uid, calling)
-            return STORE_OUT_OF_RESOURCES
+            return self._refuse(
+                exp,
+                "refused_sink_error",
+                STORE_OUT_OF_RESOURCES,
+                "%s: C-STORE of %s refused: cache full",
+                who,
+                sop_uid,
+            )
         except Exception:
             exp._unclaim(sop_uid)
             self._count("refused_sink_error")
@@ -423,6 +502,12 @@ class StorageSCP:
         exp._delivered(sop_uid)
         self._count("stored")
         return STORE_SUCCESS
+
+    def _refuse(self, exp: Expectation, counter: str, status: int, msg: str, *args: object) -> int:
+        self._count(counter)
+        exp.refused += 1
+        log.warning(msg, *args)
+        return status
 
     def _on_accepted(self, event: Event) -> None:
         # A PACS that proposes a storage class only in syntaxes we do not accept cannot send

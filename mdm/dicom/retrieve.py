@@ -559,7 +559,7 @@ class Retriever:
         expectation = self.scp.expect(
             set(expected) | set(sop_uids or ()),
             tracked,
-            store_spec,
+            {"site": site.name, **(store_spec or {})},
             inbound=mode == "move",
             source=site,
         )
