@@ -122,6 +122,7 @@ def _print_versions(ctx: click.Context, _param: click.Parameter, value: bool) ->
 )
 @click.option(
     "--version",
+    "-V",
     is_flag=True,
     expose_value=False,
     is_eager=True,

@@ -119,6 +119,7 @@ def test_version_names_the_stack() -> None:
     assert got["mdm-bridge"] == version("mdm-bridge")
     assert got["pydicom"] == pydicom.__version__
     assert re.match(r"3\.\d+", got["libfuse"]), got["libfuse"]
+    assert run_mdm("-V").stdout == res.stdout  # the short form, as dcmtk and rclone have it
 
 
 def test_log_format_json_and_its_environment_variable(tmp_path: Path) -> None:
