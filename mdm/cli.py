@@ -184,7 +184,8 @@ def mount(
     # and exit code before any daemon starts.
     open_session(config, token_file, audit=False)
     prepare_mountpoint(mountpoint)
-    log_file = log_file or config.cache.dir / "mount.log"
+    # One log per mount point: jobs sharing a cache do not share (or quote) each other's log.
+    log_file = log_file or config.cache.dir / "logs" / f"mount{_path_tag(mountpoint)}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     level = logging.getLevelName(logging.getLogger().level)
     cmd = [sys.executable, "-m", "mdm", "--log-level", "INFO" if level == "WARNING" else level]
@@ -365,6 +366,11 @@ def find(
         )
     if res.errors and not res.rows:
         sys.exit(1)
+
+
+def _path_tag(path: Path) -> str:
+    """A file-name-safe tag of a mount point: ``/scratch/job 7/mnt`` -> ``-scratch-job_7-mnt``."""
+    return "".join(c if c.isalnum() or c in "._" else "-" if c == "/" else "_" for c in str(path))
 
 
 def _json_value(keyword: str, value: Any) -> Any:

@@ -22,6 +22,7 @@ See docs/STORE.md for the whole protocol.
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -553,7 +554,7 @@ class ObjectStore:
             dek = new_key()
             # A key service binds the policy attributes of the object to its sealed key.
             sealed = self.keys.seal(identity, scope, dek, resource=resource)
-            self._write_blob(name, ChunkCipher(dek, identity, header), data)
+            tmp = self._write_blob(name, ChunkCipher(dek, identity, header), data)
             now = time.time()
             info = ObjectInfo(
                 ref=ref,
@@ -566,20 +567,19 @@ class ObjectStore:
                 meta=meta,
             )
             with self._lock:
-                self._commit(name, info)
-            log.debug("stored object %s (%d bytes)", name[:16], need)
-            return info
+                stored = self._commit(name, info, tmp)
+            if stored is info:
+                log.debug("stored object %s (%d bytes)", name[:16], need)
+            return stored
         finally:
             with self._lock:
                 self._reserved -= need
                 del self._inflight[name]
             mine.set()
 
-    def _write_blob(self, name: str, cipher: ChunkCipher, data: bytes | memoryview) -> None:
-        """Encrypt into tmp/, fsync, rename into objects/, fsync the directory."""
+    def _write_blob(self, name: str, cipher: ChunkCipher, data: bytes | memoryview) -> Path:
+        """Encrypt into tmp/ and fsync; the caller places it (``_commit``)."""
         tmp = self._tmp_dir / f"{name}.{secrets.token_hex(8)}.tmp"
-        final = self._blob_path(name)
-        placed = False
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
@@ -588,29 +588,36 @@ class ObjectStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            if not final.parent.is_dir():
-                final.parent.mkdir(mode=0o700, exist_ok=True)
-                _fsync_dir(self._objects_dir)
-            os.rename(tmp, final)
-            placed = True
-            _fsync_dir(final.parent)
         except BaseException as e:
-            for p in (tmp, final) if placed else (tmp,):
-                try:
-                    os.unlink(p)
-                except FileNotFoundError:
-                    pass
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreFull(
                     f"no space left on the cache disk under {self.root} "
                     f"({os.strerror(e.errno)}); nothing was stored"
                 ) from None
             raise
+        return tmp
 
-    def _commit(self, name: str, info: ObjectInfo) -> None:
-        """Commit the record of a placed blob, re-checking the cap (lock held)."""
+    def _commit(self, name: str, info: ObjectInfo, tmp: Path) -> ObjectInfo:
+        """Place the blob written at ``tmp`` and commit its record, in one LMDB write
+        transaction (lock held); returns the record in force.
+
+        LMDB serialises write transactions across processes, so placing the blob inside one
+        pairs each record with its own blob: two processes storing the same object (a mount
+        and ``mdm fetch``, or two jobs' mounts sharing a cache) cannot leave one's record over
+        the other's blob. The later one finds the earlier's record and discards its own blob.
+        Evicted blobs are unlinked inside the transaction too, so an unlink can never hit a
+        blob placed after it under the same name.
+        """
+        final = self._blob_path(name)
+        placed = False
         try:
             with self.env.begin(write=True) as txn:
+                existing = self._get(txn, name)
+                if existing is not None:
+                    os.unlink(tmp)
+                    return existing
                 # Another process may have committed since we made room: check again here,
                 # inside the write txn, so the committed total never exceeds max_bytes.
                 over = self._committed_bytes(txn) + info.stored_bytes - self.max_bytes
@@ -619,13 +626,27 @@ class ObjectStore:
                     raise StoreFull(f"cache filled up by another process (max={self.max_bytes})")
                 for vname, vinfo in victims:
                     self._delete_record(txn, vname, vinfo)
+                if not final.parent.is_dir():
+                    final.parent.mkdir(mode=0o700, exist_ok=True)
+                    _fsync_dir(self._objects_dir)
+                os.rename(tmp, final)
+                placed = True
+                _fsync_dir(final.parent)
                 txn.put(name.encode(), info.to_record(), db=self._db)
                 txn.put(self._lru_key(name, info.last_access), b"", db=self._lru)
                 self._set_committed_bytes(txn, self._committed_bytes(txn) + info.stored_bytes)
-        except BaseException:
-            self._unlink_blobs([name])
+                self._unlink_blobs(vname for vname, _ in victims)
+        except BaseException as e:
+            for p in (tmp, final) if placed else (tmp,):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(
+                    f"no space left on the cache disk under {self.root} "
+                    f"({os.strerror(e.errno)}); nothing was stored"
+                ) from None
             raise
-        self._unlink_blobs(vname for vname, _ in victims)
+        return info
 
     def info(self, ref: ObjectRef) -> ObjectInfo | None:
         """The record of ``ref``, or None if it is not cached."""

@@ -70,7 +70,9 @@ async def serve(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount the federation at ``mountpoint`` and serve until unmounted or signalled."""
-    async with open_bridge(config, session) as bridge:
+    # Several jobs on one node may mount the same configuration: the first one listens on
+    # the storage port (C-MOVE), the others retrieve by C-GET into the same cache.
+    async with open_bridge(config, session, get_if_port_busy=True) as bridge:
         ops = MdmOperations(bridge, strict=strict)
         options = set(pyfuse3.default_options)
         options |= {"fsname=mdm", "subtype=mdm", "ro", "noatime"}
