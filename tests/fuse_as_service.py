@@ -13,6 +13,7 @@ unmount's and the daemon's exit codes, and the daemon's log.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
@@ -56,6 +57,7 @@ def _as_nobody(bounding: str, nnp: bool) -> list[str]:
 
 def main() -> None:
     work, bounding, nnp = Path(sys.argv[1]), sys.argv[2], "--nnp" in sys.argv[3:]
+    reads = [a.removeprefix("--read=") for a in sys.argv[3:] if a.startswith("--read=")]
     for p in (Path(sys.base_prefix), Path(sys.prefix), ROOT, work):
         _reachable(p)
     fuse = Path("/dev/fuse")
@@ -84,12 +86,18 @@ def main() -> None:
                 options = line.split(" - ", 1)[1]
         time.sleep(0.1)
     listing: list[str] = []
+    read: dict[str, str] = {}
     umount_rc = None
     if options:
         ls = subprocess.run(
             [*_as_nobody(bounding, nnp), "ls", str(mnt)], capture_output=True, text=True
         )
         listing = ls.stdout.split()
+        for rel in reads:  # a file read as that user: retrieved through the receiver process
+            cat = subprocess.run(
+                [*_as_nobody(bounding, nnp), "cat", str(mnt / rel)], capture_output=True
+            )
+            read[rel] = base64.b64encode(cat.stdout).decode() if cat.returncode == 0 else ""
         umount_rc = subprocess.run(
             [*_as_nobody(bounding, nnp), *mdm, "umount", str(mnt)], cwd=ROOT
         ).returncode
@@ -104,6 +112,7 @@ def main() -> None:
                 "mounted": bool(options),
                 "options": options,
                 "listing": listing,
+                "read": read,
                 "umount_rc": umount_rc,
                 "daemon_rc": daemon_rc,
                 "log": log.read_text(errors="replace")[-3000:],

@@ -25,6 +25,8 @@ import pytest
 
 from mdm.cli import main
 from mdm.localpacs import free_port
+from tests.conftest import PacsPair
+from tests.test_e2e_mount import same_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "packaging"
@@ -238,7 +240,13 @@ def _unit_bounding_set(unit: Path) -> str:
     return ",".join(["-all", *("+" + c.removeprefix("CAP_").lower() for c in caps)])
 
 
-def _mount_as_the_unit(tmp_path: Path, bounding: str, nnp: bool) -> dict[str, object]:
+def _mount_as_the_unit(
+    tmp_path: Path,
+    bounding: str,
+    nnp: bool,
+    config: str | None = None,
+    reads: tuple[str, ...] = (),
+) -> dict[str, object]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     fusermount = shutil.which("fusermount3")
     if os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "setpriv")):
@@ -250,13 +258,15 @@ def _mount_as_the_unit(tmp_path: Path, bounding: str, nnp: bool) -> dict[str, ob
     work = tmp_path / "inst"
     (work / "mnt").mkdir(parents=True)
     (work / "mdm.toml").write_text(
-        f'[bridge]\nae_title = "MDMSVC"\nhost = "127.0.0.1"\nport = {free_port()}\n'
+        config
+        or f'[bridge]\nae_title = "MDMSVC"\nhost = "127.0.0.1"\nport = {free_port()}\n'
         f'[cache]\ndir = "{work / "cache"}"\n[keys]\nkeyring = "{work / "keyring.json"}"\n'
         '[[site]]\nname = "Nowhere"\nae_title = "X"\nhost = "127.0.0.1"\nport = 1\n'
     )
     for p in (work, work / "mnt", work / "mdm.toml"):
         os.chown(p, 65534, 65534)
     argv = [sys.executable, "-m", "tests.fuse_as_service", str(work), bounding]
+    argv += [f"--read={r}" for r in reads]
     res = subprocess.run(
         ["unshare", "-m", "--propagation", "private", *argv, *(["--nnp"] if nnp else [])],
         capture_output=True,
@@ -281,6 +291,37 @@ def test_mount_unit_credentials_mount_and_unmount(tmp_path: Path) -> None:
     assert "fuse.mdm" in str(r["options"]) and "user_id=65534" in str(r["options"]), r
     assert set(r["listing"]) >= {"studies", "patients", "sites"}, r  # type: ignore[arg-type]
     assert r["umount_rc"] == 0 and r["daemon_rc"] == 0, r["log"]
+
+
+@pytest.mark.e2e
+def test_an_ordinary_user_mounts_and_reads_from_the_pacs(
+    orthanc_pair: PacsPair, tmp_path: Path
+) -> None:
+    """Not root: user nobody mounts (through fusermount3) and reads objects retrieved by
+    C-MOVE into the receiver process, byte-exact; the cache it made is its own (0700)."""
+    import base64
+
+    pair = orthanc_pair
+    aet, port = f"MDMU{free_port() % 10000}", free_port()
+    pair.add_destination(aet, port)
+    work = tmp_path / "inst"
+    cfg = pair.write_config(tmp_path / "cfg", bridge_options={"ae_title": aet, "port": port})
+    text = cfg.read_text().replace(str(tmp_path / "cfg" / "cache"), str(work / "cache"))
+    text = text.replace(str(tmp_path / "cfg" / "keyring.json"), str(work / "keyring.json"))
+    picks = [i for i in pair.instances if "SiteA" in pair.sites_holding(i.sop_uid)][:2]
+    rels = [f"studies/{i.study_uid}/{i.series_uid}/{i.sop_uid}.dcm" for i in picks]
+    unit = UNITS / "mdm-mount@.service"
+    r = _mount_as_the_unit(tmp_path, _unit_bounding_set(unit), False, text, tuple(rels))
+    assert r["mounted"], r["log"]
+    read = r["read"]
+    assert isinstance(read, dict)
+    for inst, rel in zip(picks, rels, strict=True):
+        assert read[rel], r["log"]
+        same_dataset(base64.b64decode(read[rel]), inst)
+    assert r["umount_rc"] == 0 and r["daemon_rc"] == 0, r["log"]
+    cache = work / "cache"
+    assert cache.stat().st_uid == 65534 and cache.stat().st_mode & 0o777 == 0o700
+    assert (cache / "index.lmdb").stat().st_mode & 0o777 == 0o700
 
 
 @pytest.mark.e2e
