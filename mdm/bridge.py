@@ -6,6 +6,8 @@ gateway, WebDAV) could use it the same way. Paths are tuples of names::
     ("studies", StudyUID, SeriesUID, "<SOPInstanceUID>.dcm")
     ("patients", PatientID, StudyUID, SeriesUID, "<SOPInstanceUID>.dcm")
     ("sites", SiteName, PatientID, StudyUID, SeriesUID, "<SOPInstanceUID>.dcm")
+    ("browse", PatientID, "<StudyDate>_<Description>_<StudyUID>",
+        "<SeriesNumber>_<Modality>_<Description>_<SeriesUID>", "<InstanceNumber>_<SOP>.dcm")
     <any directory> + (".metadata.json",)
 
 Every name, listing and open goes through the principal's access decision: what the principal
@@ -62,7 +64,9 @@ MAX_ALIASES = 200_000
 """Remapped UIDs remembered by a mount (about 250 bytes each)."""
 
 METADATA = ".metadata.json"
-TOP = ("studies", "patients", "sites")
+TOP = ("studies", "patients", "sites", "browse")
+READABLE_DESC = 40
+"""Longest description kept in a readable (``/browse``) name."""
 
 STUDY_KEYS = (
     "PatientID",
@@ -635,6 +639,55 @@ class Bridge:
             raise NotFound(name)
         return inst
 
+    # ------------------------------------------------------------------ readable names
+    def readable_name(self, kind: str, rec: Record, v: View) -> str:
+        """The ``/browse`` name of a study, series or instance: what its view shows of its
+        date, number and description, then its (view's) UID, which is always the last
+        ``_``-separated part (UIDs hold digits and dots only), so it is recoverable."""
+        uid = self._name(v, rec.uid)
+        if kind == "instance":
+            num = rec.attrs.get("InstanceNumber", "")
+            head = f"{int(num):05d}" if num.strip().lstrip("-").isdigit() else "00000"
+            return f"{head}_{uid}.dcm"
+        level = "STUDY" if kind == "study" else "SERIES"
+        shown = v.attrs(level, rec.attrs, NON_PHI)
+        if kind == "study":
+            parts = [shown.get("StudyDate") or "nodate", shown.get("StudyDescription", "")]
+        else:
+            num = shown.get("SeriesNumber", "")
+            head = f"{int(num):04d}" if num.strip().lstrip("-").isdigit() else "0000"
+            parts = [head, shown.get("Modality", ""), shown.get("SeriesDescription", "")]
+        words = [_readable_part(x) for x in parts]
+        return "_".join([w for w in words if w] + [uid])
+
+    @staticmethod
+    def _uid_of_readable(name: str) -> str:
+        if name == METADATA:
+            return name
+        if name.endswith(".dcm"):
+            return name[:-4].rsplit("_", 1)[-1] + ".dcm"
+        return name.rsplit("_", 1)[-1]
+
+    async def _resolve_browse(self, path: tuple[str, ...]) -> Node:
+        """``/browse/...``: the ``/patients`` node of the same UIDs, if every component is
+        exactly the readable name the principal's view gives it."""
+        names = [self._uid_of_readable(x) for x in path[2:]]
+        node = await self.resolve(("patients", *path[1:2], *names))
+        if node.kind == "metadata":
+            node.path = path
+            return node
+        for kind, rec, given in zip(
+            ("study", "series", "instance"),
+            (node.study, node.series, node.instance),
+            path[2:],
+            strict=False,
+        ):
+            assert rec is not None and node.view is not None
+            if self.readable_name(kind, rec, node.view) != given:
+                raise NotFound(given)
+        node.path = path
+        return node
+
     async def resolve(self, path: tuple[str, ...]) -> Node:
         """The node at ``path`` if this principal may see it; NotFound otherwise."""
         if path and path[-1] == METADATA:
@@ -648,6 +701,8 @@ class Bridge:
             raise NotFound(top)
         if n == 1:
             return Node(kind="top", path=path)
+        if top == "browse":
+            return await self._resolve_browse(path)
         principal = self.principal
         rest = list(path[1:])
         site: str | None = None
@@ -742,6 +797,8 @@ class Bridge:
 
     async def listdir(self, path: tuple[str, ...]) -> list[Entry]:
         """The visible entries of the directory at ``path``."""
+        if len(path) >= 2 and path[0] == "browse":
+            return await self._listdir_browse(path)
         node = await self.resolve(path)
         t = self.started
         out: list[Entry] = []
@@ -752,7 +809,7 @@ class Bridge:
             out = [Entry(n, True, mtime=t) for n in TOP]
         elif node.kind == "top" and path[0] == "sites":
             out = [Entry(s.name, True, mtime=t) for s in self.config.sites]
-        elif (node.kind == "top" and path[0] == "patients") or node.kind == "site":
+        elif (node.kind == "top" and path[0] in ("patients", "browse")) or node.kind == "site":
             out = [Entry(n, True, mtime=t) for n, _, _ in await self._patients(node.site)]
         elif node.kind == "top":  # studies
             await self._ensure_studies()
@@ -791,6 +848,32 @@ class Bridge:
         out.sort(key=lambda e: e.name)
         meta = await self.lookup((*path, METADATA))
         return [meta, *out]
+
+    async def _listdir_browse(self, path: tuple[str, ...]) -> list[Entry]:
+        node = await self.resolve(path)
+        plain = ("patients", path[1], *(self._uid_of_readable(x) for x in path[2:]))
+        entries = await self.listdir(plain)
+        if node.kind == "patient":
+            kind, parent = "study", None
+        elif node.kind == "study":
+            kind, parent = "series", node.study
+        else:
+            kind, parent = "instance", node.series
+        out: list[Entry] = []
+        for e in entries:
+            if e.name == METADATA:
+                out.append(e)
+                continue
+            try:
+                sub = await self.resolve((*plain, e.name))
+            except NotFound:
+                continue
+            rec = {"study": sub.study, "series": sub.series, "instance": sub.instance}[kind]
+            if rec is None or sub.view is None or (parent is not None and rec.parent != parent.uid):
+                continue
+            out.append(dataclasses.replace(e, name=self.readable_name(kind, rec, sub.view)))
+        out.sort(key=lambda x: (x.name != METADATA, x.name))
+        return out
 
     def metadata(self, node: Node) -> bytes:
         """The ``.metadata.json`` document of a directory node, as its view allows."""
@@ -1178,6 +1261,15 @@ async def open_bridge(
             catalog.close()
     finally:
         env.close()
+
+
+def _readable_part(text: str) -> str:
+    """A description as a name part: letters, digits, '-' and '.', spaces as '-', no '_'
+    (it separates the parts), bounded."""
+    out = "".join(c if c.isalnum() or c in "-." else "-" for c in text.strip())
+    while "--" in out:
+        out = out.replace("--", "-")
+    return safe_name(out.strip("-.")[:READABLE_DESC]) if out.strip("-.") else ""
 
 
 async def _none() -> None:

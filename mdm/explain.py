@@ -35,12 +35,19 @@ def parse_target(target: str) -> tuple[str | None, str | None, str | None, str |
     parts = list(PurePosixPath(target).parts)
     anchor = next((i for i, p in enumerate(parts) if p in TOP), None)
     if anchor is None:
-        raise UserError(f"{target}: not a path under /studies, /patients or /sites of a mount")
+        raise UserError(
+            f"{target}: not a path under /studies, /patients, /sites or /browse of a mount"
+        )
     rest = parts[anchor + 1 :]
     if parts[anchor] == "sites":
         rest = rest[2:]
     elif parts[anchor] == "patients":
         rest = rest[1:]
+    elif parts[anchor] == "browse":  # readable names end with their UID
+        rest = [
+            p if p == ".metadata.json" else p.removesuffix(".dcm").rsplit("_", 1)[-1]
+            for p in rest[1:]
+        ]
     rest = [p for p in rest if p != ".metadata.json"]
     if not rest:
         raise UserError(f"{target}: name a study, series or file")

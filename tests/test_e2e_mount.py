@@ -455,3 +455,39 @@ def test_tar_and_zip_of_an_uncached_series(
     with zipfile.ZipFile(tmp_path / "s.zip") as zf:
         for inst in series:
             same_dataset(zf.read(f"{inst.sop_uid}.dcm"), inst)  # zip reads to EOF either way
+
+
+def test_browse_has_readable_names_with_the_uid_recoverable(
+    orthanc_pair: PacsPair, tmp_path: Path
+) -> None:
+    """/browse/<patient>/<date>_<description>_<UID>/<number>_<modality>_<desc>_<UID>/
+    <instance number>_<SOP>.dcm: sorted the way people read them, the same objects as
+    /studies, and only the exact readable name resolves."""
+    cfg = config(orthanc_pair, tmp_path, bridge_options={"prefetch": False})
+    inst = orthanc_pair.instances[0]
+    with Mount(cfg, tmp_path / "mnt") as m:
+        b = m.mountpoint / "browse"
+        assert inst.patient_id in os.listdir(b)
+        studies = [n for n in os.listdir(b / inst.patient_id) if n.endswith(inst.study_uid)]
+        assert len(studies) == 1
+        study = studies[0]
+        assert re.match(r"^\d{8}_", study), study  # the study date first
+        series = [n for n in os.listdir(b / inst.patient_id / study) if n.endswith(inst.series_uid)]
+        assert len(series) == 1 and re.match(r"^\d{4}_[A-Z]+_", series[0]), series
+        files = sorted(n for n in os.listdir(b / inst.patient_id / study / series[0]))
+        assert ".metadata.json" in files
+        files = [f for f in files if f.endswith(".dcm")]
+        numbers = [int(f.split("_", 1)[0]) for f in files]
+        assert numbers == sorted(numbers) and len(files) == len(
+            orthanc_pair.series(inst.series_uid)
+        )
+        mine = next(f for f in files if f.endswith(f"_{inst.sop_uid}.dcm"))
+        p = b / inst.patient_id / study / series[0] / mine
+        same_dataset(p.read_bytes(), inst)
+        assert p.read_bytes() == study_path(m.mountpoint, inst).read_bytes()
+        # The UID is recoverable from every name; a name with another prefix does not resolve.
+        assert study.rsplit("_", 1)[1] == inst.study_uid
+        with pytest.raises(FileNotFoundError):
+            os.stat(b / inst.patient_id / f"19000101_Forged_{inst.study_uid}")
+        with pytest.raises(FileNotFoundError):
+            os.stat(b / inst.patient_id / study / series[0] / f"99999_{inst.sop_uid}.dcm")

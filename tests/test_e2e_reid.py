@@ -164,6 +164,18 @@ def test_find_matches_the_mount_view_and_its_shifted_dates(
             for s in os.listdir(studies)
             if s != ".metadata.json"
         }
+        # /browse names come from the same view: shifted dates, remapped UIDs, no PHI.
+        browse = m.mountpoint / "browse"
+        for pseudo in os.listdir(browse):
+            if pseudo == ".metadata.json":
+                continue
+            for name in os.listdir(browse / pseudo):
+                if name == ".metadata.json":
+                    continue
+                uid = name.rsplit("_", 1)[1]
+                assert uid in shown_studies, name
+                assert name.startswith(shown_studies[uid].get("StudyDate", "nodate") + "_")
+                assert not [i for i in pair.instances if i.patient_name.split("^")[0] in name]
     rows = find.rows(grid, "study")
     assert {r["StudyInstanceUID"] for r in rows} == set(shown_studies)
     for r in rows:
