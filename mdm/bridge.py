@@ -327,7 +327,8 @@ class Bridge:
         out: list[tuple[str, list[Dataset] | None]] = []
         for r in results:
             if r.error is not None:
-                log.warning("C-FIND %s at site %s failed: %s", level, r.site.name, r.error)
+                # INFO: the caller reports what it could not do (EIO, a CLI error line).
+                log.info("C-FIND %s at site %s failed: %s", level, r.site.name, r.error)
                 out.append((r.site.name, None))
             else:
                 out.append((r.site.name, list(r.datasets)))
@@ -458,6 +459,16 @@ class Bridge:
             self._negative.clear()
         self._negative[(kind, name)] = time.monotonic() + NEGATIVE_TTL
 
+    async def _query_study(self, uid: str) -> list[tuple[str, list[Dataset] | None]]:
+        """The targeted C-FIND of one study at every site; RetrieveError if none answered
+        (unreachable is not "missing", for hidden and missing UIDs alike)."""
+        answers = await self._find(
+            "STUDY", query_dataset("STUDY", STUDY_KEYS, StudyInstanceUID=uid)
+        )
+        if answers and all(dss is None for _, dss in answers):
+            raise RetrieveError("no site answered the study query")
+        return answers
+
     async def study(self, uid: str) -> Record:
         """The study ``uid``: from the catalog, or a targeted C-FIND if never listed."""
         rec = self.catalog.get("STUDY", uid)
@@ -467,9 +478,7 @@ class Bridge:
             raise NotFound(uid)
 
         async def run() -> None:
-            for site, dss in await self._find(
-                "STUDY", query_dataset("STUDY", STUDY_KEYS, StudyInstanceUID=uid)
-            ):
+            for site, dss in await self._query_study(uid):
                 if dss:
                     recs = [r for r in self._to_records("STUDY", site, dss) if r.uid == uid]
                     self.catalog.merge(self._patients_of(recs, site) + recs)
@@ -591,10 +600,8 @@ class Bridge:
         exists nowhere costs (then the negative cache, as for a missing name): timing tells
         the two apart no better than the answer does."""
         if not self._negative_hit(kind, name):
-            try:
-                await work()
-            except MdmError:
-                pass
+            # Its errors too: with every site down a missing name is EIO, so a hidden one is.
+            await work()
             self._remember_missing(kind, name)
         raise NotFound(name)
 
@@ -609,8 +616,8 @@ class Bridge:
         d = self.decide(study, principal=principal)
         if not self._visible(d) or self._name(self.view(d), study.uid) != name:
             # A study never listed was just looked up by the same C-FIND a missing one costs.
-            q = query_dataset("STUDY", STUDY_KEYS, StudyInstanceUID=study.uid)
-            await self._conceal("study", name, lambda: self._find("STUDY", q) if known else _none())
+            work = (lambda: self._query_study(study.uid)) if known else _none
+            await self._conceal("study", name, work)
         return study, d
 
     async def _series_named(

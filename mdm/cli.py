@@ -353,7 +353,7 @@ def find(
     finally:
         session.close()
     for e in res.errors:
-        click.echo(f"mdm: warning: site {e}", err=True)
+        click.echo(f"mdm: warning: {e}", err=True)
     for n in res.notes:
         click.echo(f"mdm: note: {n}", err=True)
     if as_json:

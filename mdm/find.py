@@ -213,7 +213,7 @@ def _find_as_admin(
     errors = []
     for r in fan_out(sites, config.bridge, lvl, ds):
         if r.error is not None:
-            errors.append(f"{r.site.name}: {r.error}")
+            errors.append(str(r.error))
             continue
         for d in r.datasets:
             row = {k: _value(d.get(k)) for k in keys}
@@ -263,7 +263,7 @@ class _Finder:
         out: list[tuple[str, Dataset]] = []
         for r in fan_out(chosen, self.config.bridge, level, query_dataset(level, keys, **uids)):
             if r.error is not None:
-                self.errors.append(f"{r.site.name}: {r.error}")
+                self.errors.append(str(r.error))
                 continue
             out.extend((r.site.name, ds) for ds in r.datasets)
         return out

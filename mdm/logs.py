@@ -63,14 +63,18 @@ def configure(
 ) -> None:
     """Send every record at ``level`` or above to ``handler`` only, in format ``fmt``.
 
-    pynetdicom logs every association at INFO: its warnings only. pydicom quotes invalid
+    pynetdicom logs every association at INFO, and its failures again in its own words: at
+    DEBUG only (the bridge names each failure and its site). pydicom quotes invalid
     values word for word in its warnings, which is patient data: its errors only.
     """
     handler.setFormatter(make_formatter(fmt, process))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper() if isinstance(level, str) else level)
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    # pynetdicom's own errors ("Association request failed ...") repeat what the bridge says
+    # of the same failure in its own words, naming the site: kept for DEBUG only.
+    pnd = logging.CRITICAL if root.level > logging.DEBUG else logging.DEBUG
+    logging.getLogger("pynetdicom").setLevel(pnd)
     logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 

@@ -72,7 +72,7 @@ def moved(orthanc_pair: PacsPair, tmp_path_factory: pytest.TempPathFactory):  # 
 
 def test_namespace_lists_the_federation(orthanc_pair: PacsPair, moved: Mount) -> None:
     mnt = moved.mountpoint
-    assert sorted(os.listdir(mnt)) == [".metadata.json", "patients", "sites", "studies"]
+    assert sorted(os.listdir(mnt)) == [".metadata.json", "browse", "patients", "sites", "studies"]
     studies = {i.study_uid for i in orthanc_pair.instances}
     assert set(os.listdir(mnt / "studies")) - {".metadata.json"} == studies
     assert set(os.listdir(mnt / "patients")) - {".metadata.json"} == {
