@@ -180,6 +180,7 @@ def start_pair(root: Path) -> PacsPair:
     started are stopped here on failure).
     """
     instances = generate(None, patients=6, seed=2007, ct_slices=4, mr_slices=3, rows=64, cols=64)
+    remember_phi(instances)
     patients: list[str] = []
     for inst in instances:
         if inst.patient_id not in patients:
@@ -255,3 +256,36 @@ def orthanc_pair_private(tmp_path: Path) -> Iterator[PacsPair]:
         yield pair
     finally:
         stop_pair(pair)
+
+
+# ---------------------------------------------------------------------------- no PHI in logs
+PHI_SENTINELS: set[str] = set()
+"""Identifying values of every generated patient a test PACS holds: no log line may carry
+one (names, Patient IDs, accession numbers; dates are left out, digits occur in UIDs)."""
+
+
+def remember_phi(instances: Sequence[GeneratedInstance]) -> None:
+    """Add the PHI of generated instances to the sentinels the log checks look for."""
+    for i in instances:
+        PHI_SENTINELS.update(v for v in (i.patient_id, i.accession_number) if v)
+        PHI_SENTINELS.update(p for p in i.patient_name.split("^") if len(p) >= 4)
+
+
+def phi_in(text: str) -> list[str]:
+    """The sentinels found in ``text``."""
+    return sorted(s for s in PHI_SENTINELS if s in text)
+
+
+@pytest.fixture(autouse=True)
+def no_phi_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Fail any test whose in-process log records carry a sentinel PHI value (the mount
+    daemons' logs are checked by tests.mountutil.Mount when it stops)."""
+    yield
+    for when in ("setup", "call", "teardown"):
+        for rec in caplog.get_records(when):  # type: ignore[arg-type]
+            try:
+                text = rec.getMessage()
+            except Exception:
+                text = str(rec.msg)
+            found = phi_in(text)
+            assert not found, f"PHI {found} logged by {rec.name}: {text[:200]}"

@@ -127,6 +127,11 @@ class Mount:
             if r.returncode != 0:
                 break
         self.proc = None
+        # No PHI in the daemon's log, whatever the test was about.
+        from tests.conftest import phi_in
+
+        found = phi_in(self.log_text())
+        assert not found, f"PHI {found} in the mount log {self.log}"
 
     def __enter__(self) -> Mount:
         return self.start()

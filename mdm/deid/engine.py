@@ -67,6 +67,12 @@ from mdm.deid.pseudo import Pseudonymizer
 from mdm.errors import MdmError
 
 log = logging.getLogger(__name__)
+# pydicom's warnings quote element values word for word (patient data). Installed once, at
+# import: ``warnings.catch_warnings`` around each call swapped the process-wide filter list
+# and raced with other threads. Warnings attributed to pydicom, or to this module (pydicom
+# warns with a stacklevel that points at its caller), are dropped.
+warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+warnings.filterwarnings("ignore", module=r"mdm\.deid\.engine$")
 
 MAX_DEPTH = 32
 """Deeper nesting than any IOD defines: refuse rather than recurse without bound."""
@@ -686,27 +692,23 @@ def deidentify(data: bytes | memoryview, *, secret: bytes, options: DeidOptions)
     """
     Pseudonymizer(secret)  # validate the secret before anything else
     data = bytes(data)  # a received object may be a view of the receive buffer
-    # Reading odd objects warns, and pydicom's warnings quote values (PHI): silence them here.
-    # (catch_warnings is process-wide; see docs/DEID.md.)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            ds = _read(data)
-        except DeidRefused:
-            raise
-        except Exception as exc:
-            raise DeidMalformed(f"not a readable DICOM object ({type(exc).__name__})") from None
-        try:
-            deidentify_dataset(ds, secret=secret, options=options)
-            buf = io.BytesIO()
-            dcmwrite(buf, ds, enforce_file_format=True)
-        except DeidRefused:
-            raise
-        except Exception as exc:
-            log.debug("de-identification failed: %s", type(exc).__name__)
-            raise DeidMalformed(
-                f"object could not be de-identified ({type(exc).__name__})"
-            ) from None
+    # Reading odd objects warns, and pydicom's warnings quote values (PHI): the filters
+    # installed once at import (below the imports) silence them, thread-safely.
+    try:
+        ds = _read(data)
+    except DeidRefused:
+        raise
+    except Exception as exc:
+        raise DeidMalformed(f"not a readable DICOM object ({type(exc).__name__})") from None
+    try:
+        deidentify_dataset(ds, secret=secret, options=options)
+        buf = io.BytesIO()
+        dcmwrite(buf, ds, enforce_file_format=True)
+    except DeidRefused:
+        raise
+    except Exception as exc:
+        log.debug("de-identification failed: %s", type(exc).__name__)
+        raise DeidMalformed(f"object could not be de-identified ({type(exc).__name__})") from None
     return buf.getvalue()
 
 
@@ -745,10 +747,8 @@ def deidentify_attrs(
         parts = text.split("\\") if text else []
         ds.add(DataElement(tag, vr, parts if len(parts) > 1 else (parts[0] if parts else None)))
     pid = attrs.get("PatientID") if patient_id is None else patient_id
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ctx = _context(ds, pseudo, options, None if pid is None else str(pid).strip())
-        _process(ds, ctx, 0)
+    ctx = _context(ds, pseudo, options, None if pid is None else str(pid).strip())
+    _process(ds, ctx, 0)
     out: dict[str, str] = {}
     for elem in ds:
         out[elem.keyword or keyword_for_tag(elem.tag)] = "\\".join(str(v) for v in _values(elem))
