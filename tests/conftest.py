@@ -289,3 +289,33 @@ def no_phi_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
                 text = str(rec.msg)
             found = phi_in(text)
             assert not found, f"PHI {found} logged by {rec.name}: {text[:200]}"
+
+
+# ---------------------------------------------------------------------------- test tiers
+SERVICE_MODULES = frozenset(
+    {
+        "test_audit_anchor",
+        "test_audit_syslog",
+        "test_dicom_net",
+        "test_fetch_hostile",
+        "test_fuzz_receiver",
+        "test_keyservice",
+        "test_large_object",
+        "test_localpacs",
+        "test_peer_limits",
+        "test_receiver_process",
+        "test_retrieval_faults",
+        "test_store",
+    }
+)
+"""Modules whose tests start real servers or processes but mount nothing."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test in one tier: ``-m unit`` runs where nothing may listen or mount, ``-m
+    "not e2e"`` where /dev/fuse is missing."""
+    for item in items:
+        if item.get_closest_marker("e2e") or item.get_closest_marker("service"):
+            continue
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        item.add_marker(pytest.mark.service if module in SERVICE_MODULES else pytest.mark.unit)
