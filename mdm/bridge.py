@@ -1109,15 +1109,6 @@ class Bridge:
         except MdmError as e:
             log.info("prefetch of series %s not started: %s", series.uid, e)
 
-    async def fetch_uids(self, uids: Sequence[str]) -> int:
-        """Warm the cache with whole studies, series or instances named by UID; count objects."""
-        total = 0
-        for uid in uids:
-            targets = await self.targets_for(uid)
-            await self.fetcher.fetch_many(targets)
-            total += len(targets)
-        return total
-
     async def targets_for(self, uid: str) -> list[Target]:
         """What to retrieve for a study, series or instance UID the principal may see
         (NotFound for a hidden UID as for a missing one)."""

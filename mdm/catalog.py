@@ -19,7 +19,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -266,18 +266,6 @@ class Catalog:
         if r.level == "STUDY":
             # All studies, whatever their patient: the /studies listing.
             txn.put(self._child_prefix("STUDY", ROOT) + self._id("STUDY", r.uid), b"")
-
-    def set_attr(self, level: Level, uid: str, values: Mapping[str, str]) -> None:
-        """Update attributes of one existing record (e.g. the exact size once cached)."""
-        rk = self._rec_key(level, uid)
-        self._invalidate()
-        with self.env.begin(db=self._db, write=True) as txn:
-            raw = txn.get(rk)
-            if raw is None:
-                return
-            rec = self._unseal(rk, bytes(raw))
-            rec.attrs.update(values)
-            txn.put(rk, self._seal(rk, rec))
 
 
 def _remove_if_abandoned(d: Path) -> None:

@@ -149,10 +149,6 @@ class Fetcher:
         """The concurrency limit of ``site`` (shared with queries)."""
         return self._limiters[site]
 
-    def pending(self, sop_uid: str, view: str = "identified") -> bool:
-        """True while a retrieval that will deliver ``sop_uid`` is under way."""
-        return pending_key(sop_uid, view) in self._pending
-
     async def fetch(self, target: Target) -> ObjectInfo:
         """Return the stored object for ``target``, retrieving it if needed (single-flight)."""
         ref = ObjectRef(target.sop_uid, target.view)

@@ -12,11 +12,9 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import pydicom
@@ -415,13 +413,6 @@ def test_kill9_during_retrieval_then_remount(orthanc_pair: PacsPair, tmp_path: P
         m2.stop()
     verify = mdm("cache", "verify", "--config", str(cfg))
     assert ", 0 corrupt" in verify.stdout
-
-
-def test_counter_sanity() -> None:
-    # Guard the log-based counting used above against a silently changed log format.
-    c = Counter(["retrieving 1 object(s) of series X"])
-    assert c
-    assert shutil.which("fusermount3")
 
 
 @pytest.mark.parametrize("exact", [False, True])

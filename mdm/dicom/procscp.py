@@ -62,8 +62,6 @@ class StoreParams:
 class ProcessStorageSCP(StorageSCP):
     """A :class:`StorageSCP` whose listener and object writing run in a child process."""
 
-    stores_objects = True
-
     def __init__(
         self,
         bridge: BridgeSettings,

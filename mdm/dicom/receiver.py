@@ -339,9 +339,6 @@ class StorageSCP:
                 self._routes.setdefault(uid, []).append(exp)
         return exp
 
-    stores_objects = False
-    """True for a receiver that stores objects itself and hands sinks StoredNotices."""
-
     def sync(self, exp: Expectation) -> None:
         """Wait until every object received for ``exp`` reached its sink (here: at once)."""
         return None
