@@ -17,13 +17,12 @@ import click
 from mdm.access import AccessLevel, Resource
 from mdm.config import Config
 from mdm.errors import MdmError, NotFound, UserError
-from mdm.identity import Principal
+from mdm.identity import Principal, principal_from_claims
 from mdm.policy.evaluate import (
     Explanation,
     Policy,
     explain_lines,
     format_explanation,
-    principal_from_claims,
 )
 from mdm.policy.load import load_policy
 from mdm.policy.testing import load_cases, run_cases, undecided_rules

@@ -6,11 +6,12 @@ C-FIND (the same ones the mount decides on), so the explanation is about the rea
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import PurePosixPath
 
 from pydicom.dataset import Dataset
 
-from mdm.access import Resource
+from mdm.access import Resource, resource_of
 from mdm.bridge import IMAGE_KEYS, SERIES_KEYS, STUDY_KEYS, TOP, dataset_attrs, query_dataset
 from mdm.config import Config
 from mdm.dicom.query import fan_out
@@ -83,21 +84,14 @@ def resource_for(config: Config, target: str) -> Resource:
         raise NotFound(f"no site holds study {study}")
     attrs = dataset_attrs(hits[0][1], STUDY_KEYS)
     sites = {s for s, _ in hits}
-    modalities = [m for m in attrs.get("ModalitiesInStudy", "").split("\\") if m]
+    sattrs = None
     if series:
         q = query_dataset("SERIES", SERIES_KEYS, StudyInstanceUID=study, SeriesInstanceUID=series)
         shits = _find(config, "SERIES", q)
         if not shits:
             raise NotFound(f"no site holds series {series}")
         sites = {s for s, _ in shits}
-        modalities = [str(shits[0][1].get("Modality", ""))] if shits[0][1].get("Modality") else []
-    return Resource(
-        sites=frozenset(sites),
-        patient_id=attrs.get("PatientID"),
-        study_uid=study,
-        series_uid=series,
-        sop_uid=sop,
-        trial=attrs.get("ClinicalTrialProtocolID") or None,
-        modalities=frozenset(modalities),
-        study_date=attrs.get("StudyDate") or None,
-    )
+        sattrs = {**dataset_attrs(shits[0][1], SERIES_KEYS), "SeriesInstanceUID": series}
+    # The same attributes -> resource as the mount and find (one modality rule).
+    res = resource_of(sites, attrs, sattrs, study_uid=study)
+    return dataclasses.replace(res, sop_uid=sop)

@@ -460,7 +460,7 @@ class TokenVerifier:
             raise InvalidToken(f"token lacks the required claim {e.claim!r}", "claims") from None
         except jwt.exceptions.PyJWTError as e:
             raise InvalidToken(f"invalid token: {e}", "claims") from None
-        return _principal(claims)
+        return principal_from_claims(claims, verified=True)
 
 
 def _unverified_claim(token: str, name: str) -> Any:
@@ -471,20 +471,30 @@ def _unverified_claim(token: str, name: str) -> Any:
         return "?"
 
 
-def _principal(claims: dict[str, Any]) -> Principal:
-    sub = claims["sub"]
-    if not isinstance(sub, str) or not sub:
-        raise InvalidToken("claim 'sub' must be a non-empty string", "claims")
-    exp = claims["exp"]
-    if isinstance(exp, bool) or not isinstance(exp, int | float):
-        raise InvalidToken("claim 'exp' must be a number", "claims")
+def principal_from_claims(claims: Mapping[str, Any], *, verified: bool = False) -> Principal:
+    """The principal of decoded token claims: the one construction, used by the verifier
+    (``verified=True``: ``sub`` and ``exp`` are checked, a malformed ``groups`` is refused)
+    and by ``policy explain`` (claims read as they are, for describing a decision)."""
+    if verified:
+        sub = claims["sub"]
+        if not isinstance(sub, str) or not sub:
+            raise InvalidToken("claim 'sub' must be a non-empty string", "claims")
+        exp = claims["exp"]
+        if isinstance(exp, bool) or not isinstance(exp, int | float):
+            raise InvalidToken("claim 'exp' must be a number", "claims")
+    try:
+        groups = _parse_groups(claims.get("groups"))
+    except InvalidToken:
+        if verified:
+            raise
+        groups = ()
     return Principal(
-        sub=sub,
-        issuer=str(claims["iss"]),
-        groups=_parse_groups(claims.get("groups")),
+        sub=str(claims.get("sub", "")),
+        issuer=str(claims.get("iss", "")),
+        groups=groups,
         claims={k: v for k, v in claims.items() if k not in _CONSUMED},
         admin=False,
-        expires=float(exp),
+        expires=float(claims["exp"]) if verified else math.inf,
     )
 
 

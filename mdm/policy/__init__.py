@@ -5,13 +5,13 @@
 ``mdm.policy.testing`` runs the test cases kept beside the policies. See docs/POLICY.md.
 """
 
+from mdm.identity import principal_from_claims
 from mdm.policy.evaluate import (
     DEFAULT_DENY,
     Explanation,
     Policy,
     RuleOutcome,
     explain_text,
-    principal_from_claims,
 )
 from mdm.policy.load import load_policy
 from mdm.policy.model import PolicyError, Problem, Rule

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -427,16 +427,3 @@ def explain_lines(exp: Explanation) -> Sequence[str]:
 # Registered claims that become Principal fields (or were checked) when a token is verified;
 # they are not in Principal.claims, so a rule cannot match on them through ``claims``.
 RESERVED_CLAIMS = frozenset({"sub", "iss", "aud", "exp", "nbf", "iat", "groups"})
-
-
-def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
-    """A principal from decoded token claims, built as the token verifier builds it."""
-    groups = claims.get("groups") or ()
-    if isinstance(groups, str):
-        groups = groups.replace(",", " ").split()
-    return Principal(
-        sub=str(claims.get("sub", "")),
-        issuer=str(claims.get("iss", "")),
-        groups=tuple(str(g) for g in groups if g),
-        claims={k: v for k, v in claims.items() if k not in RESERVED_CLAIMS},
-    )
