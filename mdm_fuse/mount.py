@@ -76,7 +76,14 @@ async def serve(
         ops = MdmOperations(bridge, strict=strict)
         options = set(pyfuse3.default_options)
         options |= {"fsname=mdm", "subtype=mdm", "ro", "noatime"}
-        pyfuse3.init(ops, str(mountpoint), options)
+        try:
+            pyfuse3.init(ops, str(mountpoint), options)
+        except RuntimeError as e:
+            # libfuse (or fusermount3) said why on stderr, just before: one line here.
+            raise UserError(
+                f"cannot mount {mountpoint}: {e} (see the FUSE message above; "
+                "docs/INSTALL.md: running without root)"
+            ) from None
         log.info(
             "mounted %s as %s (%d site(s): %s)",
             mountpoint,
