@@ -589,13 +589,7 @@ class ObjectStore:
             finally:
                 os.close(fd)
         except BaseException as e:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreFull(
-                    f"no space left on the cache disk under {self.root} "
-                    f"({os.strerror(e.errno)}); nothing was stored"
-                ) from None
+            self._discard((tmp,), e)
             raise
         return tmp
 
@@ -637,16 +631,20 @@ class ObjectStore:
                 self._set_committed_bytes(txn, self._committed_bytes(txn) + info.stored_bytes)
                 self._unlink_blobs(vname for vname, _ in victims)
         except BaseException as e:
-            for p in (tmp, final) if placed else (tmp,):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(p)
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreFull(
-                    f"no space left on the cache disk under {self.root} "
-                    f"({os.strerror(e.errno)}); nothing was stored"
-                ) from None
+            self._discard((tmp, final) if placed else (tmp,), e)
             raise
         return info
+
+    def _discard(self, paths: Iterable[Path], error: BaseException) -> None:
+        """Remove what a failed put wrote; a full disk becomes StoreFull (nothing stored)."""
+        for p in paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreFull(
+                f"no space left on the cache disk under {self.root} "
+                f"({os.strerror(error.errno)}); nothing was stored"
+            ) from None
 
     def info(self, ref: ObjectRef) -> ObjectInfo | None:
         """The record of ``ref``, or None if it is not cached."""
