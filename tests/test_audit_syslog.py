@@ -224,7 +224,11 @@ def test_syslog_down_does_not_stop_the_writer(
             time.sleep(0.2)
             fill(log, 2, start=6)
             deadline = time.monotonic() + 10
-            while not rx.got and time.monotonic() < deadline:
+            # The sender thread logs its recovery after the send: wait for both, while the
+            # INFO capture is still on.
+            while not (rx.got and "sending again" in caplog.text):
+                if time.monotonic() > deadline:
+                    break
                 time.sleep(0.02)
         assert rx.got and '"seq":7' in rx.got[0]
         assert "sending again" in caplog.text
