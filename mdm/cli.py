@@ -369,8 +369,10 @@ def find(
 
 
 def _path_tag(path: Path) -> str:
-    """A file-name-safe tag of a mount point: ``/scratch/job 7/mnt`` -> ``-scratch-job_7-mnt``."""
-    return "".join(c if c.isalnum() or c in "._" else "-" if c == "/" else "_" for c in str(path))
+    """A file-name-safe tag of a mount point (its log and control socket are named by it)."""
+    from mdm.status import path_tag
+
+    return path_tag(path)
 
 
 def _json_value(keyword: str, value: Any) -> Any:
@@ -633,6 +635,7 @@ def _register() -> None:
     from mdm.cli_audit import audit
     from mdm.cli_keys import keys, keyserver
     from mdm.cli_policy import policy
+    from mdm.cli_status import status
     from mdm.cli_token import token
 
     main.add_command(token)
@@ -640,6 +643,7 @@ def _register() -> None:
     main.add_command(keyserver)
     main.add_command(audit)
     main.add_command(policy)
+    main.add_command(status)
 
 
 _register()
