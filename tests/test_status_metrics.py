@@ -12,7 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import socket
 import stat
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -24,9 +28,9 @@ from mdm.localpacs import free_port
 from mdm.status import socket_path
 from mdm.synth import GeneratedInstance
 from tests.conftest import PacsPair
-from tests.mountutil import Mount, mdm
+from tests.mountutil import ROOT, Mount, mdm
 from tests.test_e2e_mount import config, study_path
-from tests.test_e2e_policy import POLICY, idp, setup, token
+from tests.test_e2e_policy import AUD, ISS, POLICY, idp, setup, token
 
 pytestmark = pytest.mark.e2e
 __all__ = ["idp"]  # the fixture, imported for the policy test
@@ -193,3 +197,127 @@ def test_status_shows_token_expiry_and_a_failed_policy_reload(
         assert "main.toml" in doc["policy"]["last_reload"]["error"]
         code, out = status(cfg)
         assert "PROBLEM: policy: the last reload failed" in out and "WARNING: token" in out
+
+
+KEYS_POLICY = """
+[[allow]]
+id = "radiology-a"
+description = "radiologists: identified, SiteA"
+principals = { groups = ["radiologists"] }
+resources = { sites = ["SiteA"] }
+access = "identified"
+"""
+
+
+def test_key_servers_in_status_and_their_metrics(orthanc_pair: PacsPair, tmp_path: Path) -> None:
+    """Three real key servers (TLS) with [metrics]; a mount reading through them."""
+    pair = orthanc_pair
+    idp_dir = tmp_path / "idp"
+    mdm("token", "init", str(idp_dir))
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "main.toml").write_text(KEYS_POLICY)
+    mport = free_port()
+    extra = f"""
+[identity]
+issuer = "{ISS}"
+audience = "{AUD}"
+public_keys = "{idp_dir / "jwks.json"}"
+[policy]
+dir = "{tmp_path / "policies"}"
+[audit]
+log = "{tmp_path / "audit.jsonl"}"
+anchor_interval = "0.5s"
+[metrics]
+listen = "127.0.0.1:{mport}"
+"""
+    cfg = config(pair, tmp_path, retrieve="move", extra=extra)
+    ports = [free_port() for _ in range(3)]
+    kports = [free_port() for _ in range(3)]
+    ks = tmp_path / "ks"
+    listen = ",".join(f"127.0.0.1:{p}" for p in ports)
+    mdm(
+        *("keys", "init", str(ks), "--config", str(cfg)),
+        *("--shares", "3", "--threshold", "2", "--listen", listen),
+    )
+    servers = ", ".join(f'"https://127.0.0.1:{p}"' for p in ports)
+    keys = f'[keys]\nservers = [{servers}]\nthreshold = 2\nca_file = "{ks / "ca.pem"}"\n'
+    cfg.write_text(cfg.read_text().replace("[keys]\n", keys + 'timeout = "3s"\n', 1))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for k in (1, 2, 3):
+            toml = ks / f"server-{k}.toml"
+            toml.write_text(
+                toml.read_text() + f'\n[metrics]\nlisten = "127.0.0.1:{kports[k - 1]}"\n'
+            )
+            log = open(tmp_path / f"ks-{k}.log", "ab")
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "mdm", "keyserver", "--config", str(toml)],
+                    stdout=log,
+                    stderr=log,
+                    cwd=ROOT,
+                )
+            )
+            log.close()
+        for p in ports:
+            wait_port(p)
+        tok = token(idp_dir, tmp_path / "rad.jwt", "drad", "radiologists")
+        insts = [i for i in pair.instances if i.patient_id == pair.only_a_patients[0]]
+        with Mount(cfg, tmp_path / "mnt", token_file=tok) as m:
+            read_series(m.mountpoint, insts)
+            time.sleep(1.0)  # an anchor round
+            code, out = status(cfg, "--json")
+            doc = json.loads(out)
+            assert code == 0, out
+            assert doc["keys"]["reachable"] == 3 and doc["keys"]["threshold"] == 2
+            assert doc["audit"]["anchor"]["anchored_seq"] >= 1
+            mtext = scrape(mport)
+            assert sample(mtext, "mdm_keyserver_requests_total", server="1", result="ok") > 0
+            # Each key server counts what it served, and says nothing of what it was.
+            for kp in kports:
+                text = scrape(kp)
+                assert sample(text, "mdm_up", role="keyserver") == 1
+                assert (
+                    sample(
+                        text,
+                        "mdm_keyserver_served_requests_total",
+                        endpoint="/v1/open",
+                        status="200",
+                    )
+                    > 0
+                )
+                assert sample(text, "mdm_keyserver_request_seconds_count", endpoint="/v1/open") > 0
+                assert sample(text, "mdm_audit_writes_total", result="ok") > 0
+                assert sample(
+                    text, "mdm_policy_decisions_total", level="object", result="identified"
+                )
+                for i in pair.instances:
+                    for v in (i.patient_id, i.study_uid, i.series_uid, i.sop_uid):
+                        assert v not in text and v not in mtext, v
+                assert "drad" not in text and "drad" not in mtext
+            # A key server down: still readable (2 of 3), but degraded.
+            procs[2].send_signal(signal.SIGKILL)
+            procs[2].wait()
+            code, out = status(cfg)
+            assert code == 1, out
+            assert "keys      2 of 3 key servers reachable (2 needed)" in out
+            assert "PROBLEM: key servers: 2 of 3 reachable" in out
+    finally:
+        for p in procs:
+            p.terminate()
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"nothing listens on {port}")
