@@ -1,0 +1,127 @@
+"""The task guides (docs/GUIDE-*.md) run as written.
+
+Every fenced block marked ```` ```sh check ```` or ```` ```python check ```` is run, in the
+order of the guide, in one bash session (``set -euo pipefail``: the first failing command fails
+the test, naming the block's line) against two real Orthancs, with ``mdm`` on the PATH and the
+files a reader of the guide is told they have (an ``mdm.toml``, a running node mount, key
+servers...) prepared here. Blocks without ``check`` are what cannot run here (a scheduler's
+submit files, systemd); the commands they wrap are checked blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PacsPair
+from tests.mountutil import ROOT
+from tests.test_e2e_mount import config
+
+pytestmark = pytest.mark.e2e
+
+DOCS = ROOT / "docs"
+_BLOCK = re.compile(r"^```(sh|python) check\n(.*?)^```\n", re.M | re.S)
+ISS = "https://idp.example.org/realms/mdm"
+
+
+def checked_blocks(guide: Path) -> list[tuple[str, str, int]]:
+    """(language, code, line) of each checked block of ``guide``."""
+    text = guide.read_text()
+    return [
+        (m.group(1), m.group(2), text.count("\n", 0, m.start()) + 1) for m in _BLOCK.finditer(text)
+    ]
+
+
+def run_guide(guide: Path, cwd: Path, env: dict[str, str], timeout: float = 600) -> str:
+    """Run the checked blocks of ``guide``; return the session's output (AssertionError with
+    the failing block otherwise)."""
+    blocks = checked_blocks(guide)
+    assert blocks, f"{guide.name} has no checked blocks"
+    script = ["set -euo pipefail"]
+    for lang, code, line in blocks:
+        script.append(f"echo '>>> {guide.name}:{line}' >&2")
+        if lang == "sh":
+            script.append(code)
+        else:
+            script.append(f"python3 - <<'MDM_PY_EOF'\n{code}MDM_PY_EOF")
+    full_env = {
+        **os.environ,
+        **env,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    full_env.pop("MDM_STRICT", None)
+    res = subprocess.run(
+        ["bash", "-c", "\n".join(script)],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    out = res.stdout + res.stderr
+    if res.returncode != 0:
+        where = re.findall(r">>> (\S+)", res.stderr)
+        raise AssertionError(
+            f"{guide.name}: the block at {where[-1] if where else '?'} failed "
+            f"(exit {res.returncode}):\n{out[-6000:]}"
+        )
+    return out
+
+
+def unmount_all_under(root: Path) -> None:
+    """Leave no mount of a guide behind, whatever failed: unmount, then end the processes
+    this test started (their command lines name ``root``), by pid."""
+    with open("/proc/mounts") as f:
+        points = [line.split()[1] for line in f]
+    for p in points:
+        if p.startswith(str(root)):
+            subprocess.run(["fusermount3", "-u", "-z", p], capture_output=True, check=False)
+    deadline = time.monotonic() + 10
+    while True:
+        pids = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit() and int(d.name) != os.getpid():
+                try:
+                    if str(root).encode() in (d / "cmdline").read_bytes():
+                        pids.append(int(d.name))
+                except OSError:
+                    continue
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM if time.monotonic() < deadline else signal.SIGKILL)
+        time.sleep(0.5)
+
+
+def test_checked_blocks_are_found() -> None:
+    for name in ("GUIDE-researcher.md",):
+        blocks = checked_blocks(DOCS / name)
+        assert len(blocks) >= 3, name
+        assert all(code.strip() for _, code, _ in blocks)
+
+
+def test_researcher_guide(orthanc_pair: PacsPair, tmp_path: Path) -> None:
+    """Run from the home directory, as a reader would: a mount point named ``mdm`` beside the
+    daemon's starting directory once made its imports look into its own mount and hang."""
+    home = tmp_path / "home"
+    home.mkdir()
+    cfg = config(orthanc_pair, home / ".mdm", retrieve="auto")
+    shutil.move(cfg, home / "mdm.toml")
+    try:
+        out = run_guide(DOCS / "GUIDE-researcher.md", home, {"HOME": str(home)})
+    finally:
+        unmount_all_under(tmp_path)
+    assert "healthy" in out
+    assert re.search(r"\(4, 64, 64\) (uint16|int16) CT", out), out
+    assert not os.path.ismount(home / "mdm")
