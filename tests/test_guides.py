@@ -105,7 +105,7 @@ def unmount_all_under(root: Path) -> None:
 
 
 def test_checked_blocks_are_found() -> None:
-    for name in ("GUIDE-researcher.md",):
+    for name in ("GUIDE-researcher.md", "GUIDE-grid-jobs.md"):
         blocks = checked_blocks(DOCS / name)
         assert len(blocks) >= 3, name
         assert all(code.strip() for _, code, _ in blocks)
@@ -125,3 +125,31 @@ def test_researcher_guide(orthanc_pair: PacsPair, tmp_path: Path) -> None:
     assert "healthy" in out
     assert re.search(r"\(4, 64, 64\) (uint16|int16) CT", out), out
     assert not os.path.ismount(home / "mdm")
+
+
+def test_grid_jobs_guide(orthanc_pair: PacsPair, tmp_path: Path) -> None:
+    work = tmp_path / "job"
+    (work / "acl_policies").mkdir(parents=True)
+    (tmp_path / "tmp").mkdir()
+    shutil.copy(ROOT / "acl_policies" / "grid-jobs.toml", work / "acl_policies")
+    extra = f"""
+[identity]
+issuer = "{ISS}"
+audience = "mdm"
+public_keys = "keys/jwks.json"
+[policy]
+dir = "acl_policies"
+"""
+    cfg = config(orthanc_pair, work, retrieve="auto", extra=extra)
+    shutil.move(cfg, work / "job.toml")
+    try:
+        out = run_guide(DOCS / "GUIDE-grid-jobs.md", work, {"TMPDIR": str(tmp_path / "tmp")})
+    finally:
+        unmount_all_under(tmp_path)
+    # Both runs read the de-identified series: once through their own mount, once the node's.
+    assert out.count("4 slices of CT, 64x64") == 2, out
+    assert "job-7781" in out
+    mounts = re.findall(r"reading studies/2\.25\.[0-9]+/2\.25\.[0-9]+ through (\S+)", out)
+    assert len(mounts) == 2 and mounts[0].startswith(str(tmp_path / "tmp")), out
+    assert mounts[1] == str(work / "node-mnt"), out
+    assert not list((tmp_path / "tmp").iterdir())  # the job's own mount point is gone
