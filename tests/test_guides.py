@@ -11,19 +11,23 @@ submit files, systemd); the commands they wrap are checked blocks.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from mdm.localpacs import free_port
 from tests.conftest import PacsPair
-from tests.mountutil import ROOT
+from tests.mountutil import ROOT, Mount, mdm
 from tests.test_e2e_mount import config
 
 pytestmark = pytest.mark.e2e
@@ -105,7 +109,7 @@ def unmount_all_under(root: Path) -> None:
 
 
 def test_checked_blocks_are_found() -> None:
-    for name in ("GUIDE-researcher.md", "GUIDE-grid-jobs.md"):
+    for name in ("GUIDE-researcher.md", "GUIDE-grid-jobs.md", "GUIDE-security-officer.md"):
         blocks = checked_blocks(DOCS / name)
         assert len(blocks) >= 3, name
         assert all(code.strip() for _, code, _ in blocks)
@@ -153,3 +157,144 @@ dir = "acl_policies"
     assert len(mounts) == 2 and mounts[0].startswith(str(tmp_path / "tmp")), out
     assert mounts[1] == str(work / "node-mnt"), out
     assert not list((tmp_path / "tmp").iterdir())  # the job's own mount point is gone
+
+
+BASE_POLICY = """
+[[allow]]
+id = "radiology-a"
+description = "radiologists: identified, SiteA"
+principals = { groups = ["radiologists"], issuers = ["https://idp.example.org/realms/mdm"] }
+resources = { sites = ["SiteA"] }
+access = "identified"
+expires = 2027-12-31
+"""
+BASE_CASES = """
+[[case]]
+name = "a radiologist reads SiteA"
+principal = { sub = "dr.x", issuer = "https://idp.example.org/realms/mdm", \
+groups = ["radiologists"] }
+resource = { site = "SiteA", modality = "CT" }
+expect = "identified"
+"""
+
+
+def test_security_officer_guide(orthanc_pair: PacsPair, tmp_path: Path) -> None:
+    """A node with a mount (of dr.leak, whose token is then 'copied'), three key servers, and
+    the officer's policy repository; the leaked token's holder keeps reading meanwhile."""
+    pair = orthanc_pair
+    work = tmp_path / "node"
+    repo, deploy = work / "acl_policies", work / "deployed"
+    (repo / "tests").mkdir(parents=True)
+    deploy.mkdir()
+    for d in (repo, deploy):
+        (d / "radiology.toml").write_text(BASE_POLICY)
+    (repo / "tests" / "radiology.toml").write_text(BASE_CASES)
+    mdm("token", "init", str(work / "keys"))
+    extra = f"""
+[identity]
+issuer = "{ISS}"
+audience = "mdm"
+public_keys = "keys/jwks.json"
+[policy]
+dir = "deployed"
+officers = ["security-officers"]
+[audit]
+log = "audit/audit.jsonl"
+anchor_interval = "1s"
+"""
+    cfg = config(pair, work, retrieve="auto", extra=extra)
+    ports = [free_port() for _ in range(3)]
+    ks = work / "ks"
+    listen = ",".join(f"127.0.0.1:{p}" for p in ports)
+    mdm(
+        *("keys", "init", str(ks), "--config", str(cfg)),
+        *("--shares", "3", "--threshold", "2", "--listen", listen),
+    )
+    servers = ", ".join(f'"https://127.0.0.1:{p}"' for p in ports)
+    keys = f'[keys]\nservers = [{servers}]\nthreshold = 2\nca_file = "{ks / "ca.pem"}"\n'
+    cfg.write_text(cfg.read_text().replace("[keys]\n", keys + 'timeout = "3s"\n', 1))
+
+    def tok(name: str, sub: str, groups: str) -> Path:
+        p = work / name
+        args = ["token", "issue", "--key", str(work / "keys" / "signing-key.pem")]
+        args += ["--issuer", ISS, "--audience", "mdm", "--sub", sub, "--groups", groups]
+        p.write_text(mdm(*args, "--ttl", "2h").stdout)
+        p.chmod(0o600)
+        return p
+
+    leaked = tok("dr.leak.jwt", "dr.leak", "radiologists")
+    tok("officer.jwt", "officer", "security-officers")
+    procs: list[subprocess.Popen[bytes]] = []
+    stop = threading.Event()
+    outcomes: list[str] = []
+    try:
+        for k in (1, 2, 3):
+            log = open(tmp_path / f"ks-{k}.log", "ab")
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "mdm",
+                        "keyserver",
+                        "--config",
+                        str(ks / f"server-{k}.toml"),
+                    ],
+                    stdout=log,
+                    stderr=log,
+                    cwd=ROOT,
+                )
+            )
+            log.close()
+        for p in ports:
+            wait_port(p)
+        inst = next(i for i in pair.instances if i.patient_id == pair.only_a_patients[0])
+        with Mount(cfg, work / "node-mnt", token_file=leaked, strict=False) as m:
+            path = (
+                m.mountpoint / "studies" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm"
+            )
+            assert path.read_bytes()
+
+            def keep_reading() -> None:  # the holder of the copied token
+                while not stop.wait(0.5):
+                    try:
+                        path.read_bytes()
+                        outcomes.append("ok")
+                    except OSError as e:
+                        outcomes.append(errno.errorcode.get(e.errno or 0, "?"))
+
+            reader = threading.Thread(target=keep_reading, daemon=True)
+            reader.start()
+            out = run_guide(DOCS / "GUIDE-security-officer.md", work, {"DEPLOY": str(deploy)})
+            stop.set()
+            reader.join(10)
+    finally:
+        stop.set()
+        for p in procs:
+            p.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+        unmount_all_under(tmp_path)
+    assert "25 passed" not in out  # our own cases, not the repository's
+    assert re.search(r"[0-9]+ passed, 0 failed", out), out
+    assert re.search(r"policy version in force: ([0-9a-f]+) \(deployed: \1\)", out), out
+    assert "chain intact" in out, out
+    # Reads went on until the deny, and were refused after it (hidden: ENOENT).
+    assert "ok" in outcomes and outcomes[-1] == "ENOENT", outcomes
+    assert re.search(r"reads allowed to dr.leak since \S+: 0", out), out
+    assert "rotated SiteA/identified: 1 cached objects, 1 re-sealed" in out, out
+    assert "healthy" in out, out
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"nothing listens on {port}")
