@@ -180,6 +180,9 @@ class _CacheCollector(Collector):
         yield GaugeMetricFamily(
             "mdm_cache_pinned_objects", "Objects held open by readers.", value=st.pinned
         )
+        yield GaugeMetricFamily(
+            "mdm_cache_pinned_bytes", "Bytes of the objects held open.", value=st.pinned_bytes
+        )
         yield CounterMetricFamily(
             "mdm_cache_evictions",
             "Objects evicted to stay within cache.max_bytes (every process of this cache).",

@@ -240,6 +240,7 @@ async def snapshot(bridge: Bridge, mountpoint: Path, started: float) -> dict[str
         "max_bytes": st.max_bytes,
         "used_pct": round(100.0 * st.bytes / st.max_bytes, 1) if st.max_bytes else 0.0,
         "pinned_objects": st.pinned,
+        "pinned_bytes": st.pinned_bytes,
         "evicted_objects": st.evicted,
     }
     doc["keys"] = keys
@@ -545,7 +546,8 @@ def render(doc: dict[str, Any]) -> list[str]:
     out += [
         "",
         f"cache     {_size(c['bytes'])} of {_size(c['max_bytes'])} ({c['used_pct']}%), "
-        f"{c['objects']} objects, {c['pinned_objects']} open, {c['evicted_objects']} evicted",
+        f"{c['objects']} objects, {c['pinned_objects']} open ({_size(c['pinned_bytes'])}), "
+        f"{c['evicted_objects']} evicted",
     ]
     k = doc["keys"]
     if k.get("servers"):

@@ -175,6 +175,8 @@ class StoreStats:
     pinned: int
     evicted: int = 0
     """Objects evicted to keep within max_bytes since the cache was made (all processes)."""
+    pinned_bytes: int = 0
+    """Stored bytes of the objects this process holds open (never evicted)."""
 
 
 @dataclass(frozen=True)
@@ -772,6 +774,11 @@ class ObjectStore:
                 max_bytes=self.max_bytes,
                 pinned=len(self._pins),
                 evicted=_U64.unpack(raw)[0] if (raw := txn.get(_EVICTED_KEY, db=self._meta)) else 0,
+                pinned_bytes=sum(
+                    info.stored_bytes
+                    for name in self._pins
+                    if (info := self._get(txn, name)) is not None
+                ),
             )
 
     def list_refs(self) -> list[ObjectRef]:

@@ -80,9 +80,12 @@ def test_status_and_metrics_of_a_running_mount(orthanc_pair: PacsPair, tmp_path:
         code, out = status(cfg)
         assert code == 0, out
         assert "SiteA" in out and "SiteB" in out and "healthy" in out
+        held = open(study_path(m.mountpoint, insts[0]), "rb")  # pinned while open
         code, out = status(cfg, "--json")
+        held.close()
         doc = json.loads(out)
         assert doc["healthy"] and doc["problems"] == []
+        assert doc["cache"]["pinned_objects"] == 1 and doc["cache"]["pinned_bytes"] > 0
         assert {s["name"]: s["state"] for s in doc["sites"]} == {"SiteA": "up", "SiteB": "up"}
         assert all(s["rtt_ms"] is not None and s["in_flight"] >= 0 for s in doc["sites"])
         assert doc["cache"]["objects"] >= len(insts) and doc["cache"]["max_bytes"] == 2**30
@@ -163,6 +166,12 @@ def test_status_chooses_among_mounts_and_reports_problems(
         assert doc["mount"]["retrieve_by_get_only"]
         code, out = status(cfg, "--mountpoint", str(m1.mountpoint))
         assert code == 1 and "PROBLEM: site SiteDown: down" in out, out
+        # A daemon killed outright leaves its socket: nothing answers there.
+        m2.kill9()
+        code, out = status(cfg, "--mountpoint", str(m2.mountpoint))
+        assert code == 4 and "no running mount" in out, out
+        code, out = status(cfg, "--json")
+        assert code == 1 and json.loads(out)["mount"]["mountpoint"] == str(m1.mountpoint)
     code, out = status(cfg, "--mountpoint", str(tmp_path / "mnt1"))
     assert code == 4, out
     code, out = status(tmp_path / "nope.toml")
