@@ -126,17 +126,19 @@ class ControlServer:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(d, 0o700)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with _addressable(self.path) as name:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)  # a dead daemon's (this mount point is ours now)
-            old = os.umask(0o177)
-            try:
+        try:
+            with _addressable(self.path) as name:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)  # a dead daemon's (this mount point is ours now)
+                # No umask change (it is the whole process's): the 0700 directory already
+                # keeps others out until the chmod.
                 sock.bind(name)
-            finally:
-                os.umask(old)
-        os.chmod(self.path, 0o600)
-        sock.listen(16)
-        sock.setblocking(False)
+            os.chmod(self.path, 0o600)
+            sock.listen(16)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
         self._sock = trio.socket.from_stdlib_socket(sock)
         log.info("control socket %s", self.path)
 

@@ -78,15 +78,21 @@ async def serve(
         ops = MdmOperations(bridge, strict=strict)
         options = set(pyfuse3.default_options)
         options |= {"fsname=mdm", "subtype=mdm", "ro", "noatime"}
-        # Both before the mount appears: whoever sees the mount can ask it at once.
-        control = ControlServer(bridge, mountpoint)
+        # Both before the mount appears: whoever sees the mount can ask it at once. Neither
+        # stops a mount: without them it serves the same files, and says so.
+        control: ControlServer | None = None
+        try:
+            control = ControlServer(bridge, mountpoint)
+        except OSError as e:
+            log.warning("no control socket (mdm status will not find this mount): %s", e)
         exporter = metrics.serve(config.metrics.listen if config.metrics else None, "mount")
         if exporter is not None:
             exporter.add_cache(bridge.store.stats)
         try:
             pyfuse3.init(ops, str(mountpoint), options)
         except BaseException as e:
-            control.close()
+            if control is not None:
+                control.close()
             if exporter is not None:
                 exporter.close()
             if isinstance(e, RuntimeError):
@@ -115,7 +121,8 @@ async def serve(
                             return
 
                 nursery.start_soon(on_signal)
-                nursery.start_soon(control.run)
+                if control is not None:
+                    nursery.start_soon(control.run)
                 task_status.started()
                 await pyfuse3.main(min_tasks=4, max_tasks=MAX_TASKS)
                 nursery.cancel_scope.cancel()
@@ -132,7 +139,8 @@ async def serve(
                     mountpoint,
                     mountpoint,
                 )
-            control.close()
+            if control is not None:
+                control.close()
             if exporter is not None:
                 exporter.close()
             try:
