@@ -189,7 +189,10 @@ def head_path(path: Path) -> Path:
 
 def _read_head(path: Path) -> tuple[int, str] | None:
     try:
-        data = json.loads(head_path(path).read_bytes())
+        raw = head_path(path).read_bytes()
+        if not raw:  # created with the log, before its first record
+            return 0, ""
+        data = json.loads(raw)
         return int(data["seq"]), str(data["sha256"])
     except FileNotFoundError:
         return None

@@ -130,6 +130,17 @@ class AuditAnchorer:
             except Exception:
                 log.exception("audit anchor: unexpected error (retrying)")
 
+    def state(self) -> dict[str, object]:
+        """What ``mdm status`` shows: the last seq anchored, whether anchoring is failing, and
+        which servers did not sign the last checkpoint. Read without the lock (a call in flight
+        holds it for up to the key servers' timeout)."""
+        last = self._last
+        return {
+            "anchored_seq": last[1] if last is not None else 0,
+            "failing": self._down,
+            "servers_silent": sorted(self._failing),
+        }
+
     def anchor_now(self) -> int:
         """Anchor the log as it is now, if it changed; how many servers signed (0 if none)."""
         with self._lock:

@@ -31,6 +31,7 @@ from typing import Any, NoReturn
 import trio
 from pydicom.dataset import Dataset
 
+from mdm import metrics
 from mdm.access import AccessLevel, Decision, Resource, resource_of
 from mdm.audit import AuditError
 from mdm.catalog import ROOT, Catalog, Level, Record
@@ -54,6 +55,7 @@ from mdm.identity import InvalidToken, Principal
 from mdm.keys import KeyProvider, LocalKeyring
 from mdm.names import is_uid, safe_name
 from mdm.session import Session
+from mdm.status import AuditState
 from mdm.store import ObjectInfo, ObjectReader, ObjectRef, ObjectStore
 from mdm.views import View, view_of
 
@@ -226,6 +228,7 @@ class Bridge:
         # first out: a name no longer here is found again by listing its parent.
         self._aliases: OrderedDict[str, str] = OrderedDict()
         self.audit = session.audit
+        self.audit_state = AuditState()
         self.catalog = catalog
         self.store = store
         self.fetcher = fetcher
@@ -284,7 +287,9 @@ class Bridge:
                 policy=policy or self.resolver.version(),
                 **extra,
             )
+            self.audit_state.written()
         except (OSError, MdmError) as e:
+            self.audit_state.failed(str(e))
             if self.config.audit is not None and self.config.audit.fail_open:
                 log.error("audit record could not be written (audit.fail_open: going on): %s", e)
                 return
@@ -295,7 +300,11 @@ class Bridge:
         self, study: Record, series: Record | None = None, principal: Principal | None = None
     ) -> Decision:
         """The principal's access decision on a study (or one of its series)."""
-        return self.resolver.decide(principal or self.principal, self.resource(study, series))
+        d = self.resolver.decide(principal or self.principal, self.resource(study, series))
+        metrics.POLICY_DECISIONS.labels(
+            "study" if series is None else "series", d.level.label
+        ).inc()
+        return d
 
     def resource(self, study: Record, series: Record | None = None) -> Resource:
         """The policy attributes of a study (or one of its series)."""
@@ -932,8 +941,10 @@ class Bridge:
                 ref = ObjectRef(node.instance.uid, v.store_view)
                 reader = await self._open_cached(ref, principal)
                 exact_before = True
+                metrics.CACHE_LOOKUPS.labels("hit").inc()
             except NotFound:
                 exact_before = False
+                metrics.CACHE_LOOKUPS.labels("miss").inc()
                 info = await self.fetch_instance(
                     node.study, node.series, node.instance, prefer=node.site, view=v
                 )

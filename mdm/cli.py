@@ -188,14 +188,25 @@ def mount(
     log_file = log_file or config.cache.dir / "logs" / f"mount{_path_tag(mountpoint)}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     level = logging.getLevelName(logging.getLogger().level)
-    cmd = [sys.executable, "-m", "mdm", "--log-level", "INFO" if level == "WARNING" else level]
+    # -P and cwd "/": nothing of the caller's directory on the daemon's sys.path. From the
+    # parent of a mount point named "mdm" (`cd ~ && mdm mount ~/mdm`), an import would look
+    # into the mount it serves itself, and hang there.
+    log_file = log_file.resolve()
+    cmd = [sys.executable, "-P", "-m", "mdm"]
+    cmd += ["--log-level", "INFO" if level == "WARNING" else level]
     cmd += ["mount", str(mountpoint), "--config", str(config_path.resolve()), "--foreground"]
     cmd += ["--log-file", str(log_file)]
     if token_file is not None:
         cmd += ["--token-file", str(token_file.resolve())]
     with open(os.devnull, "rb") as devnull, open(log_file, "ab") as out:
         proc = subprocess.Popen(
-            cmd, stdin=devnull, stdout=out, stderr=out, start_new_session=True, close_fds=True
+            cmd,
+            stdin=devnull,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            close_fds=True,
+            cwd="/",
         )
     deadline = time.monotonic() + mount_timeout
     while time.monotonic() < deadline:
@@ -369,8 +380,10 @@ def find(
 
 
 def _path_tag(path: Path) -> str:
-    """A file-name-safe tag of a mount point: ``/scratch/job 7/mnt`` -> ``-scratch-job_7-mnt``."""
-    return "".join(c if c.isalnum() or c in "._" else "-" if c == "/" else "_" for c in str(path))
+    """A file-name-safe tag of a mount point (its log and control socket are named by it)."""
+    from mdm.status import path_tag
+
+    return path_tag(path)
 
 
 def _json_value(keyword: str, value: Any) -> Any:
@@ -633,6 +646,7 @@ def _register() -> None:
     from mdm.cli_audit import audit
     from mdm.cli_keys import keys, keyserver
     from mdm.cli_policy import policy
+    from mdm.cli_status import status
     from mdm.cli_token import token
 
     main.add_command(token)
@@ -640,6 +654,7 @@ def _register() -> None:
     main.add_command(keyserver)
     main.add_command(audit)
     main.add_command(policy)
+    main.add_command(status)
 
 
 _register()

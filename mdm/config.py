@@ -172,6 +172,28 @@ class KeySettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """``[metrics]``: where the Prometheus endpoint listens (docs/OPERATIONS.md)."""
+
+    listen: tuple[str, int]
+
+
+_LISTEN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+def metrics_from(path: Path, table: Mapping[str, Any] | None) -> MetricsSettings | None:
+    """``[metrics]`` of ``path`` (mdm.toml or a key server's toml); None when absent."""
+    if table is None:
+        return None
+    m = _Section(path, "metrics", table, {"listen"})
+    listen = m.get_str("listen")
+    found = _LISTEN.match(listen)
+    if found is None or not 0 <= int(found.group(2)) <= 65535:
+        raise m._err("listen", f'expected "HOST:PORT" such as "127.0.0.1:9464", got {listen!r}')
+    return MetricsSettings((found.group(1).strip("[]"), int(found.group(2))))
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole of ``mdm.toml``, validated."""
 
@@ -183,6 +205,7 @@ class Config:
     identity: IdentitySettings | None = None
     policy: PolicySettings | None = None
     audit: AuditSettings | None = None
+    metrics: MetricsSettings | None = None
 
     def site(self, name: str) -> SiteSettings:
         """The site called ``name`` (KeyError if there is none)."""
@@ -296,7 +319,7 @@ class _Section:
 
 
 _SYSLOG = re.compile(r"^((udp|tcp)://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}|unix:/\S+)$")
-_TOP = {"bridge", "cache", "site", "identity", "policy", "audit", "keys"}
+_TOP = {"bridge", "cache", "site", "identity", "policy", "audit", "keys", "metrics"}
 
 
 def load_config(path: str | Path) -> Config:
@@ -486,4 +509,5 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
         identity=identity,
         policy=policy,
         audit=audit,
+        metrics=metrics_from(p, top.table_("metrics")),
     )

@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from mdm import metrics
 from mdm.access import Resource
 from mdm.config import Config, SiteSettings
 from mdm.deid import DeidOptions, deidentify
@@ -149,6 +150,10 @@ class Fetcher:
         """The concurrency limit of ``site`` (shared with queries)."""
         return self._limiters[site]
 
+    def pending_objects(self) -> int:
+        """How many objects readers or prefetches wait for now (``mdm status``)."""
+        return len(self._pending)
+
     async def fetch(self, target: Target) -> ObjectInfo:
         """Return the stored object for ``target``, retrieving it if needed (single-flight)."""
         ref = ObjectRef(target.sop_uid, target.view)
@@ -225,9 +230,12 @@ class Fetcher:
                     site = self.config.site(name)
                 except KeyError:
                     continue
+                started = time.monotonic()
                 try:
                     await self._retrieve_from(site, group, remaining, level, pend)
                 except MdmError as e:
+                    result = "timeout" if isinstance(e, RetrieveTimeout) else "error"
+                    metrics.retrieval(name, result, time.monotonic() - started)
                     last = e
                     errors.append(str(e))
                     log.warning("retrieval from site %s failed: %s", name, e)
@@ -236,6 +244,8 @@ class Fetcher:
                         name, first, len(wanted) - left, len(wanted), type(e).__name__
                     )
                     continue
+                done = all(pend[u].done.is_set() for u in remaining)
+                metrics.retrieval(name, "ok" if done else "incomplete", time.monotonic() - started)
         except BaseException as e:  # cancellation or a bug: never leave waiters hanging
             aborted = MdmError(f"retrieval aborted: {type(e).__name__}")
             for u in wanted:
@@ -252,7 +262,7 @@ class Fetcher:
                     err = RetrieveError("; ".join(errors)) if kind == errno.EIO else last
                 else:
                     err = RetrieveError(f"no site could deliver object {u}")
-                self._finish(u, err)
+                self._finish(u, err, site_order[-1] if site_order else "")
 
     async def _retrieve_from(
         self,
@@ -290,7 +300,7 @@ class Fetcher:
             if isinstance(obj, StoredNotice):
                 if obj.error is not None:
                     err = obj.error if isinstance(obj.error, MdmError) else MdmError(str(obj.error))
-                    self._to_trio(self._finish, key, err)
+                    self._to_trio(self._finish, key, err, site.name)
                 else:
                     self._to_trio(self._stored, key, obj.info, site.name)
                 return
@@ -424,10 +434,11 @@ class Fetcher:
                 self._to_trio(self._stored, key, info, meta["site"])
             except MdmError as e:
                 log.warning("object %s from site %s not stored: %s", obj.sop_uid, meta["site"], e)
-                self._to_trio(self._finish, key, e)
+                self._to_trio(self._finish, key, e, meta["site"])
             except Exception as e:  # a bug must not kill the writer; readers get EIO
                 log.error("storing object %s failed", obj.sop_uid, exc_info=True)
-                self._to_trio(self._finish, key, MdmError(f"cannot store object: {e}"))
+                err = MdmError(f"cannot store object: {e}")
+                self._to_trio(self._finish, key, err, meta["site"])
             finally:
                 batch.done()
             del obj, job
@@ -462,15 +473,18 @@ class Fetcher:
     def _stored(self, sop_uid: str, info: ObjectInfo, site: str) -> None:
         self.stats.objects_received += 1
         self.stats.by_site[site] = self.stats.by_site.get(site, 0) + 1
+        metrics.OBJECTS.labels(site, "stored").inc()
+        metrics.BYTES_RECEIVED.labels(site).inc(info.size)
         if self.on_stored is not None:
             self.on_stored(info)
         self._finish(sop_uid, None)
 
-    def _finish(self, sop_uid: str, error: MdmError | None) -> None:
+    def _finish(self, sop_uid: str, error: MdmError | None, site: str = "") -> None:
         p = self._pending.pop(sop_uid, None)
         if p is None or p.done.is_set():
             return
         if error is not None:
             self.stats.objects_failed += 1
+            metrics.OBJECTS.labels(site or "none", "failed").inc()
         p.error = error
         p.done.set()

@@ -63,6 +63,7 @@ OBJECTS_DB = b"objects"
 LRU_DB = b"lru"
 META_DB = b"store-meta"
 _BYTES_KEY = b"stored_bytes"
+_EVICTED_KEY = b"evicted_objects"
 _U64 = struct.Struct(">Q")
 _NAME_LEN = 64
 # Access times live in memory and reach LMDB in batches, so that a read of a cached file does
@@ -172,6 +173,10 @@ class StoreStats:
     bytes: int
     max_bytes: int
     pinned: int
+    evicted: int = 0
+    """Objects evicted to keep within max_bytes since the cache was made (all processes)."""
+    pinned_bytes: int = 0
+    """Stored bytes of the objects this process holds open (never evicted)."""
 
 
 @dataclass(frozen=True)
@@ -407,6 +412,10 @@ class ObjectStore:
                 )
             for name, info in victims:
                 self._delete_record(txn, name, info)
+            if victims:
+                raw = txn.get(_EVICTED_KEY, db=self._meta)
+                done = _U64.unpack(raw)[0] if raw else 0
+                txn.put(_EVICTED_KEY, _U64.pack(done + len(victims)), db=self._meta)
         # Records are gone (committed) before the blobs: a crash here leaves only orphans.
         self._unlink_blobs(name for name, _ in victims)
         if victims:
@@ -764,6 +773,12 @@ class ObjectStore:
                 bytes=self._committed_bytes(txn),
                 max_bytes=self.max_bytes,
                 pinned=len(self._pins),
+                evicted=_U64.unpack(raw)[0] if (raw := txn.get(_EVICTED_KEY, db=self._meta)) else 0,
+                pinned_bytes=sum(
+                    info.stored_bytes
+                    for name in self._pins
+                    if (info := self._get(txn, name)) is not None
+                ),
             )
 
     def list_refs(self) -> list[ObjectRef]:

@@ -14,10 +14,12 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from mdm import metrics
 from mdm.bridge import open_bridge
 from mdm.config import Config
 from mdm.errors import UserError
 from mdm.session import Session
+from mdm.status import ControlServer
 from mdm_fuse.ops import MdmOperations
 
 log = logging.getLogger(__name__)
@@ -76,14 +78,30 @@ async def serve(
         ops = MdmOperations(bridge, strict=strict)
         options = set(pyfuse3.default_options)
         options |= {"fsname=mdm", "subtype=mdm", "ro", "noatime"}
+        # Both before the mount appears: whoever sees the mount can ask it at once. Neither
+        # stops a mount: without them it serves the same files, and says so.
+        control: ControlServer | None = None
+        try:
+            control = ControlServer(bridge, mountpoint)
+        except OSError as e:
+            log.warning("no control socket (mdm status will not find this mount): %s", e)
+        exporter = metrics.serve(config.metrics.listen if config.metrics else None, "mount")
+        if exporter is not None:
+            exporter.add_cache(bridge.store.stats)
         try:
             pyfuse3.init(ops, str(mountpoint), options)
-        except RuntimeError as e:
-            # libfuse (or fusermount3) said why on stderr, just before: one line here.
-            raise UserError(
-                f"cannot mount {mountpoint}: {e} (see the FUSE message above; "
-                "docs/INSTALL.md: running without root)"
-            ) from None
+        except BaseException as e:
+            if control is not None:
+                control.close()
+            if exporter is not None:
+                exporter.close()
+            if isinstance(e, RuntimeError):
+                # libfuse (or fusermount3) said why on stderr, just before: one line here.
+                raise UserError(
+                    f"cannot mount {mountpoint}: {e} (see the FUSE message above; "
+                    "docs/INSTALL.md: running without root)"
+                ) from None
+            raise
         log.info(
             "mounted %s as %s (%d site(s): %s)",
             mountpoint,
@@ -103,6 +121,8 @@ async def serve(
                             return
 
                 nursery.start_soon(on_signal)
+                if control is not None:
+                    nursery.start_soon(control.run)
                 task_status.started()
                 await pyfuse3.main(min_tasks=4, max_tasks=MAX_TASKS)
                 nursery.cancel_scope.cancel()
@@ -119,6 +139,10 @@ async def serve(
                     mountpoint,
                     mountpoint,
                 )
+            if control is not None:
+                control.close()
+            if exporter is not None:
+                exporter.close()
             try:
                 pyfuse3.close(unmount=clean)
             except Exception:  # already unmounted from outside

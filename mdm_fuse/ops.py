@@ -19,6 +19,7 @@ from typing import Any
 
 import pyfuse3
 
+from mdm import metrics
 from mdm.bridge import Bridge, Entry, OpenFile
 from mdm.errors import MdmError
 
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 ENTRY_TIMEOUT = 1.0
 ATTR_TIMEOUT = 1.0
 BLKSIZE = 128 * 1024
+_READ, _READDIR, _RELEASE = (metrics.FUSE_OP[op] for op in ("read", "readdir", "release"))
+_SERVED = metrics.BYTES_SERVED
 
 
 def _errno_of(exc: BaseException, strict: bool) -> int:
@@ -71,6 +74,7 @@ class MdmOperations(pyfuse3.Operations):
     # ------------------------------------------------------------------ helpers
     @asynccontextmanager
     async def _guard(self, what: str) -> AsyncIterator[None]:
+        metrics.FUSE_OP[what].inc()
         try:
             yield
         except pyfuse3.FUSEError:
@@ -81,6 +85,7 @@ class MdmOperations(pyfuse3.Operations):
     def _failure(self, what: str, e: Exception) -> pyfuse3.FUSEError:
         """The errno a failed operation answers with (logged unless it is ENOENT)."""
         code = _errno_of(e, self.strict)
+        metrics.fuse_error(what, code)
         if isinstance(e, MdmError) and code not in (errno.ENOENT,):
             log.info("%s: %s (%s)", what, e, errno.errorcode.get(code, code))
         return pyfuse3.FUSEError(code)
@@ -167,6 +172,7 @@ class MdmOperations(pyfuse3.Operations):
         raise AssertionError("unreachable")
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        _READDIR.inc()
         entries = self._dirs.get(fh)
         if entries is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -195,27 +201,35 @@ class MdmOperations(pyfuse3.Operations):
             fh = next(self._next_fh)
             self._files[fh] = (inode, f)
             direct = self._reported.get(inode) != f.size
-            log.debug("open %s: %d bytes in %.3fs", path[-1], f.size, time.monotonic() - started)
+            took = time.monotonic() - started
+            if f.reader is not None:
+                metrics.OPEN_SECONDS.labels("hit" if f.exact_before else "miss").observe(took)
+            log.debug("open %s: %d bytes in %.3fs", path[-1], f.size, took)
             return pyfuse3.FileInfo(fh=fh, direct_io=direct, keep_cache=not direct)
         raise AssertionError("unreachable")
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        _READ.inc()
         entry = self._files.get(fh)
         if entry is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         # The hottest operation: a plain try instead of _guard's context manager. pyfuse3
         # replies from any buffer: a view of the decrypted chunk, not a copy.
         try:
-            return entry[1].read_view(off, size)  # type: ignore[return-value]
+            view = entry[1].read_view(off, size)
+            _SERVED.inc(len(view))
+            return view  # type: ignore[return-value]
         except Exception as e:
             raise self._failure("read", e) from None
 
     async def release(self, fh: int) -> None:
+        _RELEASE.inc()
         entry = self._files.pop(fh, None)
         if entry is not None:
             entry[1].release()
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        metrics.FUSE_OP["statfs"].inc()
         s = pyfuse3.StatvfsData()
         s.f_bsize = BLKSIZE
         s.f_frsize = BLKSIZE

@@ -288,3 +288,11 @@ def test_cli_verify_and_tail(tmp_path: Path, log20: Path, mdm: click.Group) -> N
     # Without [audit] the log is cache.dir/audit.jsonl: none written yet is a failure.
     r = runner.invoke(mdm, ["audit", "verify", "--config", str(cfg)])
     assert r.exit_code == 1 and "audit.jsonl: no such file" in r.stdout
+
+
+def test_a_log_opened_but_never_written_verifies(tmp_path: Path) -> None:
+    """A mount that has recorded nothing yet leaves an empty log and an empty head: sound."""
+    p = tmp_path / "audit.jsonl"
+    AuditLog(p).close()
+    assert p.read_bytes() == b"" and head_path(p).read_bytes() == b""
+    assert verify(p) == []

@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from mdm import metrics
 from mdm.access import Resource
 from mdm.config import KeySettings
 from mdm.errors import ConfigError, IntegrityError, KeyUnavailable
@@ -101,6 +102,20 @@ class HttpsPool:
         self, index: int, path: str, body: dict[str, Any], bearer: str, timeout: float
     ) -> dict[str, Any]:
         """POST to server ``index`` (1-based); ServerError on any failure."""
+        try:
+            answer = self._post(index, path, body, bearer, timeout)
+        except ServerError as e:
+            result = (
+                "timeout" if "deadline" in str(e) else "refused" if "refused" in str(e) else "error"
+            )
+            metrics.KEYSERVER_CALLS.labels(str(index), result).inc()
+            raise
+        metrics.KEYSERVER_CALLS.labels(str(index), "ok").inc()
+        return answer
+
+    def _post(
+        self, index: int, path: str, body: dict[str, Any], bearer: str, timeout: float
+    ) -> dict[str, Any]:
         host, port = self.addrs[index - 1]
         name = self.label(index)
         conn = http.client.HTTPSConnection(host, port, context=self.ssl, timeout=max(timeout, 0.05))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 import tomllib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -42,9 +43,10 @@ from typing import Any
 
 import trio
 
+from mdm import metrics
 from mdm.access import AccessLevel, Resource
 from mdm.audit import AuditLog
-from mdm.config import IdentitySettings, PolicySettings, _Section
+from mdm.config import IdentitySettings, MetricsSettings, PolicySettings, _Section, metrics_from
 from mdm.errors import ConfigError, IntegrityError, UserError
 from mdm.identity import InvalidToken, Principal, TokenVerifier
 from mdm.keyservice import prf
@@ -94,6 +96,7 @@ class ServerSettings:
     audit_log: Path
     identity: IdentitySettings
     policy: PolicySettings
+    metrics: MetricsSettings | None = None
 
 
 def load_server_config(path: str | Path) -> ServerSettings:
@@ -107,7 +110,7 @@ def load_server_config(path: str | Path) -> ServerSettings:
         raise ConfigError(p, None, f"cannot read: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(p, None, f"TOML syntax error: {e}") from None
-    top = _Section(p, "", data, {"server", "identity", "policy"})
+    top = _Section(p, "", data, {"server", "identity", "policy", "metrics"})
     s = _Section(
         p,
         "server",
@@ -143,6 +146,7 @@ def load_server_config(path: str | Path) -> ServerSettings:
             leeway=i_.duration("leeway", 30.0),
         ),
         policy=PolicySettings(dir=pol.path_("dir")),
+        metrics=metrics_from(p, top.table_("metrics")),
     )
 
 
@@ -211,6 +215,7 @@ class KeyServiceApp:
             return
         body = b""
         status, answer = 200, {}
+        endpoint = metrics.endpoint_label(scope["path"])
         while True:
             msg = await receive()
             if msg["type"] == "http.disconnect":
@@ -228,7 +233,10 @@ class KeyServiceApp:
             auth = headers.get("authorization", "")
             bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
             handler = partial(self.handle, scope["method"], scope["path"], bearer, body)
+            started = time.monotonic()
             status, answer = await trio.to_thread.run_sync(handler)
+            metrics.KS_SECONDS.labels(endpoint).observe(time.monotonic() - started)
+        metrics.KS_REQUESTS.labels(endpoint, str(status)).inc()
         data = json.dumps(answer).encode()
         await send(
             {
@@ -308,16 +316,21 @@ class KeyServiceApp:
         **extra: Any,
     ) -> None:
         extra = {k: (v[:256] if isinstance(v, str) else v) for k, v in extra.items()}
-        self.audit.record(
-            principal=principal,
-            action=action,
-            decision=decision,
-            resource=resource,
-            rule=rule,
-            policy=policy,
-            key_server=self.index,
-            **extra,
-        )
+        try:
+            self.audit.record(
+                principal=principal,
+                action=action,
+                decision=decision,
+                resource=resource,
+                rule=rule,
+                policy=policy,
+                key_server=self.index,
+                **extra,
+            )
+        except Exception:
+            metrics.AUDIT_WRITES.labels("failed").inc()
+            raise
+        metrics.AUDIT_WRITES.labels("ok").inc()
 
     def _admin(self, bearer: str) -> None:
         if not bearer or not self.keys.check_admin(bearer):
@@ -405,6 +418,7 @@ class KeyServiceApp:
             ares["trial"] = resource.trial[:256]
         need = _needed_level(parse_scope(label).level, view)
         decision = self.resolver.decide(principal, resource)
+        metrics.POLICY_DECISIONS.labels("object", decision.level.label).inc()
         version = getattr(decision, "version", "") or self.resolver.version()
         why = ""
         if decision.level < need:
@@ -573,6 +587,7 @@ def serve(settings: ServerSettings) -> None:
     cfg.accesslog = None
     cfg.graceful_timeout = 1.0
     log.info("key server %d listening on %s", settings.index, ", ".join(settings.listen))
+    exporter = metrics.serve(settings.metrics.listen if settings.metrics else None, "keyserver")
     try:
         trio.run(partial(hyper_serve, app, cfg, mode="asgi"))  # type: ignore[arg-type]
     except KeyboardInterrupt:
@@ -580,4 +595,6 @@ def serve(settings: ServerSettings) -> None:
     except OSError as e:
         raise UserError(f"key server {settings.index}: cannot serve: {e}") from None
     finally:
+        if exporter is not None:
+            exporter.close()
         app.close()

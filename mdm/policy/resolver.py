@@ -61,6 +61,10 @@ class PolicyResolver:
         self._policy = load_policy(self.directory, known_sites=known_sites)
         self._failed: tuple[tuple[str, int, int], ...] | None = None
         self._next_check = time.monotonic() + reload_interval
+        self.loaded_at = time.time()
+        """When the policy in force was loaded (seconds since the epoch)."""
+        self.last_reload: tuple[float, str] | None = None
+        """(when, "" if it loaded, else its first problem) of the last reload (mdm status)."""
         log.info(
             "policy %s: version %s, %d rules in %d files",
             self.directory,
@@ -126,6 +130,7 @@ class PolicyResolver:
                 if snapshot(self.directory) != snap:
                     return False  # written to while loading: judge the next snapshot instead
                 self._failed = snap
+                self.last_reload = (time.time(), str(e.problems[0]) if e.problems else str(e))
                 log.error(
                     "policy %s: reload failed, version %s stays in force:\n  %s",
                     self.directory,
@@ -137,6 +142,8 @@ class PolicyResolver:
                 return False  # written to while loading: this may be a half-written file
             old = self._policy.version
             self._snapshot, self._failed, self._policy = snap, None, policy
+            self.loaded_at = time.time()
+            self.last_reload = (self.loaded_at, "")
             log.info(
                 "policy %s: reloaded, version %s -> %s (%d rules)",
                 self.directory,
