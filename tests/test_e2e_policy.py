@@ -57,6 +57,15 @@ def token(
     return dest
 
 
+def forged_token(tmp_path: Path, sub: str, groups: str) -> Path:
+    """A well-formed token for ``sub`` signed by an issuer key nobody trusts (0600)."""
+    other = tmp_path / "other-idp"
+    if not other.exists():
+        mdm("token", "init", str(other))
+    dest = tmp_path / f"forged-{sub}.jwt"
+    return token(other, dest, sub, groups)
+
+
 POLICY = f"""
 [[allow]]
 id = "radiology-a"
@@ -282,26 +291,7 @@ def test_bad_tokens_refuse_to_mount(orthanc_pair: PacsPair, idp: Path, tmp_path:
     loose.chmod(0o644)
     res = mdm("mount", str(mnt), "--config", str(cfg), "--token-file", str(loose), check=False)
     assert res.returncode != 0 and "chmod 600" in res.stderr
-    other = tmp_path / "other"
-    mdm("token", "init", str(other))
-    forged = tmp_path / "forged.jwt"
-    forged.write_text(
-        mdm(
-            "token",
-            "issue",
-            "--key",
-            str(other / "signing-key.pem"),
-            "--issuer",
-            ISS,
-            "--audience",
-            AUD,
-            "--sub",
-            "drad",
-            "--groups",
-            "radiologists",
-        ).stdout
-    )
-    forged.chmod(0o600)
+    forged = forged_token(tmp_path, "drad", "radiologists")
     res = mdm("mount", str(mnt), "--config", str(cfg), "--token-file", str(forged), check=False)
     assert res.returncode != 0 and ("key id" in res.stderr or "signature" in res.stderr)
     res = mdm("mount", str(mnt), "--config", str(cfg), check=False)

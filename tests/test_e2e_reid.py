@@ -19,7 +19,7 @@ from mdm.localpacs import free_port
 from mdm.synth import TRIAL_PROTOCOL
 from tests.conftest import PacsPair
 from tests.mountutil import Mount, mdm
-from tests.test_e2e_policy import AUD, ISS, token
+from tests.test_e2e_policy import AUD, ISS, forged_token, token
 
 pytestmark = pytest.mark.e2e
 
@@ -282,26 +282,7 @@ def test_explain_and_fetch_reveal_nothing_of_hidden_objects(
     code, out, _ = explain(officer, hidden.study_uid)
     assert code == 0 and hidden.patient_id in out
     # A forged token is refused before anything is looked up.
-    other = tmp_path / "other-idp"
-    mdm("token", "init", str(other))
-    forged = tmp_path / "forged.jwt"
-    forged.write_text(
-        mdm(
-            "token",
-            "issue",
-            "--key",
-            str(other / "signing-key.pem"),
-            "--issuer",
-            ISS,
-            "--audience",
-            AUD,
-            "--sub",
-            "sec1",
-            "--groups",
-            "sec-officers",
-        ).stdout
-    )
-    forged.chmod(0o600)
+    forged = forged_token(tmp_path, "sec1", "sec-officers")
     code, out, err = explain(forged, hidden.study_uid)
     assert code != 0 and hidden.patient_id not in out + err
 
