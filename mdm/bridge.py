@@ -38,7 +38,7 @@ from mdm.catalog import ROOT, Catalog, Level, Record
 from mdm.config import Config, SiteSettings
 from mdm.db import open_env
 from mdm.dicom.procscp import ProcessStorageSCP, StoreParams
-from mdm.dicom.query import fan_out
+from mdm.dicom.query import SiteResult, find_at
 from mdm.dicom.receiver import StorageSCP
 from mdm.dicom.retrieve import Retriever
 from mdm.errors import (
@@ -330,9 +330,24 @@ class Bridge:
         chosen = [s for s in self.config.sites if sites is None or s.name in sites]
         if not chosen:
             return []
-        results = await trio.to_thread.run_sync(
-            lambda: fan_out(chosen, self.config.bridge, level, identifier)
-        )
+        got: dict[str, SiteResult] = {}
+
+        async def one(site: SiteSettings) -> None:
+            # Under the site's association limit, the same one its retrievals take: a burst
+            # of listings never opens more than max_associations to one PACS.
+            got[site.name] = await trio.to_thread.run_sync(
+                find_at,
+                site,
+                self.config.bridge,
+                level,
+                identifier,
+                limiter=self.fetcher.limiter(site.name),
+            )
+
+        async with trio.open_nursery() as nursery:
+            for site in chosen:
+                nursery.start_soon(one, site)
+        results = [got[s.name] for s in chosen]
         out: list[tuple[str, list[Dataset] | None]] = []
         for r in results:
             if r.error is not None:

@@ -274,16 +274,23 @@ def fan_out(
         return []
 
     def one(site: SiteSettings) -> SiteResult:
-        t0 = time.monotonic()
-        try:
-            found = c_find(site, bridge, level, identifier)
-            return SiteResult(site, found, None, time.monotonic() - t0)
-        except MdmError as e:
-            return SiteResult(site, [], e, time.monotonic() - t0)
-        except Exception as e:  # a bug or a pynetdicom surprise must not sink the others
-            log.exception("site %s: C-FIND failed unexpectedly", site.name)
-            err = RetrieveError(f"site {site.name}: C-FIND failed: {type(e).__name__}")
-            return SiteResult(site, [], err, time.monotonic() - t0)
+        return find_at(site, bridge, level, identifier)
 
     with ThreadPoolExecutor(max_workers=len(chosen), thread_name_prefix="mdm-find") as pool:
         return list(pool.map(one, chosen))
+
+
+def find_at(
+    site: SiteSettings, bridge: BridgeSettings, level: str, identifier: Dataset
+) -> SiteResult:
+    """C-FIND one site; its failure is in the result (``error``), never raised."""
+    t0 = time.monotonic()
+    try:
+        found = c_find(site, bridge, level, identifier)
+        return SiteResult(site, found, None, time.monotonic() - t0)
+    except MdmError as e:
+        return SiteResult(site, [], e, time.monotonic() - t0)
+    except Exception as e:  # a bug or a pynetdicom surprise must not sink the others
+        log.exception("site %s: C-FIND failed unexpectedly", site.name)
+        err = RetrieveError(f"site {site.name}: C-FIND failed: {type(e).__name__}")
+        return SiteResult(site, [], err, time.monotonic() - t0)
