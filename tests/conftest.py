@@ -258,6 +258,16 @@ def orthanc_pair_private(tmp_path: Path) -> Iterator[PacsPair]:
         stop_pair(pair)
 
 
+@pytest.fixture(scope="module")
+def idp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local token issuer (``mdm token init``) for the tests of one module."""
+    from tests.mountutil import mdm
+
+    d = tmp_path_factory.mktemp("idp")
+    mdm("token", "init", str(d))
+    return d
+
+
 # ---------------------------------------------------------------------------- no PHI in logs
 PHI_SENTINELS: set[str] = set()
 """Identifying values of every generated patient a test PACS holds: no log line may carry

@@ -17,11 +17,10 @@ import pytest
 
 from mdm.deid import map_uid, pseudonym
 from mdm.keys import LocalKeyring
-from mdm.localpacs import free_port
 from mdm.synth import TRIAL_PROTOCOL
 from tests.conftest import PacsPair
 from tests.mountutil import Mount, mdm
-from tests.test_e2e_policy import AUD, ISS, token
+from tests.test_e2e_policy import identity_config, token
 
 pytestmark = pytest.mark.e2e
 
@@ -54,27 +53,8 @@ scope = "other"
 """
 
 
-@pytest.fixture(scope="module")
-def idp(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("idp-deid")
-    mdm("token", "init", str(d))
-    return d
-
-
 def config(pair: PacsPair, d: Path, idp: Path) -> Path:
-    (d / "policies").mkdir(parents=True, exist_ok=True)
-    (d / "policies" / "deid.toml").write_text(POLICY)
-    aet, port = f"MDMD{free_port() % 10000}", free_port()
-    pair.add_destination(aet, port)
-    extra = f"""
-[identity]
-issuer = "{ISS}"
-audience = "{AUD}"
-public_keys = "{idp / "jwks.json"}"
-[policy]
-dir = "{d / "policies"}"
-"""
-    return pair.write_config(d, bridge_options={"ae_title": aet, "port": port}, extra=extra)
+    return identity_config(pair, d, idp, POLICY, leeway="30s")
 
 
 def tree(mnt: Path) -> set[str]:

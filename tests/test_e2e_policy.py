@@ -36,13 +36,6 @@ def visible_files(mnt: Path) -> set[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def idp(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("idp")
-    mdm("token", "init", str(d))
-    return d
-
-
 def token(
     idp: Path, dest: Path, sub: str, groups: str = "", ttl: str = "1h", **claims: str
 ) -> Path:
@@ -90,12 +83,21 @@ access = "metadata"
 """
 
 
-def setup(pair: PacsPair, d: Path, idp: Path, cohort: list[str]) -> Path:
+def identity_config(
+    pair: PacsPair,
+    d: Path,
+    idp: Path,
+    policy: str,
+    *,
+    audit: Path | None = None,
+    leeway: str = "0s",
+) -> Path:
+    """``d/mdm.toml`` for the pair under ``[identity]`` (tokens of ``idp``), the policy file
+    ``d/policies/main.toml`` and, with ``audit``, an audit log; the bridge's AE is registered
+    at both PACS."""
     pol = d / "policies"
     pol.mkdir(parents=True, exist_ok=True)
-    (pol / "main.toml").write_text(
-        POLICY.replace('"@COHORT@"', ", ".join(f'"{c}"' for c in cohort))
-    )
+    (pol / "main.toml").write_text(policy)
     aet, port = f"MDMP{free_port() % 10000}", free_port()
     pair.add_destination(aet, port)
     extra = f"""
@@ -103,15 +105,19 @@ def setup(pair: PacsPair, d: Path, idp: Path, cohort: list[str]) -> Path:
 issuer = "{ISS}"
 audience = "{AUD}"
 public_keys = "{idp / "jwks.json"}"
-leeway = "0s"
+leeway = "{leeway}"
 
 [policy]
 dir = "{pol}"
-
-[audit]
-log = "{d / "audit" / "audit.jsonl"}"
 """
+    if audit is not None:
+        extra += f'\n[audit]\nlog = "{audit}"\n'
     return pair.write_config(d, bridge_options={"ae_title": aet, "port": port}, extra=extra)
+
+
+def setup(pair: PacsPair, d: Path, idp: Path, cohort: list[str]) -> Path:
+    policy = POLICY.replace('"@COHORT@"', ", ".join(f'"{c}"' for c in cohort))
+    return identity_config(pair, d, idp, policy, audit=d / "audit" / "audit.jsonl")
 
 
 def test_each_principal_sees_exactly_its_grant(

@@ -15,11 +15,10 @@ from click.testing import CliRunner
 
 from mdm.bridge import NON_PHI
 from mdm.cli import main
-from mdm.localpacs import free_port
 from mdm.synth import TRIAL_PROTOCOL
 from tests.conftest import PacsPair
 from tests.mountutil import Mount, mdm
-from tests.test_e2e_policy import AUD, ISS, forged_token, token
+from tests.test_e2e_policy import forged_token, identity_config, token
 
 pytestmark = pytest.mark.e2e
 
@@ -50,31 +49,9 @@ access = "identified"
 """
 
 
-@pytest.fixture(scope="module")
-def idp(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("idp-reid")
-    mdm("token", "init", str(d))
-    return d
-
-
 def setup(pair: PacsPair, d: Path, idp: Path, cohort: list[str]) -> Path:
-    (d / "policies").mkdir(parents=True, exist_ok=True)
-    (d / "policies" / "main.toml").write_text(
-        POLICY.replace('"@COHORT@"', ", ".join(f'"{c}"' for c in cohort))
-    )
-    aet, port = f"MDMR{free_port() % 10000}", free_port()
-    pair.add_destination(aet, port)
-    extra = f"""
-[identity]
-issuer = "{ISS}"
-audience = "{AUD}"
-public_keys = "{idp / "jwks.json"}"
-[policy]
-dir = "{d / "policies"}"
-[audit]
-log = "{d / "audit.jsonl"}"
-"""
-    return pair.write_config(d, bridge_options={"ae_title": aet, "port": port}, extra=extra)
+    policy = POLICY.replace('"@COHORT@"', ", ".join(f'"{c}"' for c in cohort))
+    return identity_config(pair, d, idp, policy, audit=d / "audit.jsonl")
 
 
 class Finder:

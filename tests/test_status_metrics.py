@@ -30,10 +30,9 @@ from mdm.synth import GeneratedInstance
 from tests.conftest import PacsPair
 from tests.mountutil import ROOT, Mount, mdm
 from tests.test_e2e_mount import config, study_path
-from tests.test_e2e_policy import AUD, ISS, POLICY, idp, setup, token
+from tests.test_e2e_policy import AUD, ISS, POLICY, setup, token
 
 pytestmark = pytest.mark.e2e
-__all__ = ["idp"]  # the fixture, imported for the policy test
 
 
 def scrape(port: int) -> str:
