@@ -1,5 +1,5 @@
 """``python -m mdm``: the ``mdm`` command."""
 
-from mdm.cli import main
+from mdm.cli.main import main
 
 main()

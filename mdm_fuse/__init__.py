@@ -1,1 +1,3 @@
-"""FUSE adapter over :mod:`mdm.bridge` (pyfuse3 + trio). Never imports pynetdicom or lmdb."""
+"""FUSE adapter over :mod:`mdm.namespace.bridge` (pyfuse3 + trio).
+
+Never imports pynetdicom or lmdb."""

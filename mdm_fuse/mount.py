@@ -14,12 +14,12 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from mdm import metrics
-from mdm.bridge import open_bridge
+from mdm.access.session import Session
 from mdm.config import Config
 from mdm.errors import UserError
-from mdm.session import Session
-from mdm.status import ControlServer
+from mdm.namespace.bridge import open_bridge
+from mdm.ops import metrics
+from mdm.ops.status import ControlServer
 from mdm_fuse.ops import MdmOperations
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""pyfuse3 operations over :class:`mdm.bridge.Bridge`: a protocol adapter only.
+"""pyfuse3 operations over :class:`mdm.namespace.bridge.Bridge`: a protocol adapter only.
 
 Inodes map to namespace paths; every handler turns the bridge's domain errors into an errno
 through one table (:func:`_errno_of`), and only :class:`pyfuse3.FUSEError` leaves a handler —
@@ -19,9 +19,9 @@ from typing import Any
 
 import pyfuse3
 
-from mdm import metrics
-from mdm.bridge import Bridge, Entry, OpenFile
 from mdm.errors import MdmError
+from mdm.namespace.bridge import Bridge, Entry, OpenFile
+from mdm.ops import metrics
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mdm.localpacs import DcmtkStoreSCP, LocalOrthanc, free_port, movescu_command  # noqa: E402
-from mdm.synth import iter_series  # noqa: E402
+from mdm_demo.localpacs import DcmtkStoreSCP, LocalOrthanc, free_port, movescu_command  # noqa: E402
+from mdm_demo.synth import iter_series  # noqa: E402
 from scripts.bench_nullfs import measure as measure_nullfs  # noqa: E402
 from tests.mountutil import Mount  # noqa: E402
 

@@ -22,7 +22,7 @@ from pydicom.filewriter import write_dataset
 
 from mdm.dicom.part10 import part10
 from mdm.dicom.validate import check_object
-from mdm.synth import generate
+from mdm_demo.synth import generate
 
 SYNTAXES = {
     "explicit": "1.2.840.10008.1.2.1",

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from mdm.localpacs import LOOPBACK, LocalOrthanc, free_port, stop_all
-from mdm.synth import GeneratedInstance, by_series, generate
+from mdm_demo.localpacs import LOOPBACK, LocalOrthanc, free_port, stop_all
+from mdm_demo.synth import GeneratedInstance, by_series, generate
 
 BRIDGE_AET = "MDMTEST"
 

@@ -28,7 +28,7 @@ from pydicom.uid import generate_uid
 from mdm.config import BridgeSettings, SiteSettings
 from mdm.dicom.receiver import ReceivedObject, StorageSCP
 from mdm.dicom.retrieve import CLASSES_PER_GET, GET_SYNTAXES, Retriever, get_contexts
-from mdm.localpacs import LocalOrthanc, free_port
+from mdm_demo.localpacs import LocalOrthanc, free_port
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -15,10 +15,10 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from mdm.audit import GENESIS, AuditError, AuditLog, follow, head_path, verify
-from mdm.cli import MdmGroup
-from mdm.cli_audit import audit
-from mdm.identity import Principal
+from mdm.access.identity import Principal
+from mdm.audit.log import GENESIS, AuditError, AuditLog, follow, head_path, verify
+from mdm.cli.audit import audit
+from mdm.cli.main import MdmGroup
 
 ALICE = Principal(sub="alice", issuer="https://idp.test")
 STUDY = "1.2.826.0.1.3680043.8.498.1"

@@ -1,7 +1,7 @@
 """The audit chain anchored at real key servers (three processes on loopback, TLS).
 
 Each attack of someone who can write the log, its ``.head`` and ``.anchors`` is first shown to
-beat the plain hash chain (``verify`` of mdm.audit finds nothing), then to be reported by
+beat the plain hash chain (``verify`` of mdm.audit.log finds nothing), then to be reported by
 ``mdm audit verify`` against the anchors the key servers signed.
 """
 
@@ -22,14 +22,14 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from mdm.audit import GENESIS, AuditLog, encode_record, head_path, verify
-from mdm.audit_anchor import AuditAnchorer, anchors_path, log_id
-from mdm.cli import MdmGroup
-from mdm.cli_audit import audit
-from mdm.identity import Principal
+from mdm.access.identity import Principal
+from mdm.access.session import open_session
+from mdm.audit.anchor import AuditAnchorer, anchors_path, log_id
+from mdm.audit.log import GENESIS, AuditLog, encode_record, head_path, verify
+from mdm.cli.audit import audit
+from mdm.cli.main import MdmGroup
 from mdm.keyservice.anchor import book_path
 from mdm.keyservice.client import HttpsPool
-from mdm.session import open_session
 from tests import test_keyservice as ks
 
 pytestmark = pytest.mark.timeout(180)
@@ -192,7 +192,7 @@ def test_edit_in_the_middle_with_the_chain_recomputed(
         run_verify(mdm, writer), "line 12: rewritten: record seq 12", "and the anchors of seq 20"
     )
     # Re-anchoring the rewritten log is refused (and audited) by every server.
-    with caplog.at_level(logging.WARNING, logger="mdm.audit_anchor"):
+    with caplog.at_level(logging.WARNING, logger="mdm.audit.anchor"):
         assert writer.anchor.anchor_now() == 0
     assert "was anchored at" in caplog.text and "another hash" in caplog.text
 
@@ -322,7 +322,7 @@ def test_servers_down_do_not_stop_the_writer(
     assert writer.anchor.anchor_now() == 3
     dep.stop(3)
     try:
-        with caplog.at_level(logging.INFO, logger="mdm.audit_anchor"):
+        with caplog.at_level(logging.INFO, logger="mdm.audit.anchor"):
             writer.record(1)
             assert writer.anchor.anchor_now() == 2  # one server down: 2 signatures
             writer.record(1)
@@ -332,7 +332,7 @@ def test_servers_down_do_not_stop_the_writer(
         caplog.clear()
         dep.stop(1)
         dep.stop(2)
-        with caplog.at_level(logging.INFO, logger="mdm.audit_anchor"):
+        with caplog.at_level(logging.INFO, logger="mdm.audit.anchor"):
             writer.record(2)
             assert writer.anchor.anchor_now() == 0
             writer.record(2)
@@ -348,7 +348,7 @@ def test_servers_down_do_not_stop_the_writer(
     finally:
         for k in (1, 2, 3):
             dep.start(k)
-    with caplog.at_level(logging.INFO, logger="mdm.audit_anchor"):
+    with caplog.at_level(logging.INFO, logger="mdm.audit.anchor"):
         assert writer.anchor.anchor_now() == 3
     assert "reachable again; anchored seq 7" in caplog.text
     pool = HttpsPool(dep.config.keys.servers, dep.ks_dir / "ca.pem")

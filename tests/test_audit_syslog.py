@@ -22,15 +22,15 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from mdm import audit_syslog
-from mdm.audit import GENESIS, AuditLog, encode_record, head_path, verify
-from mdm.audit_syslog import SyslogSink
-from mdm.cli import MdmGroup
-from mdm.cli_audit import audit
+from mdm.access.identity import Principal
+from mdm.access.session import open_session
+from mdm.audit import syslog as audit_syslog
+from mdm.audit.log import GENESIS, AuditLog, encode_record, head_path, verify
+from mdm.audit.syslog import SyslogSink
+from mdm.cli.audit import audit
+from mdm.cli.main import MdmGroup
 from mdm.config import load_config
-from mdm.identity import Principal
-from mdm.localpacs import free_port
-from mdm.session import open_session
+from mdm_demo.localpacs import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -212,7 +212,7 @@ def test_syslog_down_does_not_stop_the_writer(
     log = AuditLog(path, sink=sink)
     rx: TcpReceiver | None = None
     try:
-        with caplog.at_level(logging.INFO, logger="mdm.audit_syslog"):
+        with caplog.at_level(logging.INFO, logger="mdm.audit.syslog"):
             fill(log, 3)  # nobody listens: records are written all the same
             time.sleep(0.3)
             fill(log, 3, start=3)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mdm.catalog import ROOT, Catalog, Record
-from mdm.db import open_env
+from mdm.catalog.records import ROOT, Catalog, Record
+from mdm.store.db import open_env
 
 
 def cat(tmp_path: Path, ttl: float = 60.0) -> Catalog:

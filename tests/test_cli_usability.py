@@ -9,7 +9,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from mdm.localpacs import free_port
+from mdm_demo.localpacs import free_port
 from tests.conftest import PacsPair
 from tests.mountutil import ROOT, mdm
 
@@ -137,8 +137,8 @@ def test_man_pages_and_completion(tmp_path: Path) -> None:
 
 
 def test_audit_query_and_tail_filter(tmp_path: Path) -> None:
-    from mdm.audit import AuditLog
-    from mdm.identity import Principal
+    from mdm.access.identity import Principal
+    from mdm.audit.log import AuditLog
 
     log = tmp_path / "audit.jsonl"
     alice, bob = Principal(sub="alice", issuer="i"), Principal(sub="bob", issuer="i")

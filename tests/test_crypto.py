@@ -1,4 +1,4 @@
-"""Chunked AEAD and key wrapping (mdm.crypto): round trips, ranges, and every tampering."""
+"""Chunked AEAD and key wrapping (mdm.store.crypto): round trips, ranges, and every tampering."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import random
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from mdm import crypto
-from mdm.crypto import (
+from mdm.errors import IntegrityError
+from mdm.store import crypto
+from mdm.store.crypto import (
     HEADER_LEN,
     TAG_LEN,
     BlobHeader,
@@ -22,7 +23,6 @@ from mdm.crypto import (
     unwrap_key,
     wrap_key,
 )
-from mdm.errors import IntegrityError
 
 CS = 64
 ID_A = b"mdm-object-v1\0identified\0" + b"1.2.3.4"

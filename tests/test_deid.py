@@ -26,7 +26,6 @@ from pydicom.filewriter import dcmwrite
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from mdm import synth
 from mdm.deid import (
     DeidMalformed,
     DeidOptions,
@@ -40,6 +39,7 @@ from mdm.deid import (
     pseudonym,
 )
 from mdm.errors import MdmError
+from mdm_demo import synth
 
 SECRET = b"scope-secret-trial-A-0123456789"
 OTHER = b"scope-secret-trial-B-9876543210"

@@ -24,8 +24,8 @@ from mdm.dicom.query import c_echo, c_find, fan_out
 from mdm.dicom.receiver import ReceivedObject, StorageSCP
 from mdm.dicom.retrieve import IncompleteRetrieve, Retriever
 from mdm.errors import RetrieveError, RetrieveTimeout
-from mdm.localpacs import LocalOrthanc, free_port
-from mdm.synth import generate
+from mdm_demo.localpacs import LocalOrthanc, free_port
+from mdm_demo.synth import generate
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 

@@ -16,8 +16,8 @@ import pydicom
 import pytest
 
 from mdm.deid import map_uid, pseudonym
-from mdm.keys import LocalKeyring
-from mdm.synth import TRIAL_PROTOCOL
+from mdm.store.keys import LocalKeyring
+from mdm_demo.synth import TRIAL_PROTOCOL
 from tests.conftest import PacsPair
 from tests.mountutil import Mount, mdm
 from tests.test_e2e_policy import identity_config, token
@@ -137,8 +137,8 @@ def test_deidentified_mount(orthanc_pair: PacsPair, idp: Path, tmp_path: Path) -
     # `mdm fetch` as the de-identified principal caches de-identified objects only.
     other_study = next(i.study_uid for i in trial if i.study_uid != trial[0].study_uid)
     mdm("fetch", "--config", str(cfg), "--token-file", str(grid), "-q", other_study)
-    from mdm.db import open_env
-    from mdm.store import ObjectStore
+    from mdm.store.db import open_env
+    from mdm.store.objects import ObjectStore
 
     env = open_env(tmp_path / "cache")
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from mdm.synth import TRIAL_PROTOCOL
+from mdm_demo.synth import TRIAL_PROTOCOL
 from tests.conftest import PacsPair
 from tests.mountutil import mdm
 from tests.test_e2e_mount import same_dataset, study_path

@@ -20,7 +20,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from mdm.synth import GeneratedInstance
+from mdm_demo.synth import GeneratedInstance
 from tests.conftest import PacsPair
 from tests.mountutil import Mount, mdm
 
@@ -32,7 +32,7 @@ _aet_numbers = iter(range(1, 10_000))
 
 def config(pair: PacsPair, d: Path, **kw: object) -> Path:
     """A config with its own storage SCP port and AE title, registered in both PACS."""
-    from mdm.localpacs import free_port
+    from mdm_demo.localpacs import free_port
 
     aet, port = f"MDMT{next(_aet_numbers)}", free_port()
     pair.add_destination(aet, port)

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from mdm.deid import map_uid
-from mdm.keys import LocalKeyring
-from mdm.localpacs import free_port
-from mdm.synth import TRIAL_PROTOCOL
+from mdm.store.keys import LocalKeyring
+from mdm_demo.localpacs import free_port
+from mdm_demo.synth import TRIAL_PROTOCOL
 from tests.conftest import PacsPair
 from tests.mountutil import Mount, mdm
 from tests.test_e2e_mount import same_dataset

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mdm.bridge import NON_PHI
-from mdm.cli import main
-from mdm.synth import TRIAL_PROTOCOL
+from mdm.cli.main import main
+from mdm.namespace.bridge import NON_PHI
+from mdm_demo.synth import TRIAL_PROTOCOL
 from tests.conftest import PacsPair
 from tests.mountutil import Mount, mdm
 from tests.test_e2e_policy import forged_token, identity_config, token

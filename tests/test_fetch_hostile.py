@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 
-from mdm.db import open_env
-from mdm.keys import LocalKeyring
-from mdm.localpacs import free_port
-from mdm.store import ObjectRef, ObjectStore
+from mdm.store.db import open_env
+from mdm.store.keys import LocalKeyring
+from mdm.store.objects import ObjectRef, ObjectStore
+from mdm_demo.localpacs import free_port
 from tests.fuzzdicom import BOMB_KIND, CT_CLASS, Corpus, uid_of
 from tests.test_fuzz_receiver import (
     RSS_BOUND_MIB,
@@ -155,7 +155,7 @@ timeout = "3s"
     store = ObjectStore(tmp_path / "cache", open_env(tmp_path / "cache"), keys, 1 << 30, 1 << 16)
     try:
         stored = [u for u in UIDS if store.info(ObjectRef(u, "identified")) is not None]
-        from mdm.identity import LOCAL_ADMIN
+        from mdm.access.identity import LOCAL_ADMIN
 
         for uid in stored:
             assert evil.forced[uid] == "valid", (uid, evil.forced[uid])

@@ -20,8 +20,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
-from mdm.localpacs import free_port
-from mdm.synth import generate
+from mdm_demo.localpacs import free_port
+from mdm_demo.synth import generate
 from tests.mountutil import Mount
 
 pytestmark = pytest.mark.e2e

@@ -39,16 +39,16 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from mdm.access.identity import LOCAL_ADMIN
 from mdm.config import BridgeSettings, SiteSettings
-from mdm.db import open_env
 from mdm.dicom.procscp import ProcessStorageSCP, StoreParams
 from mdm.dicom.receiver import ReceivedObject, StoredNotice
 from mdm.dicom.retrieve import Retriever
 from mdm.errors import RetrieveError, RetrieveTimeout
-from mdm.identity import LOCAL_ADMIN
-from mdm.keys import LocalKeyring
-from mdm.localpacs import free_port
-from mdm.store import ObjectRef, ObjectStore
+from mdm.store.db import open_env
+from mdm.store.keys import LocalKeyring
+from mdm.store.objects import ObjectRef, ObjectStore
+from mdm_demo.localpacs import free_port
 from tests.fuzzdicom import (
     BOMB_KIND,
     CT_CLASS,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from mdm.localpacs import free_port
+from mdm_demo.localpacs import free_port
 from tests.conftest import PacsPair
 from tests.mountutil import ROOT, Mount, mdm
 from tests.test_e2e_mount import config

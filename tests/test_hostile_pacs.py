@@ -23,8 +23,8 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from mdm.localpacs import free_port
-from mdm.synth import GeneratedInstance, generate
+from mdm_demo.localpacs import free_port
+from mdm_demo.synth import GeneratedInstance, generate
 from tests.conftest import PacsPair
 from tests.mountutil import Mount
 

@@ -1,4 +1,4 @@
-"""JWT verification (mdm.identity): real keys, real signatures, every bad token refused."""
+"""JWT verification (mdm.access.identity): real keys, real signatures, every bad token refused."""
 
 from __future__ import annotations
 
@@ -22,9 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from mdm.config import IdentitySettings
-from mdm.errors import ConfigError
-from mdm.identity import (
+from mdm.access.identity import (
     LOCAL_ADMIN,
     InvalidToken,
     TokenFile,
@@ -33,6 +31,8 @@ from mdm.identity import (
     load_keys,
     public_jwk,
 )
+from mdm.config import IdentitySettings
+from mdm.errors import ConfigError
 
 ISS = "https://idp.test/realms/mdm"
 AUD = "mdm"

@@ -1,4 +1,5 @@
-"""The local keyring (mdm.keys): file safety, persistence, sealing bound to object and scope."""
+"""The local keyring (mdm.store.keys):
+file safety, persistence, sealing bound to object and scope."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from mdm.crypto import new_key
+from mdm.access.identity import LOCAL_ADMIN
 from mdm.errors import ConfigError, KeyUnavailable
-from mdm.identity import LOCAL_ADMIN
-from mdm.keys import LocalKeyring, Scope
+from mdm.store.crypto import new_key
+from mdm.store.keys import LocalKeyring, Scope
 
 ID_A = b"mdm-object-v1\0identified\0" + b"1.2.3.4"
 ID_B = b"mdm-object-v1\0identified\0" + b"1.2.3.5"

@@ -23,19 +23,19 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from mdm.access import Resource
+from mdm.access.decide import Resource
+from mdm.access.identity import Principal
+from mdm.access.tokens import init_issuer, issue_token
 from mdm.config import Config, load_config
-from mdm.db import open_env
 from mdm.errors import KeyUnavailable
-from mdm.identity import Principal
-from mdm.keys import Scope
 from mdm.keyservice import shares as sss
 from mdm.keyservice.client import HttpsPool, KeyServiceProvider
 from mdm.keyservice.seal import open_from, public_bytes
 from mdm.keyservice.wire import INFO_REPLY, SealedKey, b64d, b64e, reply_aad
-from mdm.localpacs import free_port
-from mdm.store import ObjectRef, ObjectStore
-from mdm.tokens import init_issuer, issue_token
+from mdm.store.db import open_env
+from mdm.store.keys import Scope
+from mdm.store.objects import ObjectRef, ObjectStore
+from mdm_demo.localpacs import free_port
 
 ISS = "https://idp.test"
 AUD = "mdm-test"
@@ -66,8 +66,8 @@ resources = { patient_ids = ["PAT-SECRET-77"] }
 access = "deidentified"
 """
 
-_KEYSERVER = "from mdm.cli_keys import keyserver; keyserver()"
-_KEYS = "from mdm.cli_keys import keys; keys()"
+_KEYSERVER = "from mdm.cli.keys import keyserver; keyserver()"
+_KEYS = "from mdm.cli.keys import keys; keys()"
 
 
 @dataclass
@@ -605,7 +605,7 @@ def test_a_copy_of_the_cache_and_a_token_decrypt_nothing(dep: Deployment, tmp_pa
     opens no object key and no pseudonym key."""
     import shutil
 
-    from mdm.catalog import Catalog, Record
+    from mdm.catalog.records import Catalog, Record
 
     cat = Catalog.private(tmp_path / "cache", 600)
     cat.merge([Record("STUDY", "1.2.3.4", "PAT-SECRET-77", {"PatientName": "DOE^JANE"})])

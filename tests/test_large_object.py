@@ -22,14 +22,14 @@ from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
 
 from mdm.config import BridgeSettings, SiteSettings
-from mdm.db import open_env
 from mdm.dicom.part10 import file_meta
 from mdm.dicom.procscp import ProcessStorageSCP, StoreParams
 from mdm.dicom.receiver import ReceivedObject, StorageSCP, StoredNotice
 from mdm.dicom.retrieve import Retriever
-from mdm.keys import LocalKeyring, Scope
-from mdm.localpacs import free_port
-from mdm.store import ObjectRef, ObjectStore
+from mdm.store.db import open_env
+from mdm.store.keys import LocalKeyring, Scope
+from mdm.store.objects import ObjectRef, ObjectStore
+from mdm_demo.localpacs import free_port
 from tests.fuzzdicom import CT_CLASS, EXPLICIT, Corpus, uid_of
 from tests.test_fuzz_receiver import SERIES, STUDY, pause, rss_kib
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import PacsPair
 
 from mdm.config import load_config
-from mdm.localpacs import (
+from mdm_demo.localpacs import (
     LOOPBACK,
     DcmtkStoreSCP,
     LocalOrthanc,
@@ -23,7 +23,7 @@ from mdm.localpacs import (
     movescu,
     movescu_command,
 )
-from mdm.synth import (
+from mdm_demo.synth import (
     CT_IMAGE_STORAGE,
     MR_IMAGE_STORAGE,
     TRIAL_PROTOCOL,

@@ -1,4 +1,4 @@
-"""Log formats (mdm.logs) and ``mdm --version``, down to the real ``mdm`` command.
+"""Log formats (mdm.ops.logs) and ``mdm --version``, down to the real ``mdm`` command.
 
 The JSON lines of a fetch, a find and a mount against real Orthancs name their sites and never
 carry the sentinel patient's name, ID or birth date, at DEBUG level.
@@ -19,8 +19,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from mdm import logs
-from mdm.synth import GeneratedInstance
+from mdm.ops import logs
+from mdm_demo.synth import GeneratedInstance
 from tests.conftest import PacsPair
 from tests.mountutil import ROOT, Mount
 
@@ -136,9 +136,9 @@ def test_log_format_json_and_its_environment_variable(tmp_path: Path) -> None:
     for r in (res, run_mdm(*find, env=env)):
         assert r.returncode == 1, r.stderr
         records = _json_lines(r.stderr)
-        assert any(d["logger"] == "mdm.session" for d in records), r.stderr
+        assert any(d["logger"] == "mdm.access.session" for d in records), r.stderr
     human = run_mdm(*find)
-    assert re.search(r"^\S+ \S+ \w+ mdm\.session: no \[identity\]", human.stderr, re.M)
+    assert re.search(r"^\S+ \S+ \w+ mdm\.access\.session: no \[identity\]", human.stderr, re.M)
     assert run_mdm("--log-format", "xml", "policy", "check", "acl_policies").returncode == 2
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from mdm.names import is_uid, safe_name, uid_name
+from mdm.namespace.names import is_uid, safe_name, uid_name
 
 HOSTILE = [
     "../../etc/passwd",
@@ -51,11 +51,11 @@ def test_remapped_uid_aliases_are_bounded(monkeypatch) -> None:  # type: ignore[
     past a bound (a forgotten one is found again by listing its parent)."""
     from collections import OrderedDict
 
-    import mdm.bridge
-    from mdm.bridge import Bridge
-    from mdm.views import View
+    import mdm.namespace.bridge
+    from mdm.access.views import View
+    from mdm.namespace.bridge import Bridge
 
-    monkeypatch.setattr(mdm.bridge, "MAX_ALIASES", 20)
+    monkeypatch.setattr(mdm.namespace.bridge, "MAX_ALIASES", 20)
     bridge = Bridge.__new__(Bridge)
     bridge._aliases = OrderedDict()
     view = View("deidentified", "trial", b"k" * 32)

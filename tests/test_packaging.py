@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from mdm.cli import main
-from mdm.localpacs import free_port
+from mdm.cli.main import main
+from mdm_demo.localpacs import free_port
 from tests.conftest import PacsPair
 from tests.test_e2e_mount import same_dataset
 

@@ -25,8 +25,8 @@ from mdm.dicom import net
 from mdm.dicom.receiver import ReceivedObject, StorageSCP
 from mdm.dicom.retrieve import Retriever
 from mdm.errors import RetrieveError
-from mdm.localpacs import free_port
-from mdm.synth import generate
+from mdm_demo.localpacs import free_port
+from mdm_demo.synth import generate
 from tests.test_fuzz_receiver import pause
 
 pytestmark = pytest.mark.timeout(120)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mdm.access import AccessLevel, Resource
-from mdm.cli_policy import policy as policy_cli
-from mdm.identity import Principal
+from mdm.access.decide import AccessLevel, Resource
+from mdm.access.identity import Principal
+from mdm.cli.policy import policy as policy_cli
 from mdm.policy import (
     DEFAULT_DENY,
     Policy,

@@ -21,7 +21,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
-from mdm.synth import generate
+from mdm_demo.synth import generate
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -30,8 +30,8 @@ from mdm.config import BridgeSettings, SiteSettings
 from mdm.dicom.receiver import ReceivedObject, StorageSCP
 from mdm.dicom.retrieve import GetUnavailable, Retriever, move_may_help
 from mdm.errors import RetrieveError, RetrieveTimeout
-from mdm.localpacs import LocalOrthanc, free_port
-from mdm.synth import GeneratedInstance, generate
+from mdm_demo.localpacs import LocalOrthanc, free_port
+from mdm_demo.synth import GeneratedInstance, generate
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -248,10 +248,10 @@ def fetch_with(
     import trio
 
     from mdm.config import load_config
-    from mdm.db import open_env
-    from mdm.fetcher import Fetcher
-    from mdm.keys import LocalKeyring
-    from mdm.store import ObjectRef, ObjectStore
+    from mdm.retrieval.fetcher import Fetcher
+    from mdm.store.db import open_env
+    from mdm.store.keys import LocalKeyring
+    from mdm.store.objects import ObjectRef, ObjectStore
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg_path = tmp_path / "mdm.toml"
@@ -297,7 +297,7 @@ def fetch_with(
 
 
 def targets_of(insts: list[GeneratedInstance], *, whole: bool) -> list:
-    from mdm.fetcher import Target
+    from mdm.retrieval.fetcher import Target
 
     return [
         Target(

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 
 from mdm.config import load_config
-from mdm.localpacs import free_port
-from mdm.status import socket_path
-from mdm.synth import GeneratedInstance
+from mdm.ops.status import socket_path
+from mdm_demo.localpacs import free_port
+from mdm_demo.synth import GeneratedInstance
 from tests.conftest import PacsPair
 from tests.mountutil import ROOT, Mount, mdm
 from tests.test_e2e_mount import config, study_path

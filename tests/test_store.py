@@ -1,4 +1,4 @@
-"""The encrypted object store (mdm.store) on real files and a real LMDB environment."""
+"""The encrypted object store (mdm.store.objects) on real files and a real LMDB environment."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from mdm.crypto import HEADER_LEN, TAG_LEN, BlobHeader, encrypt_object, new_key
-from mdm.db import open_env
+from mdm.access.identity import LOCAL_ADMIN
 from mdm.errors import IntegrityError, KeyUnavailable, NotFound, StoreFull
-from mdm.identity import LOCAL_ADMIN
-from mdm.keys import LocalKeyring, Scope
-from mdm.store import OBJECTS_DB, ObjectInfo, ObjectRef, ObjectStore
+from mdm.store.crypto import HEADER_LEN, TAG_LEN, BlobHeader, encrypt_object, new_key
+from mdm.store.db import open_env
+from mdm.store.keys import LocalKeyring, Scope
+from mdm.store.objects import OBJECTS_DB, ObjectInfo, ObjectRef, ObjectStore
 
 CS = 64
 SCOPE = Scope("CHLA", "identified")
@@ -389,9 +389,9 @@ _WRITER = textwrap.dedent(
     """
     import hashlib, sys
     from pathlib import Path
-    from mdm.db import open_env
-    from mdm.keys import LocalKeyring, Scope
-    from mdm.store import ObjectRef, ObjectStore
+    from mdm.store.db import open_env
+    from mdm.store.keys import LocalKeyring, Scope
+    from mdm.store.objects import ObjectRef, ObjectStore
     cache, keyring = Path(sys.argv[1]), Path(sys.argv[2])
     store = ObjectStore(cache, open_env(cache), LocalKeyring.load(keyring), 10**9, chunk_size=64)
     for i in range(100000):

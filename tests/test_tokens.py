@@ -11,11 +11,11 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from mdm.cli import MdmGroup
-from mdm.cli_token import token
+from mdm.access.identity import InvalidToken, TokenFile, TokenVerifier, jwk_thumbprint, load_keys
+from mdm.access.tokens import issue_token, load_signing_key
+from mdm.cli.main import MdmGroup
+from mdm.cli.token import token
 from mdm.config import IdentitySettings, load_config
-from mdm.identity import InvalidToken, TokenFile, TokenVerifier, jwk_thumbprint, load_keys
-from mdm.tokens import issue_token, load_signing_key
 
 ISS = "https://issuer.local"
 AUD = "mdm"

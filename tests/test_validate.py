@@ -22,7 +22,7 @@ from pydicom.sequence import Sequence
 from mdm.dicom.part10 import part10
 from mdm.dicom.validate import MAX_DEPTH, check_object
 from mdm.errors import IntegrityError
-from mdm.synth import generate
+from mdm_demo.synth import generate
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -245,7 +245,7 @@ class ProcessStorageSCP(StorageSCP):
             ev.set()
 
     def _deliver(self, msg: tuple[Any, ...]) -> None:
-        from mdm.store import ObjectInfo
+        from mdm.store.objects import ObjectInfo
 
         kind, eid, sop_uid = msg[0], msg[1], msg[2]
         exp = self._exp_ids.get(eid)
@@ -299,17 +299,17 @@ def _child_main(
     notice), so the listening port is free for the next mount at once.
     """
     _watch_parent(parent_pid or os.getppid())
-    from mdm import logs
+    from mdm.ops import logs
 
     # The command's format ($MDM_LOG_FORMAT, inherited); pydicom's warnings quote patient data.
     logs.configure(log_level, logging.StreamHandler(sys.stderr), logs.current_format(), "receiver")
     # Same GIL trade-off as the mount: hand over often between receiving and writing threads.
     sys.setswitchinterval(0.0005)
 
-    from mdm.db import open_env
     from mdm.deid import DeidOptions, deidentify
-    from mdm.keys import LocalKeyring, Scope
-    from mdm.store import ObjectRef, ObjectStore
+    from mdm.store.db import open_env
+    from mdm.store.keys import LocalKeyring, Scope
+    from mdm.store.objects import ObjectRef, ObjectStore
 
     send_lock = threading.Lock()
 

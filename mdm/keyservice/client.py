@@ -31,12 +31,10 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from mdm import metrics
-from mdm.access import Resource
+from mdm.access.decide import Resource
+from mdm.access.identity import Principal
 from mdm.config import KeySettings
 from mdm.errors import ConfigError, IntegrityError, KeyUnavailable
-from mdm.identity import Principal
-from mdm.keys import Scope
 from mdm.keyservice import prf
 from mdm.keyservice import shares as sss
 from mdm.keyservice.seal import open_from, public_bytes, seal_to
@@ -55,6 +53,8 @@ from mdm.keyservice.wire import (
     share_aad,
     share_plaintext,
 )
+from mdm.ops import metrics
+from mdm.store.keys import Scope
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def write_public_keys(path: Path, doc: dict[str, Any]) -> None:
 
 
 class KeyServiceProvider:
-    """A :class:`~mdm.keys.KeyProvider` whose object keys are split across key servers.
+    """A :class:`~mdm.store.keys.KeyProvider` whose object keys are split across key servers.
 
     ``token`` returns the raw JWT of the mount's principal (sent to the servers on ``open``,
     ``secret`` and when a scope's public keys must be fetched); ``public_file`` defaults to
@@ -418,7 +418,7 @@ class KeyServiceProvider:
         - ``catalog``: a random key of this process, never stored nor released. The catalog
           is a cache of C-FIND answers for every study of the federation (PHI of patients
           this principal may not see); under the key service it lives in a private index of
-          this process (:meth:`mdm.catalog.Catalog.private`), unreadable once it ends.
+          this process (:meth:`mdm.catalog.records.Catalog.private`), unreadable once it ends.
         - ``pseudonym:SCOPE`` and ``pseudonym:metadata:RULE``: the threshold PRF of the
           servers (:mod:`mdm.keyservice.prf`) on ``deid:SCOPE`` / ``metadata:RULE``, released
           only to a principal granted that scope or rule; kept in memory once combined.

@@ -29,10 +29,10 @@ from typing import Any
 
 from mdm.config import KeySettings
 from mdm.errors import IntegrityError, KeyUnavailable, UserError
-from mdm.keys import Scope
 from mdm.keyservice.client import PUBLIC_FILE, HttpsPool, ServerError, write_public_keys
 from mdm.keyservice.wire import SealedKey, SealedShare, b64d, b64e
-from mdm.store import OBJECTS_DB, ObjectInfo, ObjectStore
+from mdm.store.keys import Scope
+from mdm.store.objects import OBJECTS_DB, ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 

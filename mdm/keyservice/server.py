@@ -43,12 +43,12 @@ from typing import Any
 
 import trio
 
-from mdm import metrics
-from mdm.access import AccessLevel, Resource
-from mdm.audit import AuditLog
+from mdm.access.decide import AccessLevel, Resource
+from mdm.access.identity import InvalidToken, Principal, TokenVerifier
+from mdm.access.views import deid_options
+from mdm.audit.log import AuditLog
 from mdm.config import IdentitySettings, MetricsSettings, PolicySettings, _Section, metrics_from
 from mdm.errors import ConfigError, IntegrityError, UserError
-from mdm.identity import InvalidToken, Principal, TokenVerifier
 from mdm.keyservice import prf
 from mdm.keyservice.anchor import AnchorBook, AnchorConflict, AnchorRequestError, book_path
 from mdm.keyservice.seal import open_from, public_bytes, seal_to
@@ -69,9 +69,9 @@ from mdm.keyservice.wire import (
     share_aad,
     share_plaintext,
 )
+from mdm.ops import metrics
 from mdm.policy import PolicyResolver
 from mdm.policy.model import Rule
-from mdm.views import deid_options
 
 log = logging.getLogger(__name__)
 

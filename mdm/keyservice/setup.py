@@ -30,12 +30,12 @@ from cryptography.x509.oid import NameOID
 
 from mdm.config import Config
 from mdm.errors import ConfigError, UserError
-from mdm.keys import LEVELS, Scope
 from mdm.keyservice import prf
 from mdm.keyservice import shares as sss
 from mdm.keyservice.client import PUBLIC_FILE, write_public_keys
 from mdm.keyservice.store import KeyStore, admin_hash
 from mdm.keyservice.wire import b64e
+from mdm.store.keys import LEVELS, Scope
 
 ADMIN_FILE = "admin.key"
 

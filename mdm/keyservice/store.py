@@ -32,9 +32,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from mdm.errors import ConfigError
-from mdm.keys import check_secret_file
 from mdm.keyservice.seal import private_bytes, public_bytes
 from mdm.keyservice.wire import b64d, b64e, kid_of, parse_scope
+from mdm.store.keys import check_secret_file
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from mdm.access import Resource
+from mdm.access.decide import Resource
 from mdm.errors import IntegrityError
-from mdm.keys import Scope
+from mdm.store.keys import Scope
 
 SEALED_VERSION = b"\x02"
 INFO_SHARE = b"mdm-ks-share-v1"
@@ -99,7 +99,7 @@ def parse_scope(label: object) -> Scope:
 
 
 def parse_identity(identity: bytes) -> tuple[str, str]:
-    """``(view, sop_uid)`` of an object identity (mdm.store.ObjectRef.identity)."""
+    """``(view, sop_uid)`` of an object identity (mdm.store.objects.ObjectRef.identity)."""
     if not identity.startswith(_OBJ_PREFIX):
         raise ValueError("not an object identity")
     rest = identity[len(_OBJ_PREFIX) :].split(b"\0")

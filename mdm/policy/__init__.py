@@ -5,7 +5,7 @@
 ``mdm.policy.testing`` runs the test cases kept beside the policies. See docs/POLICY.md.
 """
 
-from mdm.identity import principal_from_claims
+from mdm.access.identity import principal_from_claims
 from mdm.policy.evaluate import (
     DEFAULT_DENY,
     Explanation,

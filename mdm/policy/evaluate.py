@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
-from mdm.access import AccessLevel, Decision, Resource
-from mdm.identity import Principal
+from mdm.access.decide import AccessLevel, Decision, Resource
+from mdm.access.identity import Principal
 from mdm.policy.model import Problem, Rule
 
 DEFAULT_DENY = "default-deny"

@@ -25,7 +25,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from mdm.access import AccessLevel
+from mdm.access.decide import AccessLevel
 from mdm.policy.evaluate import RESERVED_CLAIMS, Policy, normalize_now
 from mdm.policy.model import Advice, Effect, PolicyError, Problem, Rule
 

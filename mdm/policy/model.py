@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Literal
 
-from mdm.access import AccessLevel
+from mdm.access.decide import AccessLevel
 from mdm.errors import UserError
 
 Effect = Literal["allow", "deny"]

@@ -1,4 +1,4 @@
-"""The hot-reloading :class:`~mdm.access.AccessResolver` over a policy directory.
+"""The hot-reloading :class:`~mdm.access.decide.AccessResolver` over a policy directory.
 
 Protocol. The policy in force is one immutable :class:`Policy` object behind a single
 reference; a reload builds a complete new one and swaps the reference, so a concurrent
@@ -25,8 +25,8 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from mdm.access import Resource
-from mdm.identity import Principal
+from mdm.access.decide import Resource
+from mdm.access.identity import Principal
 from mdm.policy.evaluate import Policy, PolicyDecision
 from mdm.policy.load import load_policy, snapshot
 from mdm.policy.model import Advice, PolicyError, Rule

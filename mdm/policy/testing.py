@@ -20,8 +20,8 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from mdm.access import AccessLevel, Resource
-from mdm.identity import Principal
+from mdm.access.decide import AccessLevel, Resource
+from mdm.access.identity import Principal
 from mdm.policy.evaluate import Explanation, Policy, PolicyDecision, normalize_now
 from mdm.policy.load import TESTS_SUBDIR, Checker, read_toml
 from mdm.policy.model import PolicyError, Problem

@@ -1,0 +1,1 @@
+"""Running the bridge: logging, the status socket and Prometheus metrics."""

@@ -1,0 +1,1 @@
+"""Getting objects from the sites: targets, single-flight fetches, prefetch, the writer."""
