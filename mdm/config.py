@@ -194,6 +194,56 @@ def metrics_from(path: Path, table: Mapping[str, Any] | None) -> MetricsSettings
 
 
 @dataclass(frozen=True)
+class GatewaySettings:
+    """``[gateway]``: where ``mdm gateway`` serves DICOMweb (docs/GATEWAY.md)."""
+
+    listen: tuple[str, int]
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_results: int = 1000
+    """Server cap on the rows of one QIDO-RS answer (``limit`` above it is cut, with a Warning)."""
+    max_series_instances: int = 5000
+    """Instances a series-level QIDO or WADO-RS request may span; above it: 413."""
+
+
+_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def gateway_from(path: Path, table: Mapping[str, Any] | None) -> GatewaySettings | None:
+    """``[gateway]`` of ``path``; None when absent. Plain HTTP only on a loopback address."""
+    if table is None:
+        return None
+    g = _Section(
+        path,
+        "gateway",
+        table,
+        {"listen", "tls_cert", "tls_key", "max_results", "max_series_instances"},
+    )
+    listen = g.get_str("listen")
+    found = _LISTEN.match(listen)
+    if found is None or not 0 <= int(found.group(2)) <= 65535:
+        raise g._err("listen", f'expected "HOST:PORT" such as "0.0.0.0:8443", got {listen!r}')
+    host = found.group(1).strip("[]")
+    cert = g.path_("tls_cert") if g.has("tls_cert") else None
+    key = g.path_("tls_key") if g.has("tls_key") else None
+    if (cert is None) != (key is None):
+        raise g._err("tls_key" if key is None else "tls_cert", "tls_cert and tls_key go together")
+    if cert is None and host not in _LOOPBACK:
+        raise g._err(
+            "listen",
+            f"{host} is not a loopback address: set tls_cert and tls_key (plain HTTP is "
+            "allowed only on 127.0.0.1, ::1 or localhost)",
+        )
+    return GatewaySettings(
+        listen=(host, int(found.group(2))),
+        tls_cert=cert,
+        tls_key=key,
+        max_results=g.get_int("max_results", 1000, 1, 100_000),
+        max_series_instances=g.get_int("max_series_instances", 5000, 1, 10_000_000),
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole of ``mdm.toml``, validated."""
 
@@ -206,6 +256,7 @@ class Config:
     policy: PolicySettings | None = None
     audit: AuditSettings | None = None
     metrics: MetricsSettings | None = None
+    gateway: GatewaySettings | None = None
 
     def site(self, name: str) -> SiteSettings:
         """The site called ``name`` (KeyError if there is none)."""
@@ -319,7 +370,7 @@ class _Section:
 
 
 _SYSLOG = re.compile(r"^((udp|tcp)://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}|unix:/\S+)$")
-_TOP = {"bridge", "cache", "site", "identity", "policy", "audit", "keys", "metrics"}
+_TOP = {"bridge", "cache", "site", "identity", "policy", "audit", "keys", "metrics", "gateway"}
 
 
 def load_config(path: str | Path) -> Config:
@@ -510,4 +561,5 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
         policy=policy,
         audit=audit,
         metrics=metrics_from(p, top.table_("metrics")),
+        gateway=gateway_from(p, top.table_("gateway")),
     )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mdm.access.decide import AccessResolver, LocalAdminResolver
-from mdm.access.identity import LOCAL_ADMIN, Principal, TokenFile, TokenVerifier
+from mdm.access.identity import LOCAL_ADMIN, InvalidToken, Principal, TokenFile, TokenVerifier
 from mdm.audit.anchor import AuditAnchorer, anchorer_for
 from mdm.audit.log import AuditLog
 from mdm.config import Config
@@ -93,3 +93,35 @@ def open_session(config: Config, token_file: Path | None, *, audit: bool = True)
     if audit_log is not None and config.audit is not None:
         anchor = anchorer_for(audit_log, config.keys, token_file, config.audit.anchor_interval)
     return Session(tokens.current, resolver, audit_log, False, token_file, anchor)
+
+
+def _no_principal() -> Principal:
+    raise InvalidToken("a service session has no principal of its own: each request brings one")
+
+
+def open_service_session(config: Config) -> tuple[Session, TokenVerifier]:
+    """The session of a process that serves many principals (the gateway): the policy, the
+    audit log and the verifier of the tokens requests bring. ``[identity]`` and ``[policy]``
+    are required: a service never runs as the local administrator."""
+    if config.identity is None:
+        raise ConfigError(
+            config.path,
+            "identity",
+            "missing: the gateway serves many principals and verifies each request's token",
+        )
+    if config.policy is None:
+        raise ConfigError(
+            config.path, "policy", "missing: with [identity], a [policy] dir is required"
+        )
+    from mdm.policy import PolicyResolver
+
+    audit_log = None
+    if config.audit is not None:
+        from mdm.audit.syslog import SyslogSink
+
+        sink = SyslogSink(config.audit.syslog) if config.audit.syslog else None
+        audit_log = AuditLog(config.audit.log, sink=sink)
+    resolver = PolicyResolver(config.policy.dir, known_sites=[s.name for s in config.sites])
+    log.info("serving many principals; policy %s version %s", config.policy.dir, resolver.version())
+    session = Session(_no_principal, resolver, audit_log, False)
+    return session, TokenVerifier(config.identity)

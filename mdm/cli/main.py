@@ -641,6 +641,19 @@ def reidentify(
         session.close()
 
 
+# ---------------------------------------------------------------------------- gateway
+@main.command()
+@config_option
+def gateway(config_path: Path) -> None:
+    """Serve the federation as DICOMweb to worker mounts and viewers ([gateway] in the config).
+
+    Runs in the foreground (for systemd) until SIGTERM or SIGINT; each request brings its own
+    token (Authorization: Bearer), decided and audited as a mount's reads are."""
+    from mdm.gateway.serve import serve
+
+    serve(_load(config_path))
+
+
 # ---------------------------------------------------------------------------- subgroups
 def _register() -> None:
     from mdm.cli.audit import audit

@@ -1172,6 +1172,11 @@ class Bridge:
                     return [self._target(st, se, inst, site, self._readable_view(st, se))]
         raise NotFound(uid)
 
+    async def series_targets(self, study: Record, series: Record) -> list[Target]:
+        """What retrieving a whole series means in the principal's view (AccessDenied at
+        the metadata level): one target per listed instance."""
+        return await self._series_targets(study, series)
+
     def _readable_view(self, study: Record, series: Record) -> View:
         """The view ``fetch`` caches a series in: the principal's own (never identified
         copies for a de-identified principal); metadata-only access caches nothing."""

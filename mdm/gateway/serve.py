@@ -1,0 +1,92 @@
+"""``mdm gateway``: the federation of ``[[site]]`` served as DICOMweb, in the foreground.
+
+One process: the shared core (catalog, encrypted store, fetcher with its per-site limits,
+storage SCP), the policy and the audit log of a mount, and hypercorn serving the routes of
+:mod:`mdm.gateway.app` on trio, over TLS unless it listens on loopback. SIGTERM or SIGINT
+stops it: requests in flight get a second to finish, then the core is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from functools import partial
+
+import trio
+
+from mdm.access.session import open_service_session
+from mdm.config import Config
+from mdm.errors import ConfigError, UserError
+from mdm.gateway.app import Gateway
+from mdm.gateway.federation import Federation
+from mdm.namespace.bridge import open_bridge
+from mdm.store.keys import LocalKeyring
+
+log = logging.getLogger(__name__)
+
+
+async def _until_signalled() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for sig in signals:
+            log.info("gateway: %s received, stopping", signal.Signals(sig).name)
+            return
+
+
+async def run_gateway(
+    config: Config, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve until SIGTERM/SIGINT (or cancellation); ``task_status`` gets the bound port."""
+    from hypercorn.config import Config as HyperConfig
+    from hypercorn.trio import serve as hyper_serve
+
+    g = config.gateway
+    if g is None:
+        raise ConfigError(config.path, "gateway", 'missing: [gateway] listen = "HOST:PORT"')
+    if config.keys.servers:
+        raise ConfigError(
+            config.path,
+            "keys.servers",
+            "the gateway keeps its own keyring; key servers are not supported for it yet",
+        )
+    for f in (g.tls_cert, g.tls_key):
+        if f is not None and not f.is_file():
+            raise ConfigError(config.path, "gateway", f"TLS file {f} does not exist")
+    session, verifier = open_service_session(config)
+    try:
+        keys = LocalKeyring.load(config.keys.keyring, create=True)
+        async with open_bridge(config, session, keys=keys) as base:
+            app = Gateway(Federation(base, verifier), g).app()
+            hc = HyperConfig()
+            host = f"[{g.listen[0]}]" if ":" in g.listen[0] else g.listen[0]
+            hc.bind = [f"{host}:{g.listen[1]}"]
+            if g.tls_cert is not None and g.tls_key is not None:
+                hc.certfile, hc.keyfile = str(g.tls_cert), str(g.tls_key)
+            hc.accesslog = None
+            hc.graceful_timeout = 1.0
+            async with trio.open_nursery() as nursery:
+                binds = await nursery.start(
+                    partial(
+                        hyper_serve,
+                        app,  # type: ignore[arg-type]
+                        hc,
+                        mode="asgi",
+                        shutdown_trigger=_until_signalled,
+                    )
+                )
+                port = int(str(binds[0]).rsplit(":", 1)[1]) if binds else g.listen[1]
+                log.info(
+                    "gateway serving DICOMweb at %s://%s:%d/dicom-web",
+                    "https" if g.tls_cert else "http",
+                    g.listen[0],
+                    port,
+                )
+                task_status.started(port)
+    except OSError as e:
+        raise UserError(f"gateway: cannot serve on {g.listen[0]}:{g.listen[1]}: {e}") from None
+    finally:
+        session.close()
+
+
+def serve(config: Config) -> None:
+    """Run the gateway in the foreground until SIGTERM or SIGINT."""
+    trio.run(run_gateway, config)
