@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
+import requests
 from dicomweb_client.api import DICOMwebClient
 
 from mdm_demo.localpacs import free_port
@@ -29,6 +31,7 @@ from tests.conftest import PacsPair, phi_in
 from tests.mountutil import mdm
 from tests.test_e2e_mount import same_dataset
 from tests.test_e2e_policy import POLICY, forged_token, identity_config, token
+from tests.tlsutil import make_tls
 
 pytestmark = pytest.mark.e2e
 
@@ -42,6 +45,7 @@ class Gw:
     pair: PacsPair
     cohort: list[str]
     log: Path
+    policy: str
 
     def client(self, who: str | None) -> DICOMwebClient:
         headers = {"Authorization": f"Bearer {self.tokens[who]}"} if who else {}
@@ -54,7 +58,9 @@ class Gw:
         return httpx.get(self.url + path, headers=headers, timeout=60, **kw)  # type: ignore[arg-type]
 
 
-def start_gateway(cfg: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+def start_gateway(
+    cfg: Path, port: int, log: Path, scheme: str = "http", verify: object = True
+) -> subprocess.Popen[bytes]:
     """``mdm gateway`` as users run it, in the foreground; waits until it answers."""
     exe = Path(sys.executable).parent / "mdm"
     proc = subprocess.Popen(
@@ -67,7 +73,7 @@ def start_gateway(cfg: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
         if proc.poll() is not None:
             raise AssertionError(f"gateway exited: {log.read_text()}")
         try:
-            httpx.get(f"http://127.0.0.1:{port}/dicom-web/studies", timeout=2)
+            httpx.get(f"{scheme}://127.0.0.1:{port}/dicom-web/studies", timeout=2, verify=verify)  # type: ignore[arg-type]
             return proc
         except httpx.TransportError:
             time.sleep(0.2)
@@ -114,6 +120,7 @@ def gw(orthanc_pair: PacsPair, idp: Path, tmp_path_factory: pytest.TempPathFacto
             orthanc_pair,
             cohort,
             log,
+            policy,
         )
     finally:
         stop_gateway(proc)
@@ -300,3 +307,42 @@ def test_every_request_is_audited(gw: Gw) -> None:
 
 def mdm_ok(*args: str) -> bool:
     return mdm(*args).returncode == 0
+
+
+def test_tls_gateway_is_verified_against_its_ca(gw: Gw, tmp_path: Path, idp: Path) -> None:
+    ca, cert, key = make_tls(tmp_path / "tls", "127.0.0.1", "gw")
+    port = free_port()
+    cfg = identity_config(gw.pair, tmp_path, idp, gw.policy)
+    with cfg.open("a") as f:
+        f.write(
+            f'\n[gateway]\nlisten = "127.0.0.1:{port}"\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+        )
+    proc = start_gateway(
+        cfg, port, tmp_path / "gw.log", "https", ssl.create_default_context(cafile=str(ca))
+    )
+    try:
+        url = f"https://127.0.0.1:{port}/dicom-web"
+        auth = {"Authorization": f"Bearer {gw.tokens['rad']}"}
+        s = requests.Session()
+        s.verify = str(ca)
+        s.trust_env = False  # else REQUESTS_CA_BUNDLE, when set, overrides verify
+        c = DICOMwebClient(url, session=s, headers=auth)
+        assert c.search_for_studies()
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            httpx.get(url + "/studies", headers=auth, timeout=5)  # the system's trust store
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url.replace("https:", "http:") + "/studies", headers=auth, timeout=5)
+    finally:
+        stop_gateway(proc)
+
+
+def test_plain_http_only_on_loopback(tmp_path: Path) -> None:
+    from mdm.config import load_config
+    from mdm.errors import ConfigError
+
+    cfg = tmp_path / "mdm.toml"
+    cfg.write_text(f'[cache]\ndir = "{tmp_path / "c"}"\n[gateway]\nlisten = "0.0.0.0:8443"\n')
+    with pytest.raises(ConfigError, match="loopback"):
+        load_config(cfg)
+    cfg.write_text(f'[cache]\ndir = "{tmp_path / "c"}"\n[gateway]\nlisten = "127.0.0.1:8443"\n')
+    assert load_config(cfg).gateway is not None
