@@ -117,6 +117,12 @@ class SiteSettings:
     max_associations: int = 2
     query_model: str = "auto"
     """``study``, ``patient`` or ``auto`` (Patient Root at patient level, Study Root otherwise)."""
+    retrievals_per_minute: int = 0
+    """Retrievals started per sliding minute, urgent and bulk together (0: no bound)."""
+    bulk_windows: tuple[str, ...] = ()
+    """When bulk work (prefetch, ``mdm fetch``, series requests) may run (mdm.retrieval.pacing)."""
+    bulk_min_objects: int = 1
+    """Requests of fewer objects than this are never held by a bulk window."""
 
 
 @dataclass(frozen=True)
@@ -369,6 +375,20 @@ class _Section:
         return v
 
 
+def _windows(s: _Section, key: str) -> tuple[str, ...]:
+    from mdm.retrieval.pacing import parse_window
+
+    raw = s.table.get(key, [])
+    if not isinstance(raw, list) or not all(isinstance(w, str) for w in raw):
+        raise s._err(key, 'expected a list such as ["Mon-Fri 19:00-07:00", "Sat-Sun"]')
+    for w in raw:
+        try:
+            parse_window(w)
+        except ValueError as e:
+            raise s._err(key, str(e)) from None
+    return tuple(raw)
+
+
 _SYSLOG = re.compile(r"^((udp|tcp)://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}|unix:/\S+)$")
 _TOP = {"bridge", "cache", "site", "identity", "policy", "audit", "keys", "metrics", "gateway"}
 
@@ -464,6 +484,9 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
                 "timeout",
                 "max_associations",
                 "query_model",
+                "retrievals_per_minute",
+                "bulk_windows",
+                "bulk_min_objects",
             },
         )
         name = s.get_str("name")
@@ -481,6 +504,9 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
                 timeout=s.duration("timeout", bridge.timeout),
                 max_associations=s.get_int("max_associations", 2, 1, 16),
                 query_model=s.choice("query_model", ("auto", "study", "patient"), "auto"),
+                retrievals_per_minute=s.get_int("retrievals_per_minute", 0, 0, 100_000),
+                bulk_windows=_windows(s, "bulk_windows"),
+                bulk_min_objects=s.get_int("bulk_min_objects", 1, 1, 10_000_000),
             )
         )
 

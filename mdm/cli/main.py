@@ -505,7 +505,7 @@ def fetch(config_path: Path, uids: tuple[str, ...], quiet: bool, token_file: Pat
                     )
                     bar.update(had)
                     try:
-                        await bridge.fetcher.fetch_many(targets)
+                        await bridge.fetcher.fetch_many(targets, bulk=True)
                     except MdmError as e:
                         out.append((uid, f"error: {e}", False))
                         continue

@@ -326,6 +326,21 @@ class Gateway:
             body, media_type=f'multipart/related; type="application/octet-stream"; boundary={bnd}'
         )
 
+    # ------------------------------------------------------------------ operations
+    async def status(self, request: Request, p: Principal) -> Response:
+        """The gateway's status (sites, queued work, cache, keys, audit), as ``mdm status``
+        prints a mount's: for the ``[policy] officers`` groups only."""
+        from pathlib import Path
+
+        from mdm.ops.status import snapshot
+
+        pol = self.fed.base.config.policy
+        officers = set(pol.officers) if pol is not None else set()
+        if not officers & set(p.groups):
+            raise AccessDenied("status is for [policy] officers")
+        doc = await snapshot(self.fed.base, Path("-"), self.fed.base.started)
+        return JSONResponse(doc)
+
     # ------------------------------------------------------------------ the app
     def app(self) -> Starlette:
         """The ASGI app: routes under ``/dicom-web``, CORS for browser viewers."""
@@ -349,6 +364,7 @@ class Gateway:
             Route(inst + "/metadata", e("metadata-instance", self.metadata)),
             Route(inst + "/frames/{frames}", e("frames", self.frames)),
             Route(inst + "/bulk/{tag}", e("bulk", self.bulk)),
+            Route("/status", e("status", self.status)),
         ]
         cors = Middleware(
             CORSMiddleware,

@@ -225,6 +225,9 @@ async def snapshot(bridge: Bridge, mountpoint: Path, started: float) -> dict[str
         row["queued"] = lim.statistics().tasks_waiting
         row["associations"] = {"in_use": pool.in_use, "idle": pool.idle, "opened": pool.opened}
         row["objects_received"] = bridge.fetcher.stats.by_site.get(row["name"], 0)
+        # Retrievals held by the site's pace (mdm.retrieval.pacing): readers', bulk, and
+        # bulk waiting for a window.
+        row["paced"] = bridge.fetcher.pacer.queued().get(row["name"], {})
         if row["state"] != "up":
             problems.append(f"site {row['name']}: {row['state']}: {row['error']}")
     doc["sites"] = sites

@@ -27,6 +27,7 @@ from mdm.dicom.receiver import ReceivedObject, StoredNotice
 from mdm.dicom.retrieve import IncompleteRetrieve, Retriever, move_may_help
 from mdm.errors import MdmError, RetrieveError, RetrieveTimeout
 from mdm.ops import metrics
+from mdm.retrieval.pacing import pacer_for
 from mdm.store.keys import Scope
 from mdm.store.objects import ObjectInfo, ObjectRef, ObjectStore
 
@@ -93,6 +94,8 @@ class _Batch:
 class _Pending:
     done: trio.Event = field(default_factory=trio.Event)
     error: MdmError | None = None
+    urgent: bool = False
+    """A reader waits for it: bulk work holding it is served first (mdm.retrieval.pacing)."""
 
 
 @dataclass
@@ -125,6 +128,7 @@ class Fetcher:
         self.stats = FetchStats()
         self._pending: dict[str, _Pending] = {}
         self._limiters = {s.name: trio.CapacityLimiter(s.max_associations) for s in config.sites}
+        self.pacer = pacer_for(config.sites)
         self._token = trio.lowlevel.current_trio_token()
         self._queue: queue.Queue[
             tuple[
@@ -162,7 +166,8 @@ class Fetcher:
             return info
         pend = self._pending.get(target.key)
         if pend is None:
-            pend = self._start([target], level="IMAGE")[target.key]
+            pend = self._start([target], level="IMAGE", bulk=False)[target.key]
+        pend.urgent = True
         await pend.done.wait()
         if pend.error is not None:
             raise pend.error
@@ -175,20 +180,25 @@ class Fetcher:
         """Wait until a pending retrieval of ``sop_uid`` has ended (at once if none)."""
         p = self._pending.get(pending_key(sop_uid, view))
         if p is not None:
+            p.urgent = True
             await p.done.wait()
 
     def prefetch(self, targets: Sequence[Target]) -> int:
         """Start retrieving those of ``targets`` not cached nor in flight; return how many."""
         rest = [t for t in targets if self._needed(t)]
         if rest:
-            self._start(rest, level="SERIES")
+            self._start(rest, level="SERIES", bulk=True)
         return len(rest)
 
-    async def fetch_many(self, targets: Sequence[Target], *, level: str = "SERIES") -> None:
-        """Retrieve all ``targets`` (grouped per series) and wait; raise the first error."""
+    async def fetch_many(
+        self, targets: Sequence[Target], *, level: str = "SERIES", bulk: bool = False
+    ) -> None:
+        """Retrieve all ``targets`` (grouped per series) and wait; raise the first error.
+        ``bulk``: nobody reads them yet (``mdm fetch``): they wait for the sites' bulk
+        windows and give way to readers."""
         todo = [t for t in targets if self._needed(t)]
         if todo:
-            self._start(todo, level=level)
+            self._start(todo, level=level, bulk=bulk)
         first: MdmError | None = None
         for t in targets:
             p = self._pending.get(t.key)
@@ -204,18 +214,20 @@ class Fetcher:
     def _needed(self, t: Target) -> bool:
         return t.key not in self._pending and self.store.info(ObjectRef(t.sop_uid, t.view)) is None
 
-    def _start(self, targets: Sequence[Target], *, level: str) -> dict[str, _Pending]:
-        pend = {t.key: _Pending() for t in targets}
+    def _start(self, targets: Sequence[Target], *, level: str, bulk: bool) -> dict[str, _Pending]:
+        pend = {t.key: _Pending(urgent=not bulk) for t in targets}
         self._pending.update(pend)
         # Group by series (and view): one retrieval per series, as PACS store and move them.
         groups: dict[tuple[str, str, str], list[Target]] = {}
         for t in targets:
             groups.setdefault((t.study_uid, t.series_uid, t.view), []).append(t)
         for group in groups.values():
-            self.nursery.start_soon(self._run, group, level, pend)
+            self.nursery.start_soon(self._run, group, level, pend, bulk)
         return pend
 
-    async def _run(self, group: list[Target], level: str, pend: dict[str, _Pending]) -> None:
+    async def _run(
+        self, group: list[Target], level: str, pend: dict[str, _Pending], bulk: bool = False
+    ) -> None:
         wanted = {t.key for t in group}
         first = group[0]
         site_order = list(first.sites) or [s.name for s in self.config.sites]
@@ -230,6 +242,13 @@ class Fetcher:
                     site = self.config.site(name)
                 except KeyError:
                     continue
+                # The PACS's pace first (retrievals per minute, bulk windows; readers first),
+                # holding no association meanwhile.
+                await self.pacer.admit(
+                    name,
+                    bulk=self.pacer.is_bulk(name, len(remaining), bulk),
+                    promoted=lambda r=remaining: any(pend[u].urgent for u in r),  # type: ignore[misc]
+                )
                 started = time.monotonic()
                 try:
                     await self._retrieve_from(site, group, remaining, level, pend)
