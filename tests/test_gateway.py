@@ -55,7 +55,8 @@ class Gw:
         headers = dict(kw.pop("headers", {}) or {})  # type: ignore[call-overload]
         if who:
             headers["Authorization"] = f"Bearer {self.tokens[who]}"
-        return httpx.get(self.url + path, headers=headers, timeout=60, **kw)  # type: ignore[arg-type]
+        url = self.url.removesuffix("/dicom-web") + path if path == "/status" else self.url + path
+        return httpx.get(url, headers=headers, timeout=60, **kw)  # type: ignore[arg-type]
 
 
 def start_gateway(
@@ -99,13 +100,14 @@ def gw(orthanc_pair: PacsPair, idp: Path, tmp_path_factory: pytest.TempPathFacto
     audit = d / "audit" / "audit.jsonl"
     cfg = identity_config(orthanc_pair, d, idp, policy, audit=audit)
     port = free_port()
-    with cfg.open("a") as f:
-        f.write(f'\n[gateway]\nlisten = "127.0.0.1:{port}"\n')
+    text = cfg.read_text().replace("[policy]\n", '[policy]\nofficers = ["secops"]\n', 1)
+    cfg.write_text(text + f'\n[gateway]\nlisten = "127.0.0.1:{port}"\n')
     tokens = {
         "rad": token(idp, d / "rad.jwt", "drad", "radiologists"),
         "grid": token(idp, d / "grid.jwt", "svc-grid", "grid"),
         "res": token(idp, d / "res.jwt", "asmith"),
         "nobody": token(idp, d / "nobody.jwt", "mallory", "visitors"),
+        "officer": token(idp, d / "officer.jwt", "osec", "secops"),
         "forged": forged_token(d, "drad", "radiologists"),
         "expired": token(idp, d / "old.jwt", "drad", "radiologists", ttl="1s"),
     }
@@ -346,3 +348,14 @@ def test_plain_http_only_on_loopback(tmp_path: Path) -> None:
         load_config(cfg)
     cfg.write_text(f'[cache]\ndir = "{tmp_path / "c"}"\n[gateway]\nlisten = "127.0.0.1:8443"\n')
     assert load_config(cfg).gateway is not None
+
+
+def test_status_is_for_officers_and_shows_queued_work(gw: Gw) -> None:
+    assert gw.get("/status", "rad").status_code == 403  # not an officer
+    assert gw.get("/status", None).status_code == 401
+    r = gw.get("/status", "officer")
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert {s["name"] for s in doc["sites"]} == {"SiteA", "SiteB"}
+    assert all(set(s["paced"]) == {"urgent", "bulk", "window"} for s in doc["sites"])
+    assert doc["policy"]["version"]
