@@ -6,10 +6,11 @@ CLI turns :class:`~mdm.errors.ConfigError` into exit code 2.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,16 @@ def parse_duration(value: object) -> float:
     raise ValueError(f"not a duration: {value!r} (examples: 500ms, 30s, 10m, 8h, 1h30m)")
 
 
+FAST_DICOM_ENV = "MDM_FAST_DICOM"
+
+
+def fast_dicom_default() -> bool:
+    """The default of ``[bridge] fast_dicom``: true unless ``MDM_FAST_DICOM`` is ``0``,
+    ``false`` or ``no`` (so a test run, and every process it starts, can run stock)."""
+    value = os.environ.get(FAST_DICOM_ENV, "").strip().lower()
+    return value not in ("0", "false", "no", "off")
+
+
 @dataclass(frozen=True)
 class BridgeSettings:
     """``[bridge]``: the bridge's own DICOM application entity."""
@@ -92,6 +103,9 @@ class BridgeSettings:
     receiver: str = "process"
     """``process``: the storage SCP receives and stores in a worker process (off the mount's
     GIL); ``thread``: in the mount's own process."""
+    fast_dicom: bool = field(default_factory=fast_dicom_default)
+    """Run the DICOM fast path (``mdm.dicom.fast``); False: stock pynetdicom (docs/DICOM.md,
+    The fast path). Default: true, or the ``MDM_FAST_DICOM`` environment variable (0/1)."""
 
 
 @dataclass(frozen=True)
@@ -429,6 +443,7 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
             "prefetch",
             "exact_sizes",
             "receiver",
+            "fast_dicom",
         },
     )
     bridge = BridgeSettings(
@@ -441,6 +456,7 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
         prefetch=b.get_bool("prefetch", True),
         exact_sizes=b.get_bool("exact_sizes", False),
         receiver=b.choice("receiver", ("process", "thread"), "process"),
+        fast_dicom=b.get_bool("fast_dicom", fast_dicom_default()),
     )
     if bridge.timeout <= 0:
         raise ConfigError(p, "bridge.timeout", "must be positive")

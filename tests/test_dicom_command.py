@@ -28,7 +28,7 @@ from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
 from mdm.dicom.command import decode_command, read_command
-from mdm.dicom.net import FastDIMSE
+from mdm.dicom.fast import FastDIMSE
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
@@ -240,7 +240,7 @@ def test_pdv_items_cut_what_pynetdicom_decodes() -> None:
     pynetdicom's own PDU decoding; malformed item lists are declined."""
     from pynetdicom.pdu import P_DATA_TF
 
-    from mdm.dicom.net import pdv_items
+    from mdm.dicom.fast import pdv_items
 
     single = _pdatas(C_STORE_RQ(), _store_rq(), 0)
     merged = P_DATA()
@@ -267,7 +267,7 @@ def test_pdv_items_cut_what_pynetdicom_decodes() -> None:
 def test_pdata_tf_encoding_is_byte_identical_to_pynetdicoms() -> None:
     from pynetdicom.pdu import P_DATA_TF
 
-    from mdm.dicom.net import encode_pdata_tf, encode_store_response
+    from mdm.dicom.fast import encode_pdata_tf, encode_store_response
 
     for cx, pdv in [
         (1, b"\x03" + encode_store_response(CT, "1.2.3.4.5", 7, 0)),

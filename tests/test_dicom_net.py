@@ -518,7 +518,7 @@ def test_inbound_store_is_served_on_the_thread_that_read_it(
     hand-off to the association thread), and still answered."""
     import threading
 
-    from mdm.dicom.net import FastDUL
+    from mdm.dicom.fast import FastDUL
 
     threads: list[threading.Thread] = []
 
@@ -565,7 +565,7 @@ def test_pending_responses_go_to_the_progress_callback() -> None:
 
     from pynetdicom.dimse_primitives import C_FIND, C_MOVE
 
-    from mdm.dicom.net import ProgressQueue
+    from mdm.dicom.fast import ProgressQueue
 
     def rsp(status: int, **kw: object) -> C_MOVE:
         p = C_MOVE()
@@ -663,7 +663,7 @@ def test_store_response_is_byte_identical_to_pynetdicoms(
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.dsutils import encode
 
-    from mdm.dicom.net import encode_store_response
+    from mdm.dicom.fast import encode_store_response
 
     for message_id in (1, 4242, 65535):
         rsp = C_STORE()

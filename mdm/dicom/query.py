@@ -31,11 +31,11 @@ from mdm.dicom.net import (
     SUCCESS,
     VERIFICATION,
     WARNING,
-    TunedAE,
     Watchdog,
     accepted,
     close_association,
     contexts_for,
+    new_ae,
     open_association,
     status_category,
     status_code,
@@ -74,7 +74,7 @@ def c_echo(site: SiteSettings, bridge: BridgeSettings) -> float:
     The association set-up is not counted (it is paid once per pooled association), but it
     is bounded by the same deadline. Raises RetrieveTimeout or RetrieveError naming the site.
     """
-    ae = TunedAE(bridge.ae_title, site.timeout, bridge.max_pdu)
+    ae = new_ae(bridge.ae_title, site.timeout, bridge.max_pdu, fast_path=bridge.fast_dicom)
     assoc = open_association(
         ae, site, contexts_for([VERIFICATION], QUERY_SYNTAXES), max_pdu=bridge.max_pdu
     )
@@ -177,7 +177,7 @@ def c_find(
     if level not in LEVELS:
         raise ValueError(f"unknown query level {level!r}")
     models = _choose_model(site, level)
-    ae = TunedAE(bridge.ae_title, site.timeout, bridge.max_pdu)
+    ae = new_ae(bridge.ae_title, site.timeout, bridge.max_pdu, fast_path=bridge.fast_dicom)
     assoc = open_association(ae, site, contexts_for(models, QUERY_SYNTAXES), max_pdu=bridge.max_pdu)
     try:
         model = next((m for m in models if accepted(assoc, m)), None)

@@ -36,8 +36,10 @@ from mdm.dicom.net import (
     STORE_SUCCESS,
     TRANSFER_SYNTAXES,
     VERIFICATION,
-    TunedAE,
+    BridgeAE,
     max_pdu_of,
+    new_ae,
+    start_server,
 )
 from mdm.dicom.part10 import part10
 from mdm.dicom.validate import check_object, printable_uid
@@ -45,9 +47,6 @@ from mdm.errors import IntegrityError, StoreFull
 
 log = logging.getLogger(__name__)
 
-# An AE title can never contain a backslash: a calling-AE list holding only this can match
-# no peer (pynetdicom treats an empty list as "accept anyone").
-_NOBODY = "\\"
 # Inbound associations idle this long are aborted by pynetdicom (PACS keep them open for
 # reuse, which is welcome, but not forever).
 _INBOUND_IDLE = 120.0
@@ -192,30 +191,6 @@ class ReceiverStats:
     rejected_associations: int = 0
 
 
-class _GatedAE(TunedAE):
-    """A TunedAE whose accepted calling AE titles are asked for at each association request."""
-
-    def __init__(
-        self, ae_title: str, timeout: float, max_pdu: int, allowed: Callable[[], set[str]]
-    ) -> None:
-        self._allowed = allowed
-        super().__init__(ae_title, timeout, max_pdu)
-
-    @property  # type: ignore[override]
-    def require_calling_aet(self) -> list[str]:
-        try:
-            titles = sorted({a.strip() for a in self._allowed() if a.strip()})
-        except Exception:
-            log.exception("the list of allowed AE titles could not be read; refusing everyone")
-            titles = []
-        return titles or [_NOBODY]
-
-    @require_calling_aet.setter
-    def require_calling_aet(self, ae_titles: list[str]) -> None:
-        # pynetdicom's constructor assigns []; the real list always comes from `allowed`.
-        pass
-
-
 def _is_empty(data: BytesIO, prefix: int) -> bool:
     with data.getbuffer() as view:
         return view.nbytes <= prefix
@@ -251,7 +226,7 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._routes: dict[str, list[Expectation]] = {}
         self._server: ThreadedAssociationServer | None = None
-        self._ae: _GatedAE | None = None
+        self._ae: BridgeAE | None = None
         self.stats = ReceiverStats()
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -260,7 +235,10 @@ class StorageSCP:
         """Start listening on ``bridge.host:bridge.port`` (port 0 picks a free one)."""
         if self._server is not None:
             return
-        ae = _GatedAE(self.bridge.ae_title, self.bridge.timeout, self.bridge.max_pdu, self._allowed)
+        b = self.bridge
+        ae = new_ae(
+            b.ae_title, b.timeout, b.max_pdu, fast_path=b.fast_dicom, allowed_callers=self._allowed
+        )
         ae.maximum_pdu_size = max_pdu_of(self.bridge.max_pdu)
         ae.network_timeout = _INBOUND_IDLE
         ae.maximum_associations = 64
@@ -271,9 +249,7 @@ class StorageSCP:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._on_accepted),
         ]
-        self._server = ae.start_tuned_server(
-            (self.bridge.host, self.bridge.port), storage_contexts(), handlers
-        )
+        self._server = start_server(ae, (b.host, b.port), storage_contexts(), handlers)
         self._ae = ae
         log.info(
             "storage SCP %s listening on %s:%d", self.bridge.ae_title, self.bridge.host, self.port
@@ -439,7 +415,7 @@ class StorageSCP:
             prefixed = getattr(req, PART10_PREFIX, 0)
             if prefixed:
                 # The DIMSE layer wrote this request's Part-10 header ahead of its data set
-                # (net._FastMessage): the receive buffer is the file, nothing is copied.
+                # (mdm.dicom.fast.FastMessage): the receive buffer is the file, nothing is copied.
                 data = req.DataSet.getbuffer()
                 dataset_offset = prefixed
             else:

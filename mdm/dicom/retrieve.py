@@ -38,13 +38,14 @@ from mdm.dicom.net import (
     TRANSFER_SYNTAXES,
     VERIFICATION,
     WARNING,
+    BridgeAE,
     ProgressQueue,
-    TunedAE,
     Watchdog,
     abort_association,
     accepted,
     close_association,
     contexts_for,
+    new_ae,
     open_association,
     status_category,
     status_code,
@@ -222,7 +223,12 @@ class _Pool:
         self.warming: dict[str, int] = {}
         self.stats = PoolStats()
         self.retired = False
-        self.ae = TunedAE(retriever.bridge.ae_title, site.timeout, retriever.bridge.max_pdu)
+        self.ae = new_ae(
+            retriever.bridge.ae_title,
+            site.timeout,
+            retriever.bridge.max_pdu,
+            fast_path=retriever.bridge.fast_dicom,
+        )
 
     def acquire(
         self,
@@ -318,7 +324,7 @@ class _Pool:
         if left < site.timeout:
             # What is left of the request's deadline bounds the connection and negotiation
             # (a stall timeout of the whole site timeout stays with the association).
-            ae = TunedAE(bridge.ae_title, site.timeout, bridge.max_pdu)
+            ae = new_ae(bridge.ae_title, site.timeout, bridge.max_pdu, fast_path=bridge.fast_dicom)
             ae.connection_timeout = ae.acse_timeout = left
             site = dataclasses.replace(site, timeout=left)
         try:
@@ -331,7 +337,9 @@ class _Pool:
                 "association went silent, then a new association request got no answer)"
             ) from None
 
-    def _open_with(self, mode: str, need: frozenset[str], ae: TunedAE, site: SiteSettings) -> _Conn:
+    def _open_with(
+        self, mode: str, need: frozenset[str], ae: BridgeAE, site: SiteSettings
+    ) -> _Conn:
         bridge = self.retriever.bridge
         if mode == "move":
             mcxs = contexts_for([STUDY_ROOT_MOVE, VERIFICATION], QUERY_SYNTAXES)
