@@ -4,6 +4,7 @@
 ``orthanc_pair``           two Orthancs, SiteA and SiteB, with data (module scope; do not pause
                            or kill them - use ``orthanc_pair_private`` for fault tests).
 ``orthanc_pair_private``   the same, started for one test only.
+``dicom_mode``             ``"fast"`` or ``"stock"``: the DICOM path of the test (below).
 
 Data layout of a pair (6 patients, each one study of a 4-slice CT and a 3-slice MR series):
 patients 0 and 1 only on SiteA, 2 and 3 only on SiteB, patient 4's study on both, patient 5's CT
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from mdm.config import FAST_DICOM_ENV, fast_dicom_default
 from mdm_demo.localpacs import LOOPBACK, LocalOrthanc, free_port, stop_all
 from mdm_demo.synth import GeneratedInstance, by_series, generate
 
@@ -331,3 +333,63 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             continue
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         item.add_marker(pytest.mark.service if module in SERVICE_MODULES else pytest.mark.unit)
+    # A fast-only test run where the stock path is the default (MDM_FAST_DICOM=0, outside
+    # the modules that run both) would test nothing: it is deselected, not skipped.
+    if not fast_dicom_default():
+        keep = [i for i in items if not _fast_only_on_stock(i)]
+        if len(keep) != len(items):
+            dropped = [i for i in items if _fast_only_on_stock(i)]
+            items[:] = keep
+            config = dropped[0].config
+            config.hook.pytest_deselected(items=dropped)
+
+
+def _fast_only_on_stock(item: pytest.Item) -> bool:
+    if item.get_closest_marker("fast_only") is None:
+        return False
+    callspec = getattr(item, "callspec", None)
+    mode = callspec.params.get("dicom_mode") if callspec is not None else None
+    return mode != "fast"
+
+
+# ---------------------------------------------------------------------- DICOM fast path
+DICOM_MODULES = frozenset(
+    {
+        "test_as_stored",
+        "test_dicom_net",
+        "test_fetch_hostile",
+        "test_find_limit",
+        "test_hostile_pacs",
+        "test_large_object",
+        "test_peer_limits",
+        "test_receiver_process",
+        "test_retrieval_faults",
+    }
+)
+"""DICOM service modules whose tests run twice: on the fast path and on stock pynetdicom
+(``[bridge] fast_dicom = false``). A test of a protection only the fast path has is marked
+``fast_only`` and runs once, on the fast path (docs/DICOM.md, The fast path)."""
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    if module not in DICOM_MODULES or "dicom_mode" not in metafunc.fixturenames:
+        return
+    fast_only = metafunc.definition.get_closest_marker("fast_only") is not None
+    modes = ["fast"] if fast_only else ["fast", "stock"]
+    metafunc.parametrize("dicom_mode", modes, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def dicom_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The DICOM path this module's tests run on, set as the default of ``[bridge]
+    fast_dicom`` through ``MDM_FAST_DICOM`` (so every ``BridgeSettings`` built in the test,
+    and every process it starts, takes it). Module fixtures that build settings depend on
+    it, so they are built again for each mode. Outside DICOM_MODULES: the environment's."""
+    mode = getattr(request, "param", None)
+    if mode is None:
+        yield "fast" if fast_dicom_default() else "stock"
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FAST_DICOM_ENV, "1" if mode == "fast" else "0")
+        yield str(mode)

@@ -129,7 +129,8 @@ def mixed() -> list[Sample]:
 
 
 @pytest.fixture(scope="module")
-def bridge() -> BridgeSettings:
+def bridge(dicom_mode: str) -> BridgeSettings:
+    """Built again for each DICOM path (tests/conftest.py, ``dicom_mode``)."""
     return BridgeSettings(ae_title=BRIDGE_AET, host="127.0.0.1", port=free_port(), timeout=10.0)
 
 

@@ -11,6 +11,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pydicom
 import pytest
@@ -73,7 +74,8 @@ def data() -> list[Inst]:
 
 
 @pytest.fixture(scope="module")
-def bridge() -> BridgeSettings:
+def bridge(dicom_mode: str) -> BridgeSettings:
+    """Built again for each DICOM path (tests/conftest.py, ``dicom_mode``)."""
     return BridgeSettings(ae_title=BRIDGE_AET, host="127.0.0.1", port=free_port(), timeout=5.0)
 
 
@@ -423,19 +425,27 @@ def test_a_retrieval_during_warm_up_waits_for_the_warm_associations(
     assert (stats.opened, stats.closed, stats.idle) == (2, 0, 2)
 
 
-def test_batch_of_images_in_one_series(
-    pacs: LocalOrthanc, retriever: Retriever, data: list[Inst]
+def test_a_list_of_images_goes_in_bounded_batches_on_one_association(
+    pacs: LocalOrthanc, retriever: Retriever, data: list[Inst], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """An IMAGE-level list longer than BATCH_SIZE goes out as several requests, all on one
+    pooled association (the path a prefetch of part of a series takes)."""
+    import mdm.dicom.retrieve as retrieve_mod
+
+    monkeypatch.setattr(retrieve_mod, "BATCH_SIZE", 4)
     series = data[0].series_uid
     want = [i for i in data if i.series_uid == series]
+    assert len(want) > 4
+    uids = [i.sop_uid for i in want]
     got = Collector()
-    out = retriever.retrieve_batch(
+    out = retriever.retrieve(
         site_of(pacs, "BATCH"),
+        level="IMAGE",
         study_uid=want[0].study_uid,
         series_uid=series,
-        sop_uids=[i.sop_uid for i in want],
+        sop_uids=uids,
+        expected=set(uids),
         sink=got,
-        batch_size=4,
     )
     assert out.missing == set()
     check_pixels(got.objects, want)
@@ -511,6 +521,7 @@ def test_a_failing_sink_gives_the_pacs_a_failure_status(scp: StorageSCP, data: l
     assert status is not None and status != 0 and status >> 12 != 0xF
 
 
+@pytest.mark.fast_only
 def test_inbound_store_is_served_on_the_thread_that_read_it(
     scp: StorageSCP, data: list[Inst]
 ) -> None:
@@ -528,6 +539,54 @@ def test_inbound_store_is_served_on_the_thread_that_read_it(
     with scp.expect([data[2].sop_uid], sink):
         assert _push(scp.port, PACS_AET, data[2]) == 0x0000
     assert len(threads) == 1 and isinstance(threads[0], FastDUL)
+
+
+def _layers(assoc: Any) -> list[type]:
+    """The classes that make up a live association: itself, its DUL, DIMSE, socket and
+    DIMSE message queue."""
+    parts = [assoc, assoc.dul, assoc.dimse, assoc.dul.socket, assoc.dimse.msg_queue]
+    return [type(p) for p in parts]
+
+
+def test_the_configured_dicom_path_is_the_one_on_live_associations(
+    pacs: LocalOrthanc, scp: StorageSCP, bridge: BridgeSettings, data: list[Inst], dicom_mode: str
+) -> None:
+    """``fast_dicom = false`` is stock pynetdicom: no class of mdm.dicom.fast on an outbound
+    association nor on an inbound one (and only pynetdicom's own classes); with the fast
+    path on, every layer of both is the fast path's."""
+    from pynetdicom.association import Association
+
+    from mdm.dicom import fast
+    from mdm.dicom.net import VERIFICATION, contexts_for, new_ae, open_association
+
+    assert bridge.fast_dicom is (dicom_mode == "fast")
+    site = site_of(pacs, "LAYERS")
+    ae = new_ae(bridge.ae_title, 5.0, bridge.max_pdu, fast_path=bridge.fast_dicom)
+    cxs = contexts_for([VERIFICATION], [ExplicitVRLittleEndian])
+    out = open_association(ae, site, cxs, max_pdu=0)
+    try:
+        outbound = [type(ae), *_layers(out)]
+    finally:
+        out.release()
+
+    inbound: list[list[type]] = []
+
+    def sink(obj: ReceivedObject) -> None:
+        # Runs while the PACS's association is up: pynetdicom's associations are threads.
+        for t in threading.enumerate():
+            if isinstance(t, Association) and t.is_acceptor and t.is_established:
+                inbound.append(_layers(t))
+
+    with scp.expect([data[3].sop_uid], sink):
+        assert _push(scp.port, PACS_AET, data[3]) == 0x0000
+    assert len(inbound) == 1
+    live = outbound + inbound[0]
+    if dicom_mode == "fast":
+        assert all(issubclass(c, fast.FAST_CLASSES) for c in live), live
+    else:
+        assert not [c for c in live if issubclass(c, fast.FAST_CLASSES)], live
+        ours = [c for c in live[1:] if c.__module__.split(".")[0] not in ("pynetdicom", "queue")]
+        assert not ours, ours
 
 
 # --- deadlines -------------------------------------------------------------------------------

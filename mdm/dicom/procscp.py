@@ -19,7 +19,6 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
-import queue
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -34,8 +33,6 @@ from mdm.errors import IntegrityError, MdmError, StoreFull
 
 log = logging.getLogger(__name__)
 
-WRITERS = 2
-WRITE_QUEUE = 48
 _ERRORS: dict[str, type[MdmError]] = {
     "StoreFull": StoreFull,
     "IntegrityError": IntegrityError,
@@ -257,7 +254,7 @@ class ProcessStorageSCP(StorageSCP):
             self._count("stored")
         else:
             err_type = _ERRORS.get(msg[3], MdmError)
-            log.warning("object %s not stored: %s", sop_uid, msg[4])
+            # Logged by the receiver process's writer.
             notice = StoredNotice(sop_uid, None, err_type(msg[4]))
             exp.refused += 1
             self._count("refused_sink_error")
@@ -306,10 +303,10 @@ def _child_main(
     # Same GIL trade-off as the mount: hand over often between receiving and writing threads.
     sys.setswitchinterval(0.0005)
 
-    from mdm.deid import DeidOptions, deidentify
+    from mdm.retrieval.writer import Report, Writer
     from mdm.store.db import open_env
-    from mdm.store.keys import LocalKeyring, Scope
-    from mdm.store.objects import ObjectRef, ObjectStore
+    from mdm.store.keys import LocalKeyring
+    from mdm.store.objects import ObjectInfo, ObjectStore
 
     send_lock = threading.Lock()
 
@@ -337,8 +334,6 @@ def _child_main(
         send(("error", 0, f"{type(e).__name__}: {e}"))
         return
 
-    jobs: queue.Queue[tuple[int, ReceivedObject, dict[str, Any]] | None]
-    jobs = queue.Queue(maxsize=WRITE_QUEUE)
     # Objects of each expectation still being stored; the expectations whose flush waits
     # for them (answered by the writer that stores the last one, so the main loop never
     # blocks and keeps answering other retrievals' requests); those cancelled meanwhile.
@@ -346,37 +341,16 @@ def _child_main(
     flushing: set[int] = set()
     cancelled: set[int] = set()
     cv = threading.Condition()
+    writer = Writer(store)
 
-    def writer() -> None:
-        while True:
-            job = jobs.get()
-            if job is None:
-                return
-            eid, obj, spec = job
+    def reporter(eid: int) -> Report:
+        def report(obj: ReceivedObject, info: ObjectInfo | None, error: MdmError | None) -> None:
             try:
-                meta = dict(spec.get("meta", {}))
-                meta.update(sop_class_uid=obj.sop_class_uid, transfer_syntax=obj.transfer_syntax)
-                data = obj.data
-                deid = spec.get("deid")
-                if deid is not None:
-                    # A de-identified view is de-identified here, before anything is stored:
-                    # no identified copy is ever written for it.
-                    data = deidentify(
-                        data, secret=deid["secret"], options=DeidOptions(**deid["options"])
-                    )
-                info = store.put(
-                    ObjectRef(obj.sop_uid, spec.get("view", "identified")),
-                    Scope(spec["site"], spec.get("level", "identified"), spec.get("program", "")),
-                    data,
-                    meta,
-                    resource=spec.get("resource"),
-                )
-                send(("stored", eid, obj.sop_uid, info.to_record()))
-            except MdmError as e:
-                send(("failed", eid, obj.sop_uid, type(e).__name__, str(e)))
-            except Exception as e:
-                logging.getLogger(__name__).exception("storing %s failed", obj.sop_uid)
-                send(("failed", eid, obj.sop_uid, type(e).__name__, f"cannot store: {e}"))
+                if info is not None:
+                    send(("stored", eid, obj.sop_uid, info.to_record()))
+                else:
+                    e = error or MdmError("not stored")
+                    send(("failed", eid, obj.sop_uid, type(e).__name__, str(e)))
             finally:
                 with cv:
                     outstanding[eid] -= 1
@@ -390,16 +364,17 @@ def _child_main(
                 if flush:
                     send(("flushed", eid))
 
-    threads = [threading.Thread(target=writer, daemon=True) for _ in range(WRITERS)]
-    for t in threads:
-        t.start()
+        return report
+
     exps: dict[int, Expectation] = {}
 
     def make_sink(eid: int, spec: dict[str, Any]) -> Callable[[Any], None]:
+        report = reporter(eid)
+
         def sink(obj: Any) -> None:
             with cv:
                 outstanding[eid] = outstanding.get(eid, 0) + 1
-            jobs.put((eid, obj, spec))
+            writer.submit(obj, spec, report)
 
         return sink
 
@@ -437,8 +412,5 @@ def _child_main(
                 break
     finally:
         scp.stop()
-        for _ in threads:
-            jobs.put(None)
-        for t in threads:
-            t.join(60)
+        writer.close()
         store.close()

@@ -52,7 +52,7 @@ from mdm.dicom.net import (
     status_name,
 )
 from mdm.dicom.query import c_find
-from mdm.dicom.receiver import Expectation, ReceivedObject, StorageSCP
+from mdm.dicom.receiver import Expectation, StorageSCP
 from mdm.errors import RetrieveError, RetrieveTimeout
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ IDLE_TIMEOUT = 20.0
 VALIDATE_AFTER = 5.0
 """A pooled association idle longer than this is checked with a C-ECHO before reuse."""
 BATCH_SIZE = 200
-"""SOP Instance UIDs per IMAGE-level request in :meth:`Retriever.retrieve_batch`."""
+"""SOP Instance UIDs per IMAGE-level request: :meth:`Retriever.retrieve` splits a longer list."""
 
 
 @dataclass
@@ -791,40 +791,3 @@ class Retriever:
                 watch.clear()
                 pool.release(conn, healthy)
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def retrieve_batch(
-        self,
-        site: SiteSettings,
-        *,
-        study_uid: str,
-        series_uid: str,
-        sop_uids: Iterable[str],
-        sink: Callable[[ReceivedObject], None],
-        sop_classes: set[str] | None = None,
-        batch_size: int = BATCH_SIZE,
-    ) -> RetrieveOutcome:
-        """Retrieve many instances of one series with IMAGE-level requests of up to
-        ``batch_size`` UIDs each (for series prefetch); every UID is expected.
-
-        Stops at the first failing batch (raising as :meth:`retrieve` does); the objects
-        of earlier batches have been delivered to ``sink`` by then.
-        """
-        uids = list(dict.fromkeys(sop_uids))
-        started = time.monotonic()
-        received: set[str] = set()
-        status = status_name("move" if site.retrieve == "move" else "get", 0)
-        for i in range(0, len(uids), max(1, batch_size)):
-            chunk = uids[i : i + batch_size]
-            out = self.retrieve(
-                site,
-                level="IMAGE",
-                study_uid=study_uid,
-                series_uid=series_uid,
-                sop_uids=chunk,
-                expected=set(chunk),
-                sink=sink,
-                sop_classes=sop_classes,
-            )
-            received |= out.received
-            status = out.status
-        return RetrieveOutcome(received, set(uids) - received, status, time.monotonic() - started)

@@ -2,8 +2,8 @@
 
 This is the one module that crosses between trio and pynetdicom's threads: blocking DICOM
 calls run in ``trio.to_thread.run_sync`` under a per-site ``CapacityLimiter``; objects arriving
-in the storage SCP's threads are encrypted and stored there, then reported back to trio with
-``trio.from_thread.run_sync`` and the captured trio token.
+in the storage SCP's threads are queued to the writer threads (:mod:`mdm.retrieval.writer`),
+stored there, then reported back to trio with the captured trio token (``run_sync_soon``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -22,12 +21,12 @@ import trio
 
 from mdm.access.decide import Resource
 from mdm.config import Config, SiteSettings
-from mdm.deid import DeidOptions, deidentify
 from mdm.dicom.receiver import ReceivedObject, StoredNotice
 from mdm.dicom.retrieve import IncompleteRetrieve, Retriever, move_may_help
 from mdm.errors import MdmError, RetrieveError, RetrieveTimeout
 from mdm.ops import metrics
 from mdm.retrieval.pacing import pacer_for
+from mdm.retrieval.writer import Writer, store_spec
 from mdm.store.keys import Scope
 from mdm.store.objects import ObjectInfo, ObjectRef, ObjectStore
 
@@ -63,10 +62,6 @@ class Target:
 def pending_key(sop_uid: str, view: str = "identified") -> str:
     """The single-flight key of an object in a view."""
     return f"{view}\0{sop_uid}"
-
-
-WRITERS = 2
-WRITE_QUEUE = 48  # objects (about 25 MB of 512x512 CT) waiting to be encrypted and written
 
 
 class _Batch:
@@ -130,25 +125,7 @@ class Fetcher:
         self._limiters = {s.name: trio.CapacityLimiter(s.max_associations) for s in config.sites}
         self.pacer = pacer_for(config.sites)
         self._token = trio.lowlevel.current_trio_token()
-        self._queue: queue.Queue[
-            tuple[
-                ReceivedObject,
-                Scope,
-                dict[str, str],
-                _Batch,
-                str,
-                dict[str, Any] | None,
-                Resource | None,
-            ]
-            | None
-        ]
-        self._queue = queue.Queue(maxsize=WRITE_QUEUE)
-        self._writers = [
-            threading.Thread(target=self._writer, name=f"mdm-writer-{i}", daemon=True)
-            for i in range(WRITERS)
-        ]
-        for t in self._writers:
-            t.start()
+        self._writer = Writer(store)
 
     def limiter(self, site: str) -> trio.CapacityLimiter:
         """The concurrency limit of ``site`` (shared with queries)."""
@@ -305,6 +282,15 @@ class Fetcher:
             "series_uid": first.series_uid,
             "site": site.name,
         }
+        spec = store_spec(
+            site=site.name,
+            level=scope.level,
+            program=scope.program,
+            view=view,
+            deid=deid,
+            meta=meta,
+            resource=first.resource,
+        )
         sop_of = {t.key: t.sop_uid for t in group}
         remaining_sops = {sop_of[k] for k in remaining}
 
@@ -324,7 +310,18 @@ class Fetcher:
                     self._to_trio(self._stored, key, obj.info, site.name)
                 return
             batch.add()
-            self._queue.put((obj, scope, meta, batch, view, deid, first.resource))
+            self._writer.submit(obj, spec, stored)
+
+        def stored(obj: ReceivedObject, info: ObjectInfo | None, error: MdmError | None) -> None:
+            # Runs in a writer thread.
+            try:
+                key = pending_key(obj.sop_uid, view)
+                if error is not None:
+                    self._to_trio(self._finish, key, error, site.name)
+                else:
+                    self._to_trio(self._stored, key, info, site.name)
+            finally:
+                batch.done()
 
         started = time.monotonic()
         self.stats.retrievals += 1
@@ -367,15 +364,7 @@ class Fetcher:
                         sink=sink,
                         sop_classes=sop_classes,
                         classes_of=classes_of,
-                        store_spec={
-                            "site": site.name,
-                            "level": scope.level,
-                            "program": scope.program,
-                            "view": view,
-                            "deid": deid,
-                            "meta": meta,
-                            "resource": first.resource,
-                        },
+                        store_spec=spec,
                         mode=mode,
                     ),
                     limiter=self._limiters[site.name],
@@ -425,43 +414,6 @@ class Fetcher:
             outcome=error or "success",
         )
 
-    def _writer(self) -> None:
-        """Writer thread: encrypt and store received objects, then wake the waiting readers."""
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            obj, scope, meta, batch, view, deid, resource = job
-            key = pending_key(obj.sop_uid, view)
-            try:
-                data = obj.data
-                if deid is not None:
-                    data = deidentify(
-                        data, secret=deid["secret"], options=DeidOptions(**deid["options"])
-                    )
-                info = self.store.put(
-                    ObjectRef(obj.sop_uid, view),
-                    scope,
-                    data,
-                    {
-                        **meta,
-                        "sop_class_uid": obj.sop_class_uid,
-                        "transfer_syntax": obj.transfer_syntax,
-                    },
-                    resource=resource,
-                )
-                self._to_trio(self._stored, key, info, meta["site"])
-            except MdmError as e:
-                log.warning("object %s from site %s not stored: %s", obj.sop_uid, meta["site"], e)
-                self._to_trio(self._finish, key, e, meta["site"])
-            except Exception as e:  # a bug must not kill the writer; readers get EIO
-                log.error("storing object %s failed", obj.sop_uid, exc_info=True)
-                err = MdmError(f"cannot store object: {e}")
-                self._to_trio(self._finish, key, err, meta["site"])
-            finally:
-                batch.done()
-            del obj, job
-
     def _to_trio(self, fn: Callable[..., None], *args: object) -> None:
         """Run ``fn(*args)`` in the trio thread, without waiting for it (any thread).
 
@@ -483,11 +435,7 @@ class Fetcher:
 
     def close(self) -> None:
         """Stop the writer threads after they have stored what is queued."""
-        for _ in self._writers:
-            self._queue.put(None)
-        for t in self._writers:
-            t.join(60)
-        self._writers = []
+        self._writer.close()
 
     def _stored(self, sop_uid: str, info: ObjectInfo, site: str) -> None:
         self.stats.objects_received += 1
