@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mdm.config import load_config, parse_duration, parse_size
+from mdm.config import BridgeSettings, load_config, parse_duration, parse_size
 from mdm.errors import ConfigError
 
 GOOD = """
@@ -64,6 +64,7 @@ def test_good_config(tmp_path: Path) -> None:
             "site[0].ae_title",
         ),
         (GOOD + "\n[wat]\nx=1\n", "wat"),
+        (GOOD.replace("port = 11112", 'port = 11112\nfast_dicom = "no"'), "bridge.fast_dicom"),
     ],
 )
 def test_errors_name_file_and_key(tmp_path: Path, text: str, key: str) -> None:
@@ -73,6 +74,20 @@ def test_errors_name_file_and_key(tmp_path: Path, text: str, key: str) -> None:
     assert ei.value.key == key
     assert str(p) in str(ei.value)
     assert ei.value.exit_code == 2
+
+
+def test_fast_dicom_is_on_unless_the_file_or_the_environment_says_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MDM_FAST_DICOM", raising=False)
+    assert load_config(write(tmp_path, GOOD)).bridge.fast_dicom is True
+    off = GOOD.replace("port = 11112", "port = 11112\nfast_dicom = false")
+    assert load_config(write(tmp_path, off)).bridge.fast_dicom is False
+    monkeypatch.setenv("MDM_FAST_DICOM", "0")
+    assert load_config(write(tmp_path, GOOD)).bridge.fast_dicom is False
+    assert BridgeSettings().fast_dicom is False  # settings built in code take it too
+    on = GOOD.replace("port = 11112", "port = 11112\nfast_dicom = true")
+    assert load_config(write(tmp_path, on)).bridge.fast_dicom is True  # the file wins
 
 
 def test_missing_file_and_syntax(tmp_path: Path) -> None:

@@ -63,6 +63,7 @@ def receiver(tmp_path: Path) -> Iterator[ProcessStorageSCP]:
     scp.stop()
 
 
+@pytest.mark.fast_only  # stock pynetdicom copies the data set
 def test_a_200_mb_object_is_held_once(receiver: ProcessStorageSCP) -> None:
     uid = uid_of(7 * 10**7)
     body = big_body(uid)
@@ -112,6 +113,7 @@ def test_a_200_mb_object_is_held_once(receiver: ProcessStorageSCP) -> None:
     assert grew_mib < size_mib * 1.3, (grew_mib, size_mib)
 
 
+@pytest.mark.fast_only  # stock pynetdicom copies the data set
 def test_a_200_mb_object_by_cget_is_held_once(tmp_path: Path) -> None:
     """The retrieving process (C-GET: the object arrives on our own association) holds it
     once too, and stores it chunk by chunk."""

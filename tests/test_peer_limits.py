@@ -121,6 +121,7 @@ def still_serves(scp: StorageSCP) -> None:
 # --- 1. memory is bounded by what we negotiated -----------------------------------------------
 
 
+@pytest.mark.fast_only  # stock pynetdicom reads a PDU of any announced length
 def test_a_huge_pdu_announced_before_association_costs_nothing(
     scp: StorageSCP, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -141,6 +142,7 @@ def test_a_huge_pdu_announced_before_association_costs_nothing(
     still_serves(scp)
 
 
+@pytest.mark.fast_only  # stock pynetdicom reads a PDU of any announced length
 def test_a_pdata_over_the_negotiated_maximum_is_aborted(scp: StorageSCP) -> None:
     before = rss_mib()
     assoc = associate(scp.port)
@@ -151,6 +153,7 @@ def test_a_pdata_over_the_negotiated_maximum_is_aborted(scp: StorageSCP) -> None
     still_serves(scp)
 
 
+@pytest.mark.fast_only  # stock pynetdicom reads a PDU of any announced length
 def test_a_large_pdata_is_read_as_it_arrives() -> None:
     """``max_pdu = 0`` announces DEFAULT_MAX_PDU, never "unlimited"; PDUs within it are read
     as their bytes arrive, so announcing one costs nothing until it is sent."""
@@ -179,6 +182,7 @@ def test_a_large_pdata_is_read_as_it_arrives() -> None:
         default.stop()
 
 
+@pytest.mark.fast_only  # stock: no gate, ARTIM is acse_timeout
 def test_unassociated_connections_are_limited_in_number_and_time(
     scp: StorageSCP, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -216,6 +220,7 @@ def test_unassociated_connections_are_limited_in_number_and_time(
 # --- 5. a malformed PDU aborts at once, naming the peer ---------------------------------------
 
 
+@pytest.mark.fast_only  # stock pynetdicom has its own outcomes
 @pytest.mark.parametrize(
     "pdu",
     [

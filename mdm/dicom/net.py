@@ -22,6 +22,7 @@ process-wide, because no log line of the bridge may carry PHI.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -32,6 +33,7 @@ from typing import Any
 from pydicom import config as pydicom_config
 from pynetdicom import ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -143,6 +145,31 @@ QUERY_SYNTAXES: list[str] = [EXPLICIT_VR_LE, IMPLICIT_VR_LE]
 # pynetdicom refuses to request more than 128 presentation contexts (PS3.8: context IDs are
 # odd numbers 1..255).
 MAX_REQUESTED_CONTEXTS = 128
+
+
+_previous_excepthook = threading.excepthook
+
+
+def _reactor_failed(args: threading.ExceptHookArgs) -> None:
+    """pynetdicom's reactor threads die on some malformed input from a peer (stock path: an
+    empty PDV item is an IndexError in its DIMSE decoder): one error line naming the
+    exception's type (its text and traceback can quote the peer's bytes) and the connection
+    closed, instead of a traceback on stderr. The waiting exchange ends at its Watchdog."""
+    thread = args.thread
+    if not isinstance(thread, DULServiceProvider | Association):
+        _previous_excepthook(args)
+        return
+    name = args.exc_type.__name__ if args.exc_type is not None else "error"
+    kind = type(thread).__name__
+    log.error("a DICOM association's %s thread failed (%s); closing it", kind, name)
+    dul = thread if isinstance(thread, DULServiceProvider) else thread.dul
+    sock = dul.socket
+    if sock is not None:
+        with contextlib.suppress(Exception):
+            sock.close()
+
+
+threading.excepthook = _reactor_failed
 
 
 # --- application entities and servers --------------------------------------------------------
