@@ -185,8 +185,8 @@ class ProcessStorageSCP(StorageSCP):
         )
         return exp
 
-    def _unregister(self, exp: Expectation) -> None:
-        super()._unregister(exp)
+    def unregister(self, exp: Expectation) -> None:
+        super().unregister(exp)
         eid = getattr(exp, "proc_id", None)
         if eid is not None and self._proc is not None:
             self._exp_ids.pop(eid, None)
@@ -250,14 +250,14 @@ class ProcessStorageSCP(StorageSCP):
             return
         if kind == "stored":
             notice = StoredNotice(sop_uid, ObjectInfo.from_record(msg[3]), None)
-            exp._delivered(sop_uid)
-            self._count("stored")
+            exp.mark_delivered(sop_uid)
+            self.count("stored")
         else:
             err_type = _ERRORS.get(msg[3], MdmError)
             # Logged by the receiver process's writer.
             notice = StoredNotice(sop_uid, None, err_type(msg[4]))
             exp.refused += 1
-            self._count("refused_sink_error")
+            self.count("refused_sink_error")
         try:
             exp.sink(notice)
         except Exception:

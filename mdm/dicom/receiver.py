@@ -150,7 +150,7 @@ class Expectation:
         """Stop routing these UIDs here; later C-STOREs of them are refused. Idempotent."""
         if not self.cancelled:
             self.cancelled = True
-            self._scp._unregister(self)
+            self._scp.unregister(self)
 
     def _claim(self, sop_uid: str) -> bool:
         """Claim a UID for delivery: True once, False for a duplicate (even one arriving on
@@ -166,7 +166,9 @@ class Expectation:
         with self._lock:
             self._claimed.discard(sop_uid)
 
-    def _delivered(self, sop_uid: str) -> None:
+    def mark_delivered(self, sop_uid: str) -> None:
+        """Count ``sop_uid`` as delivered (by this process's sink, or by a receiver process
+        that stored it)."""
         with self._lock:
             self._claimed.add(sop_uid)
             self._received.add(sop_uid)
@@ -319,7 +321,8 @@ class StorageSCP:
         """Wait until every object received for ``exp`` reached its sink (here: at once)."""
         return None
 
-    def _unregister(self, exp: Expectation) -> None:
+    def unregister(self, exp: Expectation) -> None:
+        """Stop routing the UIDs of ``exp`` (called by ``Expectation.cancel``)."""
         with self._lock:
             for uid in exp.sop_uids:
                 lst = self._routes.get(uid)
@@ -337,7 +340,8 @@ class StorageSCP:
         with self._lock:
             return len(self._routes)
 
-    def _count(self, counter: str) -> None:
+    def count(self, counter: str) -> None:
+        """Add one to the counter ``counter`` of :attr:`stats`."""
         with self._lock:
             setattr(self.stats, counter, getattr(self.stats, counter) + 1)
 
@@ -364,7 +368,7 @@ class StorageSCP:
                 (e for e in exps if e.source is None or e.source.matches(calling, address)), None
             )
         if exp is None and exps:
-            self._count("refused_wrong_site")
+            self.count("refused_wrong_site")
             log.warning(
                 "refused C-STORE from %r at %s: SOP instance %s was requested from another site",
                 calling,
@@ -373,7 +377,7 @@ class StorageSCP:
             )
             return STORE_NOT_AUTHORISED
         if exp is None:
-            self._count("refused_unexpected")
+            self.count("refused_unexpected")
             log.warning(
                 "refused C-STORE from %r: SOP instance %s (class %s) was not requested",
                 calling,
@@ -444,7 +448,7 @@ class StorageSCP:
             return self._refuse(exp, "refused_malformed", STORE_CANNOT_UNDERSTAND, "%s", e)
         if not exp._claim(sop_uid):
             # A PACS may resend after a lost response: acknowledge, do not store twice.
-            self._count("duplicates")
+            self.count("duplicates")
             return STORE_SUCCESS
         obj = ReceivedObject(
             sop_uid=sop_uid,
@@ -468,16 +472,16 @@ class StorageSCP:
             )
         except Exception:
             exp._unclaim(sop_uid)
-            self._count("refused_sink_error")
+            self.count("refused_sink_error")
             exp.refused += 1
             log.exception("C-STORE of %s from %r failed in the sink", sop_uid, calling)
             return STORE_PROCESSING_FAILURE
-        exp._delivered(sop_uid)
-        self._count("stored")
+        exp.mark_delivered(sop_uid)
+        self.count("stored")
         return STORE_SUCCESS
 
     def _refuse(self, exp: Expectation, counter: str, status: int, msg: str, *args: object) -> int:
-        self._count(counter)
+        self.count(counter)
         exp.refused += 1
         log.warning(msg, *args)
         return status
@@ -497,7 +501,7 @@ class StorageSCP:
             )
 
     def _on_rejected(self, event: Event) -> None:
-        self._count("rejected_associations")
+        self.count("rejected_associations")
         rq = event.assoc.requestor
         log.warning(
             "refused association from AE %r at %s (not a configured site, or wrong called AE)",
