@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import shutil
@@ -11,6 +12,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -587,6 +589,21 @@ def test_the_configured_dicom_path_is_the_one_on_live_associations(
         assert not [c for c in live if issubclass(c, fast.FAST_CLASSES)], live
         ours = [c for c in live[1:] if c.__module__.split(".")[0] not in ("pynetdicom", "queue")]
         assert not ours, ours
+
+
+def test_the_receiver_process_takes_the_dicom_path_of_its_settings(
+    tmp_path: Path, bridge: BridgeSettings, dicom_mode: str
+) -> None:
+    from mdm.dicom.procscp import ProcessStorageSCP, StoreParams
+
+    settings = dataclasses.replace(bridge, port=free_port())
+    params = StoreParams(tmp_path / "cache", tmp_path / "keyring.json", 1 << 30, 256 * 1024)
+    proc = ProcessStorageSCP(settings, {PACS_AET}, params)
+    proc.start()
+    try:
+        assert proc.fast_path is (dicom_mode == "fast") is settings.fast_dicom
+    finally:
+        proc.stop()
 
 
 # --- deadlines -------------------------------------------------------------------------------

@@ -79,6 +79,7 @@ class ProcessStorageSCP(StorageSCP):
         self._acks: dict[tuple[str, int], threading.Event] = {}
         self._reader: threading.Thread | None = None
         self._port = 0
+        self._fast = False
 
     # --- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -114,6 +115,7 @@ class ProcessStorageSCP(StorageSCP):
             proc.join(5)
             raise OSError(msg[1], msg[2])
         self._port = int(msg[1])
+        self._fast = bool(msg[2])
         self._proc, self._conn = proc, parent
         self._reader = threading.Thread(target=self._read_loop, name="mdm-receiver-rx", daemon=True)
         self._reader.start()
@@ -151,6 +153,11 @@ class ProcessStorageSCP(StorageSCP):
         if self._proc is None:
             raise RuntimeError("the storage SCP is not running")
         return self._port
+
+    @property
+    def fast_path(self) -> bool:
+        """True if the receiver process's listener runs on the DICOM fast path."""
+        return self._fast
 
     @property
     def running(self) -> bool:
@@ -378,7 +385,7 @@ def _child_main(
 
         return sink
 
-    send(("ready", scp.port))
+    send(("ready", scp.port, scp.fast_path))
     try:
         while True:
             try:

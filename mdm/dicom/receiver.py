@@ -37,6 +37,7 @@ from mdm.dicom.net import (
     TRANSFER_SYNTAXES,
     VERIFICATION,
     BridgeAE,
+    is_fast,
     max_pdu_of,
     new_ae,
     start_server,
@@ -269,6 +270,11 @@ class StorageSCP:
                 log.debug("error aborting an inbound association", exc_info=True)
         server.shutdown()
         log.info("storage SCP %s stopped", self.bridge.ae_title)
+
+    @property
+    def fast_path(self) -> bool:
+        """True if the listener runs on the DICOM fast path (``bridge.fast_dicom``)."""
+        return self._ae is not None and is_fast(self._ae)
 
     @property
     def port(self) -> int:
