@@ -64,7 +64,8 @@ from tests.fuzzdicom import (
     uid_of,
 )
 
-pytestmark = pytest.mark.timeout(400)
+# Bad PDUs and message-size limits are fast-path limits (docs/DICOM.md, Limits).
+pytestmark = [pytest.mark.timeout(400), pytest.mark.fast_only]
 
 SEED = int(os.environ.get("MDM_FUZZ_SEED", "18"))
 OBJECTS = int(os.environ.get("MDM_FUZZ_OBJECTS", "10000"))
