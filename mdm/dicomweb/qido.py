@@ -113,6 +113,16 @@ def query_of(level: str, identifier: Dataset) -> tuple[str, list[tuple[str, str]
     return path, params, in_path
 
 
+_SAFE = "*?,^-._~!$'()/:@\\"
+
+
+def query_string(params: list[tuple[str, str]]) -> str:
+    """``params`` as a query string, percent-encoding only what must be (``&``, ``=``, ``+``,
+    ``#``, ``%``, spaces, non-ASCII): Orthanc's DICOMweb plugin matches the raw text, so an
+    encoded ``*`` (``%2A``, as httpx and urllib write it) would no longer be a wildcard."""
+    return "&".join(f"{quote(k, safe='')}={quote(v, safe=_SAFE)}" for k, v in params)
+
+
 def _plausible(ds: Dataset, level: str) -> bool:
     key = _UNIQUE[level]
     value = ds.get(key, None)
@@ -137,13 +147,9 @@ def qido_find(site: SiteSettings, level: str, identifier: Dataset) -> list[Datas
     offset = 0
     skipped = 0
     while True:
-        page_params: list[tuple[str, str | int | float | bool | None]] = [
-            *params,
-            ("limit", PAGE),
-            ("offset", offset),
-        ]
+        page = [*params, ("limit", str(PAGE)), ("offset", str(offset))]
         try:
-            resp = client.get(path, params=page_params, headers={"Accept": ACCEPT_JSON})
+            resp = client.get(f"{path}?{query_string(page)}", headers={"Accept": ACCEPT_JSON})
         except Exception as e:
             raise request_error(site, what, e) from None
         if resp.status_code == 204:

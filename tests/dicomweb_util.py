@@ -1,0 +1,218 @@
+"""DICOMweb test servers: a real Orthanc with its DICOMweb plugin, and a fault-injecting
+reverse proxy in front of it (optionally over TLS with a CA made in the test).
+
+The proxy forwards every request to the Orthanc unchanged, except WADO-RS requests
+(``multipart/related`` answers) while ``mode`` asks for a fault: ``down`` is a stopped proxy
+(connections refused), the others are
+
+* ``wado-401``: 401 to WADO-RS, QIDO-RS still answered;
+* ``truncate``: the multipart body cut in the middle of its last part (HTTP framing intact);
+* ``fewer``: the last part left out (a well-formed answer with fewer objects);
+* ``stall``: no answer until ``release()`` or the proxy stops;
+* ``wrong-boundary``: the Content-Type names another boundary than the body uses.
+
+``require_token``: every request without ``Authorization: Bearer <token>`` gets 401.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import ssl
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from mdm_demo.localpacs import LOOPBACK
+
+WADO_MODES = ("pass", "wado-401", "truncate", "fewer", "stall", "wrong-boundary")
+
+
+def make_ca(d: Path, name: str = "Test CA") -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it: (ca.pem, cert.pem, key.pem)."""
+    d.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    import ipaddress
+
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOOPBACK))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_pem, cert_pem, key_pem = d / "ca.pem", d / "cert.pem", d / "key.pem"
+    ca_pem.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_pem.chmod(0o600)
+    return ca_pem, cert_pem, key_pem
+
+
+class FaultProxy:
+    """A reverse proxy to ``upstream_port`` (Orthanc's HTTP port) on a free loopback port."""
+
+    def __init__(self, upstream_port: int, *, tls: tuple[Path, Path] | None = None) -> None:
+        self.upstream_port = upstream_port
+        self.mode = "pass"
+        self.require_token: str | None = None
+        self.auth_seen: list[str | None] = []
+        self.wado_requests = 0
+        self._release = threading.Event()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                proxy._handle(self)
+
+        self.server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.server.daemon_threads = True
+        self.scheme = "http"
+        if tls is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(tls[0]), str(tls[1]))
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
+        self.port = int(self.server.server_address[1])
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """The DICOMweb base URL through this proxy."""
+        return f"{self.scheme}://{LOOPBACK}:{self.port}/dicom-web"
+
+    def start(self) -> FaultProxy:
+        self._thread.start()
+        return self
+
+    def release(self) -> None:
+        """End a ``stall``."""
+        self._release.set()
+
+    def stop(self) -> None:
+        self._release.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(10)
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        auth = h.headers.get("Authorization")
+        self.auth_seen.append(auth)
+        if self.require_token is not None and auth != f"Bearer {self.require_token}":
+            self._reply(h, 401, b"", "text/plain")
+            return
+        conn = http.client.HTTPConnection(LOOPBACK, self.upstream_port, timeout=60)
+        try:
+            headers = {k: v for k, v in h.headers.items() if k.lower() in ("accept",)}
+            conn.request("GET", h.path, headers=headers)
+            resp = conn.getresponse()
+            body = resp.read()
+            ctype = resp.getheader("Content-Type", "")
+            status = resp.status
+        finally:
+            conn.close()
+        mode = self.mode
+        if not ctype.startswith("multipart/related") or mode == "pass":
+            if ctype.startswith("multipart/related"):
+                self.wado_requests += 1
+            self._reply(h, status, body, ctype)
+            return
+        self.wado_requests += 1
+        boundary = ctype.split("boundary=")[1].split(";")[0].strip('"')
+        delim = b"--" + boundary.encode()
+        if mode == "wado-401":
+            self._reply(h, 401, b"", "text/plain")
+        elif mode == "stall":
+            self._release.wait(120)
+            self._reply(h, 503, b"", "text/plain")
+        elif mode == "truncate":
+            last = body.rindex(delim, 0, len(body) - len(delim) - 4)
+            self._reply(h, status, body[: last + (len(body) - last) // 2], ctype)
+        elif mode == "fewer":
+            sep = b"\r\n" + delim
+            parts = body.split(sep)  # first part (with its delimiter), ..., "--\r\n"
+            body = sep.join(parts[:-2] + parts[-1:]) if len(parts) > 2 else delim + b"--\r\n"
+            self._reply(h, status, body, ctype)
+        elif mode == "wrong-boundary":
+            other = boundary[:-1] + ("x" if boundary[-1] != "x" else "y")
+            self._reply(h, status, body, ctype.replace(boundary, other))
+        else:
+            raise AssertionError(mode)
+
+    @staticmethod
+    def _reply(h: BaseHTTPRequestHandler, status: int, body: bytes, ctype: str) -> None:
+        try:
+            h.send_response(status)
+            if ctype:
+                h.send_header("Content-Type", ctype)
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            h.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            pass
