@@ -16,8 +16,10 @@ The proxy forwards every request to the Orthanc unchanged, except WADO-RS reques
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import http.client
+import socket
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -114,6 +116,7 @@ class FaultProxy:
         self.auth_seen: list[str | None] = []
         self.wado_requests = 0
         self._release = threading.Event()
+        self._conns: set[socket.socket] = set()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -121,6 +124,10 @@ class FaultProxy:
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                proxy._conns.add(self.connection)
 
             def do_GET(self) -> None:
                 proxy._handle(self)
@@ -150,9 +157,17 @@ class FaultProxy:
         self._release.set()
 
     def stop(self) -> None:
+        """Stop listening and cut every open connection (kept-alive ones too): a server
+        that is gone."""
         self._release.set()
-        self.server.shutdown()
+        if self._thread.is_alive():
+            self.server.shutdown()
         self.server.server_close()
+        for conn in list(self._conns):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                conn.close()
         self._thread.join(10)
 
     def __enter__(self) -> FaultProxy:
