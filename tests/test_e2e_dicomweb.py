@@ -171,3 +171,46 @@ def test_faults_reach_the_reader_as_errno(orthanc_pair: PacsPair, web: Web, tmp_
         assert "Traceback" not in log
     finally:
         proxy.stop()
+
+
+def test_fail_over_from_a_dicomweb_site_to_a_dimse_site(
+    orthanc_pair: PacsPair, tmp_path: Path
+) -> None:
+    """A series both sites hold: with the DICOMweb site gone, reads come from the DIMSE site."""
+    patient = orthanc_pair.only_a_patients[0]
+    held = [i for i in orthanc_pair.a.instances if i.patient_id == patient]
+    server = LocalOrthanc(
+        tmp_path / "web", name="WebCopy", aet="WEBCOPY", dicomweb=True, die_with_parent=True
+    )
+    server.start()
+    try:
+        server.upload(held)
+        with FaultProxy(server.http_port) as proxy:
+            dimse = (
+                f'[[site]]\nname = "SiteA"\nae_title = "{orthanc_pair.a.server.aet}"\n'
+                f'host = "127.0.0.1"\nport = {orthanc_pair.a.server.dicom_port}\n'
+            )
+            cfg = config(
+                orthanc_pair,
+                tmp_path,
+                sites=(),
+                bridge_options={"prefetch": False},
+                extra=dimse + web_site(proxy.url, timeout="3s"),
+            )
+            with Mount(cfg, tmp_path / "mnt") as m:
+                # The sites holding an object are tried most recently listed first: the
+                # last in mdm.toml (WEB) when one listing saw both.
+                first, second = held[0], held[1]
+                served = study_path(m.mountpoint, first).read_bytes()
+                assert served == server.instance_file(first.sop_uid)
+                meta = json.loads(
+                    (m.mountpoint / "studies" / first.study_uid / ".metadata.json").read_text()
+                )
+                assert set(meta["sites"]) == {"WEB", "SiteA"}
+                proxy.stop()
+                same_dataset(study_path(m.mountpoint, second).read_bytes(), second)
+                log = m.log_text()
+            # WEB's failure is said (by the listing or the retrieval, whichever met it first).
+            assert "site WEB: " in log and "cannot connect to 127.0.0.1" in log
+    finally:
+        server.stop()

@@ -41,7 +41,7 @@ for _name in ("httpx", "httpcore"):
 
 _lock = threading.Lock()
 _token_file: Path | None = None
-_clients: dict[str, tuple[SiteSettings, httpx.Client]] = {}
+_clients: dict[SiteSettings, httpx.Client] = {}
 
 
 def use_token_file(path: Path | None) -> None:
@@ -82,27 +82,27 @@ def _verify(site: SiteSettings) -> ssl.SSLContext | bool:
 
 
 def client_for(site: SiteSettings) -> httpx.Client:
-    """The shared HTTP client of ``site`` (made at first use, remade if the settings change)."""
+    """The shared HTTP client of ``site`` (made at first use).
+
+    Keyed by the whole settings: a variant of a site (``mdm status`` echoes with a shorter
+    timeout) gets its own client, and a client in use by another thread is never closed here.
+    """
     with _lock:
-        known = _clients.get(site.name)
-        if known is not None and known[0] == site:
-            return known[1]
-        client = httpx.Client(
-            base_url=site.dicomweb + "/",
-            verify=_verify(site),
-            timeout=httpx.Timeout(site.timeout),
-            limits=httpx.Limits(
-                max_connections=site.max_associations,
-                max_keepalive_connections=site.max_associations,
-            ),
-            auth=_Bearer(),
-            headers={"User-Agent": f"mdm-bridge/{__version__}"},
-            follow_redirects=False,
-            trust_env=False,
-        )
-        _clients[site.name] = (site, client)
-        if known is not None:
-            known[1].close()
+        client = _clients.get(site)
+        if client is None:
+            client = _clients[site] = httpx.Client(
+                base_url=site.dicomweb + "/",
+                verify=_verify(site),
+                timeout=httpx.Timeout(site.timeout),
+                limits=httpx.Limits(
+                    max_connections=site.max_associations,
+                    max_keepalive_connections=site.max_associations,
+                ),
+                auth=_Bearer(),
+                headers={"User-Agent": f"mdm-bridge/{__version__}"},
+                follow_redirects=False,
+                trust_env=False,
+            )
         return client
 
 
@@ -111,7 +111,7 @@ def close_clients() -> None:
     with _lock:
         clients = list(_clients.values())
         _clients.clear()
-    for _, c in clients:
+    for c in clients:
         c.close()
 
 
