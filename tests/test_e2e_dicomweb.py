@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import io
 import json
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 
+from mdm.deid import map_uid
+from mdm.store.keys import LocalKeyring
 from mdm_demo.localpacs import LocalOrthanc
 from mdm_demo.synth import GeneratedInstance
 from tests.conftest import PacsPair, remember_phi
@@ -27,6 +31,7 @@ from tests.dicomweb_data import compressed_series, generated
 from tests.dicomweb_util import FaultProxy
 from tests.mountutil import Mount, mdm
 from tests.test_e2e_mount import config, same_dataset, study_path
+from tests.test_e2e_policy import identity_config, token
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -214,3 +219,50 @@ def test_fail_over_from_a_dicomweb_site_to_a_dimse_site(
             assert "site WEB: " in log and "cannot connect to 127.0.0.1" in log
     finally:
         server.stop()
+
+
+DEID_POLICY = """
+[[allow]]
+id = "grid-web"
+description = "grid jobs: the DICOMweb site, de-identified"
+principals = { groups = ["grid"] }
+resources = { sites = ["WEB"] }
+access = "deidentified"
+[allow.deid]
+scope = "nant"
+"""
+
+
+def test_the_mounts_token_is_sent_and_views_are_deidentified(
+    orthanc_pair: PacsPair, web: Web, idp: Path, tmp_path: Path
+) -> None:
+    """Under [identity] the mount's own token goes to the DICOMweb site as a Bearer token
+    (the site refuses requests without it), and objects arriving by WADO-RS are
+    de-identified for a de-identified view like objects arriving by C-MOVE."""
+    grid = token(idp, tmp_path / "grid.jwt", "svc-grid", "grid")
+    proxy = FaultProxy(web.server.http_port).start()
+    proxy.require_token = grid.read_text().strip()
+    try:
+        cfg = identity_config(orthanc_pair, tmp_path, idp, DEID_POLICY)
+        with cfg.open("a") as f:
+            f.write("\n" + web_site(proxy.url))
+        with Mount(cfg, tmp_path / "mnt", token_file=grid) as m:
+            secret = LocalKeyring.load(tmp_path / "keyring.json").secret("pseudonym:nant")
+            inst = web.instances[0]
+            sdir = m.mountpoint / "studies" / map_uid(inst.study_uid, secret=secret)
+            path = sdir / map_uid(inst.series_uid, secret=secret)
+            raw = (path / f"{map_uid(inst.sop_uid, secret=secret)}.dcm").read_bytes()
+            ds = pydicom.dcmread(io.BytesIO(raw))
+            orig = pydicom.dcmread(io.BytesIO(inst.read()))
+            assert ds.PatientIdentityRemoved == "YES"
+            assert ds.SOPInstanceUID == map_uid(inst.sop_uid, secret=secret)
+            assert ds.PixelData == orig.PixelData
+            for needle in (inst.patient_id, inst.sop_uid, inst.patient_name.split("^")[0]):
+                assert needle.encode() not in raw
+            # SiteA is not granted: only the DICOMweb site's studies are there.
+            listed = set(os.listdir(m.mountpoint / "studies")) - {".metadata.json"}
+            assert listed == {map_uid(u, secret=secret) for u in web.study_uids}
+        assert proxy.auth_seen and set(proxy.auth_seen) == {f"Bearer {proxy.require_token}"}
+        assert proxy.require_token not in m.log_text()
+    finally:
+        proxy.stop()
