@@ -29,7 +29,8 @@ from mdm_demo.localpacs import LocalOrthanc, free_port
 from mdm_demo.synth import GeneratedInstance, by_series
 from tests.conftest import remember_phi
 from tests.dicomweb_data import compressed_series, generated
-from tests.dicomweb_util import FaultProxy, make_ca
+from tests.dicomweb_util import FaultProxy
+from tests.tlsutil import make_tls
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -264,8 +265,8 @@ def test_the_mounts_token_is_sent_and_reread(web: Web, tmp_path: Path) -> None:
 def test_https_with_the_sites_ca_and_a_wrong_one(
     web: Web, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ca, cert, key = make_ca(tmp_path / "right")
-    other_ca, _, _ = make_ca(tmp_path / "wrong", name="Another CA")
+    ca, cert, key = make_tls(tmp_path / "right")
+    other_ca, _, _ = make_tls(tmp_path / "wrong", name="another")
     with FaultProxy(web.server.http_port, tls=(cert, key)) as proxy:
         good = site(proxy.url, ca_file=ca)
         assert qido_find(good, "STUDY", q(StudyInstanceUID=""))

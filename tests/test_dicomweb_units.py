@@ -46,6 +46,14 @@ def test_a_dicomweb_site(tmp_path: Path) -> None:
         == 8042
     )
     assert load_config(cfg(tmp_path, 'dicomweb = "http://[::1]/dw"\n')).site("WEB").port == 80
+    # The PACS protection of a site applies to a DICOMweb one as well.
+    paced = load_config(
+        cfg(
+            tmp_path,
+            'dicomweb = "https://gw/dw"\nretrievals_per_minute = 30\nbulk_windows = ["Sat-Sun"]\n',
+        )
+    ).site("WEB")
+    assert paced.retrievals_per_minute == 30 and paced.bulk_windows == ("Sat-Sun",)
 
 
 @pytest.mark.parametrize(
