@@ -137,6 +137,13 @@ class SiteSettings:
     """When bulk work (prefetch, ``mdm fetch``, series requests) may run (mdm.retrieval.pacing)."""
     bulk_min_objects: int = 1
     """Requests of fewer objects than this are never held by a bulk window."""
+    dicomweb: str = ""
+    """A DICOMweb (PS3.18) site: the base URL of its QIDO-RS/WADO-RS service (``https://...``;
+    ``http://`` only to a loopback address). Empty for a DIMSE site. With it, ``ae_title`` is
+    empty, ``host``/``port`` are the URL's and ``max_associations`` bounds its concurrent
+    HTTP requests (docs/DICOMWEB.md)."""
+    ca_file: Path | None = None
+    """A DICOMweb site's CA certificates (PEM); None: the system trust store."""
 
 
 @dataclass(frozen=True)
@@ -403,6 +410,60 @@ def _windows(s: _Section, key: str) -> tuple[str, ...]:
     return tuple(raw)
 
 
+def _dicomweb_site(s: _Section, name: str, bridge: BridgeSettings) -> SiteSettings:
+    """A ``[[site]]`` with ``dicomweb = URL``: checked URL, optional CA file."""
+    from ipaddress import ip_address
+    from urllib.parse import urlsplit
+
+    for key in ("ae_title", "host", "port", "retrieve", "query_model"):
+        if s.has(key):
+            raise s._err(key, "not used with dicomweb (the URL says where the site is)")
+    url = s.get_str("dicomweb").strip()
+    try:
+        u = urlsplit(url)
+        port = u.port
+        host = u.hostname or ""
+    except ValueError:
+        raise s._err("dicomweb", f"not a URL: {url!r}") from None
+    if u.scheme not in ("https", "http") or not host or u.query or u.fragment or u.username:
+        raise s._err(
+            "dicomweb", f"expected https://HOST[:PORT]/PATH (no query or user), got {url!r}"
+        )
+    if u.scheme == "http":
+        try:
+            loopback = ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if not loopback:
+            raise s._err(
+                "dicomweb", "plain http:// is allowed only to a loopback address; use https://"
+            )
+        if s.has("ca_file"):
+            raise s._err("ca_file", "only meaningful with an https:// dicomweb URL")
+    ca_file: Path | None = None
+    if s.has("ca_file"):
+        ca_file = s.path_("ca_file")
+        if not ca_file.is_file():
+            raise s._err("ca_file", f"{ca_file}: no such file")
+    site = SiteSettings(
+        name=name,
+        ae_title="",
+        host=host,
+        port=port or (443 if u.scheme == "https" else 80),
+        retrieve="wado",
+        timeout=s.duration("timeout", bridge.timeout),
+        max_associations=s.get_int("max_associations", 2, 1, 16),
+        retrievals_per_minute=s.get_int("retrievals_per_minute", 0, 0, 100_000),
+        bulk_windows=_windows(s, "bulk_windows"),
+        bulk_min_objects=s.get_int("bulk_min_objects", 1, 1, 10_000_000),
+        dicomweb=url.rstrip("/"),
+        ca_file=ca_file,
+    )
+    if site.timeout <= 0:
+        raise s._err("timeout", "must be positive")
+    return site
+
+
 _SYSLOG = re.compile(r"^((udp|tcp)://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}|unix:/\S+)$")
 _TOP = {"bridge", "cache", "site", "identity", "policy", "audit", "keys", "metrics", "gateway"}
 
@@ -503,6 +564,8 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
                 "retrievals_per_minute",
                 "bulk_windows",
                 "bulk_min_objects",
+                "dicomweb",
+                "ca_file",
             },
         )
         name = s.get_str("name")
@@ -510,6 +573,11 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
             raise ConfigError(p, f"site[{i}].name", "use letters, digits, '.', '_' or '-'")
         if any(x.name == name for x in sites):
             raise ConfigError(p, f"site[{i}].name", f"duplicate site name {name!r}")
+        if s.has("dicomweb"):
+            sites.append(_dicomweb_site(s, name, bridge))
+            continue
+        if s.has("ca_file"):
+            raise s._err("ca_file", "only meaningful with dicomweb")
         sites.append(
             SiteSettings(
                 name=name,

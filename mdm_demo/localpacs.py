@@ -30,6 +30,8 @@ from typing import Any, Self
 log = logging.getLogger(__name__)
 
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+"""Debian's ``orthanc-dicomweb``: QIDO-RS, WADO-RS and STOW-RS under ``/dicom-web/``."""
 LOOPBACK = "127.0.0.1"
 
 
@@ -111,8 +113,12 @@ class LocalOrthanc:
         scp_timeout: int = 30,
         die_with_parent: bool = False,
         extra_config: Mapping[str, Any] | None = None,
+        dicomweb: bool = False,
     ) -> None:
         """Prepare (not start) the server; ports default to free loopback ports.
+
+        ``dicomweb``: load the DICOMweb plugin (``orthanc-dicomweb``), served at
+        :attr:`dicomweb_url`.
 
         ``die_with_parent`` asks the kernel to SIGKILL Orthanc if the thread that started it
         exits (PR_SET_PDEATHSIG): use it only when starting from the main thread, as pytest
@@ -169,6 +175,9 @@ class LocalOrthanc:
             "SaveJobs": False,
             "DeidentifyLogs": True,
         }
+        if dicomweb:
+            self.config["Plugins"] = [DICOMWEB_PLUGIN]
+            self.config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "Ssl": False}
         if extra_config:
             self.config.update(extra_config)
 
@@ -289,6 +298,25 @@ class LocalOrthanc:
     def url(self) -> str:
         """Base URL of the REST API."""
         return f"http://{LOOPBACK}:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """Base URL of the DICOMweb service (with ``dicomweb=True``)."""
+        return f"{self.url}/dicom-web"
+
+    def instance_file(self, sop_uid: str) -> bytes:
+        """The stored file of an instance, byte for byte (``/instances/{id}/file``)."""
+        answer = self.request(
+            "POST",
+            "/tools/lookup",
+            sop_uid.encode(),
+            "text/plain",
+        )
+        ids = [a["ID"] for a in answer if a.get("Type") == "Instance"]
+        if not ids:
+            raise KeyError(sop_uid)
+        with urllib.request.urlopen(f"{self.url}/instances/{ids[0]}/file", timeout=60) as r:  # noqa: S310
+            return bytes(r.read())
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:

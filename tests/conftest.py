@@ -311,6 +311,7 @@ SERVICE_MODULES = frozenset(
         "test_audit_anchor",
         "test_audit_syslog",
         "test_dicom_net",
+        "test_dicomweb",
         "test_fetch_hostile",
         "test_fuzz_receiver",
         "test_keyservice",

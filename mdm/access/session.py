@@ -49,6 +49,10 @@ class Session:
 
 def open_session(config: Config, token_file: Path | None, *, audit: bool = True) -> Session:
     """Build the session of ``config``; raise a UserError (clear message, exit code) if not."""
+    from mdm.dicomweb.transport import use_token_file
+
+    # DICOMweb sites get the mount's own token (re-read per request), or none without it.
+    use_token_file(token_file if config.identity is not None else None)
     audit_log = None
     if audit and config.audit is not None:
         from mdm.audit.syslog import SyslogSink

@@ -241,12 +241,21 @@ def umount(mountpoint: Path, lazy: bool) -> None:
     help="Also retrieve one instance from each site by its retrieve mode (proves that the "
     "PACS can reach the bridge's storage SCP, or serves C-GET); nothing is stored.",
 )
-def sites(config_path: Path, as_json: bool, check_retrieve: bool) -> None:
-    """C-ECHO every site: status and round-trip time (and, with --check-retrieve, a real
-    retrieval of one instance, naming the likely cause when it fails)."""
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path),
+    default=lambda: os.environ.get("MDM_TOKEN_FILE"),
+    help="With [identity]: the JWT sent to DICOMweb sites (also $MDM_TOKEN_FILE).",
+)
+def sites(config_path: Path, as_json: bool, check_retrieve: bool, token_file: Path | None) -> None:
+    """C-ECHO every site (a QIDO-RS query for a DICOMweb site): status and round-trip time
+    (and, with --check-retrieve, a real retrieval of one instance, naming the likely cause
+    when it fails)."""
     from mdm.dicom.query import c_echo
+    from mdm.dicomweb.transport import use_token_file
 
     config = _load(config_path)
+    use_token_file(token_file if config.identity is not None else None)
 
     def echo(s: Any) -> dict[str, Any]:
         try:
@@ -258,7 +267,7 @@ def sites(config_path: Path, as_json: bool, check_retrieve: bool) -> None:
     with ThreadPoolExecutor(max_workers=max(1, len(config.sites))) as pool:
         rows = list(pool.map(echo, config.sites))
     for r, s in zip(rows, config.sites, strict=True):
-        r["ae_title"], r["address"] = s.ae_title, f"{s.host}:{s.port}"
+        r["ae_title"], r["address"] = s.ae_title, s.dicomweb or f"{s.host}:{s.port}"
     if check_retrieve:
         _check_retrieve(config, rows)
     if as_json:
@@ -282,7 +291,8 @@ def sites(config_path: Path, as_json: bool, check_retrieve: bool) -> None:
             for c in r.get("retrieve", []):
                 mark = "ok" if c["ok"] else "FAILED"
                 took = f" in {c['ms']} ms" if c["ok"] else ""
-                click.echo(f"{r['site']}: C-{c['mode'].upper()} {mark}{took}: {c['detail']}")
+                how = "WADO-RS" if c["mode"] == "wado" else f"C-{c['mode'].upper()}"
+                click.echo(f"{r['site']}: {how} {mark}{took}: {c['detail']}")
     if any(r["status"] != "up" for r in rows):
         sys.exit(1)
 

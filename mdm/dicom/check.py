@@ -97,6 +97,10 @@ def check_retrieve(
     ``listen=False``: the bridge's port is taken (a mount of this configuration runs): C-MOVE
     cannot be checked from here and is reported as such.
     """
+    if site.dicomweb:
+        from mdm.dicomweb.check import check_wado
+
+        return check_wado(site)
     modes = {"move": ["move"], "get": ["get"], "auto": ["get", "move"]}[site.retrieve]
     try:
         study, series, sop, cls = sample_instance(site, bridge)

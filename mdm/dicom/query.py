@@ -74,6 +74,10 @@ def c_echo(site: SiteSettings, bridge: BridgeSettings) -> float:
     The association set-up is not counted (it is paid once per pooled association), but it
     is bounded by the same deadline. Raises RetrieveTimeout or RetrieveError naming the site.
     """
+    if site.dicomweb:  # a DICOMweb site: a one-study QIDO-RS query is its echo
+        from mdm.dicomweb.qido import qido_echo
+
+        return qido_echo(site)
     ae = new_ae(bridge.ae_title, site.timeout, bridge.max_pdu, fast_path=bridge.fast_dicom)
     assoc = open_association(
         ae, site, contexts_for([VERIFICATION], QUERY_SYNTAXES), max_pdu=bridge.max_pdu
@@ -286,7 +290,12 @@ def find_at(
     """C-FIND one site; its failure is in the result (``error``), never raised."""
     t0 = time.monotonic()
     try:
-        found = c_find(site, bridge, level, identifier)
+        if site.dicomweb:
+            from mdm.dicomweb.qido import qido_find
+
+            found = qido_find(site, level, identifier)
+        else:
+            found = c_find(site, bridge, level, identifier)
         return SiteResult(site, found, None, time.monotonic() - t0)
     except MdmError as e:
         return SiteResult(site, [], e, time.monotonic() - t0)

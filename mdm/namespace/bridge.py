@@ -1275,7 +1275,8 @@ async def open_bridge(
                 )
                 fetcher.audit = bridge.record
                 for site in config.sites:
-                    nursery.start_soon(_warm, fetcher, retriever, site)
+                    if not site.dicomweb:  # no association to open ahead of time
+                        nursery.start_soon(_warm, fetcher, retriever, site)
                 nursery.start_soon(_flush_access_times, store)
                 refresh = getattr(session.resolver, "refresh", None)
                 if refresh is not None:

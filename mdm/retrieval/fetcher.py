@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import threading
 import time
@@ -342,6 +343,28 @@ class Fetcher:
             site.retrieve,
             lvl,
         )
+        if site.dicomweb:
+            # A DICOMweb site: WADO-RS into the same sink (checks, writers, store).
+            from mdm.dicomweb.wado import per_instance, wado_retrieve
+
+            try:
+                arrived = await trio.to_thread.run_sync(
+                    functools.partial(
+                        wado_retrieve,
+                        site,
+                        study_uid=first.study_uid,
+                        series_uid=first.series_uid,
+                        sop_uids=None if whole else per_instance(sop_uids, first.series_size),
+                        expected=remaining_sops,
+                        sink=sink,
+                        classes_of=classes_of,
+                    ),
+                    limiter=self._limiters[site.name],
+                )
+            finally:
+                await trio.to_thread.run_sync(batch.wait)
+            self._audit_retrieval(site.name, first, len(arrived & remaining_sops), len(remaining))
+            return
         # "auto": a single object (a reader waiting for its first byte) by C-GET on an open
         # association, ~7 ms; a series by C-MOVE into the receiver process, for throughput.
         # A C-GET that the PACS does not serve (association result, DIMSE status) is followed

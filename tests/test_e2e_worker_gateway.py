@@ -1,0 +1,78 @@
+"""A worker mount whose only site is the hospital gateway (``mdm gateway`` over two real
+Orthanc PACS): the DICOMweb site client end to end against the bridge's own server.
+
+The worker sends its own token; it sees exactly the gateway's answer for that principal and
+reads objects element-equal to the PACS's; a token the gateway does not grant sees nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mdm_demo.localpacs import free_port
+from tests.conftest import PacsPair
+from tests.mountutil import Mount
+from tests.test_e2e_mount import same_dataset, study_path
+from tests.test_e2e_policy import AUD, ISS, POLICY, identity_config, token
+from tests.test_gateway import start_gateway, stop_gateway
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+WORKER_POLICY = """
+[[allow]]
+id = "worker-jobs"
+description = "jobs on this worker: whatever the gateway serves them"
+principals = { groups = ["radiologists", "visitors"] }
+resources = { sites = ["NORTH"] }
+access = "identified"
+"""
+
+
+def worker_config(d: Path, idp: Path, url: str) -> Path:
+    (d / "policies").mkdir(parents=True, exist_ok=True)
+    (d / "policies" / "main.toml").write_text(WORKER_POLICY)
+    cfg = d / "mdm.toml"
+    cfg.write_text(
+        f'[bridge]\nae_title = "WORKER"\nport = {free_port()}\n'
+        f'[cache]\ndir = "{d / "cache"}"\n[keys]\nkeyring = "{d / "keyring.json"}"\n'
+        f'[identity]\nissuer = "{ISS}"\naudience = "{AUD}"\n'
+        f'public_keys = "{idp / "jwks.json"}"\n[policy]\ndir = "{d / "policies"}"\n'
+        f'[[site]]\nname = "NORTH"\ndicomweb = "{url}"\ntimeout = "20s"\n'
+    )
+    return cfg
+
+
+def test_a_worker_mount_reads_through_the_gateway(
+    orthanc_pair: PacsPair, idp: Path, tmp_path: Path
+) -> None:
+    pair = orthanc_pair
+    policy = POLICY.replace('"@COHORT@"', '"nobody"')
+    gw_dir = tmp_path / "gateway"
+    cfg = identity_config(pair, gw_dir, idp, policy)
+    port = free_port()
+    cfg.write_text(cfg.read_text() + f'\n[gateway]\nlisten = "127.0.0.1:{port}"\n')
+    proc = start_gateway(cfg, port, tmp_path / "gateway.log")
+    try:
+        url = f"http://127.0.0.1:{port}/dicom-web"
+        rad = token(idp, tmp_path / "rad.jwt", "drad", "radiologists")
+        worker = worker_config(tmp_path / "worker", idp, url)
+        with Mount(worker, tmp_path / "mnt", token_file=rad) as m:
+            mnt = m.mountpoint
+            # The gateway grants radiologists SiteA, identified: exactly that, under NORTH.
+            studies = set(os.listdir(mnt / "studies")) - {".metadata.json"}
+            assert studies == pair.a.study_uids
+            assert set(os.listdir(mnt / "sites")) - {".metadata.json"} == {"NORTH"}
+            for inst in pair.a.instances[:8]:
+                same_dataset(study_path(mnt, inst).read_bytes(), inst)
+            assert "Traceback" not in m.log_text()
+        # Another worker (its own cache: a cache's catalog is reused within its TTL by
+        # whoever mounts it, under the worker's own policy).
+        nobody = token(idp, tmp_path / "nobody.jwt", "mallory", "visitors")
+        other = worker_config(tmp_path / "worker2", idp, url)
+        with Mount(other, tmp_path / "mnt2", token_file=nobody) as m:
+            assert set(os.listdir(m.mountpoint / "studies")) - {".metadata.json"} == set()
+    finally:
+        stop_gateway(proc)
