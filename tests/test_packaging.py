@@ -208,16 +208,36 @@ def test_keyserver_unit_is_fully_sandboxed() -> None:
     assert name == "keyserver" and str(params["config_path"]) == "/etc/mdm/keyserver-inst.toml"
 
 
-def test_gateway_slot_is_commented_until_the_gateway_lands() -> None:
-    slot = UNITS / "mdm-gateway.service.in"
-    lines = [ln for ln in slot.read_text().splitlines() if ln.strip()]
-    assert all(ln.startswith("#") for ln in lines)
-    assert "SLOT" in lines[0] and "has not landed" in slot.read_text()
-    assert "gateway" not in main.commands, (
-        "`mdm gateway` has landed: turn packaging/systemd/mdm-gateway.service.in into "
-        "mdm-gateway.service and verify it here with the other units"
-    )
-    assert not (UNITS / "mdm-gateway.service").exists()
+def test_gateway_unit_is_fully_sandboxed() -> None:
+    u = read_unit(UNITS / "mdm-gateway.service")
+    assert one(u, "Service", "User") == "mdm"
+    for key, value in {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "ProtectHome": "yes",
+        "CapabilityBoundingSet": "",
+        "AmbientCapabilities": "",
+        "RestrictSUIDSGID": "yes",
+        "UMask": "0077",
+        "LimitCORE": "0",
+        "Restart": "on-failure",
+    }.items():
+        assert one(u, "Service", key) == value, key
+    writable = one(u, "Service", "ReadWritePaths").split()
+    assert sorted(writable) == [
+        "/var/cache/mdm/gateway",
+        "/var/lib/mdm/gateway",
+        "/var/log/mdm/gateway",
+    ]
+    dirs = tmpfiles()
+    for d in writable:
+        assert dirs[d] == ("0700", "mdm", "mdm")
+    start = exec_argv(one(u, "Service", "ExecStart"))
+    assert start[0] == INSTALLED_MDM
+    name, params = parse_with_mdm(start[1:])
+    assert name == "gateway" and str(params["config_path"]) == "/etc/mdm/gateway.toml"
 
 
 def test_sysusers_and_tmpfiles() -> None:
@@ -358,7 +378,9 @@ def units_here(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("instance", ["mdm-mount@site1.service", "mdm-keyserver@1.service"])
+@pytest.mark.parametrize(
+    "instance", ["mdm-mount@site1.service", "mdm-keyserver@1.service", "mdm-gateway.service"]
+)
 def test_systemd_analyze_verify(units_here: Path, instance: str) -> None:
     tool = _systemd_tool("systemd-analyze")
     res = subprocess.run(
@@ -372,7 +394,12 @@ def test_systemd_analyze_verify(units_here: Path, instance: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("instance", "at_most"), [("mdm-keyserver@1.service", 2.0), ("mdm-mount@site1.service", 7.0)]
+    ("instance", "at_most"),
+    [
+        ("mdm-keyserver@1.service", 2.0),
+        ("mdm-gateway.service", 2.0),
+        ("mdm-mount@site1.service", 7.0),
+    ],
 )
 def test_systemd_analyze_security(units_here: Path, instance: str, at_most: float) -> None:
     """systemd's exposure score (0 best, 10 worst), computed offline. The mount cannot take
