@@ -76,3 +76,42 @@ def test_a_worker_mount_reads_through_the_gateway(
             assert set(os.listdir(m.mountpoint / "studies")) - {".metadata.json"} == set()
     finally:
         stop_gateway(proc)
+
+
+def test_two_workers_one_retrieval_then_the_pacs_can_go(
+    orthanc_pair_private: PacsPair, idp: Path, tmp_path: Path
+) -> None:
+    """Two worker mounts (separate processes and caches) read the same objects through one
+    gateway; the second reads after both PACS have been stopped: one retrieval served both.
+    A third, ungranted token sees nothing."""
+    pair = orthanc_pair_private
+    policy = POLICY.replace('"@COHORT@"', '"nobody"')
+    cfg = identity_config(pair, tmp_path / "gateway", idp, policy)
+    port = free_port()
+    cfg.write_text(cfg.read_text() + f'\n[gateway]\nlisten = "127.0.0.1:{port}"\n')
+    proc = start_gateway(cfg, port, tmp_path / "gateway.log")
+    try:
+        url = f"http://127.0.0.1:{port}/dicom-web"
+        rad = token(idp, tmp_path / "rad.jwt", "drad", "radiologists")
+        wanted = pair.a.instances
+        assert wanted
+        first = worker_config(tmp_path / "w1", idp, url)
+        second = worker_config(tmp_path / "w2", idp, url)
+        with Mount(first, tmp_path / "mnt1", token_file=rad) as m1:
+            for inst in wanted:
+                same_dataset(study_path(m1.mountpoint, inst).read_bytes(), inst)
+        with Mount(second, tmp_path / "mnt2", token_file=rad) as m2:
+            names = set(os.listdir(m2.mountpoint / "studies")) - {".metadata.json"}
+            assert names == pair.a.study_uids
+            for inst in wanted:  # listed while the PACS ran: the gateway's catalog
+                os.listdir(study_path(m2.mountpoint, inst).parent)
+            pair.a.server.stop()
+            pair.b.server.stop()
+            for inst in wanted:
+                same_dataset(study_path(m2.mountpoint, inst).read_bytes(), inst)
+        nobody = token(idp, tmp_path / "nobody.jwt", "mallory", "visitors")
+        third = worker_config(tmp_path / "w3", idp, url)
+        with Mount(third, tmp_path / "mnt3", token_file=nobody) as m3:
+            assert set(os.listdir(m3.mountpoint / "studies")) - {".metadata.json"} == set()
+    finally:
+        stop_gateway(proc)
