@@ -177,13 +177,11 @@ def _resource_mismatches(rule: Rule, r: _Res, first_only: bool) -> list[str]:
 
 @dataclass(frozen=True)
 class PolicyDecision(Decision):
-    """A :class:`Decision` that also names the policy version that made it.
+    """A :class:`Decision` of a policy file set; its ``version`` names the policy in force.
 
     The audit trail records the version in force with each decision; reading it from the
     decision (not from the resolver afterwards) is exact even when a reload happens in between.
     """
-
-    version: str = ""
 
 
 @dataclass(frozen=True)
