@@ -24,7 +24,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from mdm.access.decide import AccessLevel, Decision, Resource
-from mdm.access.identity import Principal
+from mdm.access.identity import RESERVED_CLAIMS, Principal
 from mdm.policy.model import Problem, Rule
 
 DEFAULT_DENY = "default-deny"
@@ -420,8 +420,3 @@ def explain_lines(exp: Explanation) -> Sequence[str]:
         out.append(f"{_STATUS[o.status]:<11} {o.rule.effect} {o.rule.id}")
         out.extend(f"    {why}" for why in o.reasons)
     return out
-
-
-# Registered claims that become Principal fields (or were checked) when a token is verified;
-# they are not in Principal.claims, so a rule cannot match on them through ``claims``.
-RESERVED_CLAIMS = frozenset({"sub", "iss", "aud", "exp", "nbf", "iat", "groups"})
