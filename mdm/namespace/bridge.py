@@ -329,4 +329,4 @@ async def _refresh_policy(refresh: Callable[[], object]) -> None:
             log.exception("policy reload check failed")
 
 
-__all__ = ["Bridge", "Entry", "Node", "OpenFile", "Principal", "Services", "open_bridge"]
+__all__ = ["Acting", "Bridge", "Entry", "Node", "OpenFile", "Services", "open_bridge"]

@@ -13,7 +13,9 @@ Neither cache grants anything. The alias table only says which original a remapp
 stand for; a name resolves only if the asking principal's own view of that original gives
 exactly that name (``*_named`` check it), so a principal never resolves a name its view would
 not produce, whoever taught the table the alias. A name that exists but is hidden costs the
-same work as a missing one and is NotFound alike (:meth:`Names.conceal`).
+same work as a missing one and is NotFound alike (:meth:`Names.conceal`); the negative cache
+remembers a hidden name for the principal it was hidden from only, so one principal's failed
+lookups never hide another's names.
 """
 
 from __future__ import annotations
@@ -142,14 +144,29 @@ class Names:
         raise NotFound(name)
 
     # ------------------------------------------------------------------ studies and below
-    async def conceal(self, kind: str, name: str, work: Callable[[], Awaitable[Any]]) -> NoReturn:
-        """NotFound for a name that exists but is hidden, after the same ``work`` a name that
-        exists nowhere costs (then the negative cache, as for a missing name): timing tells
-        the two apart no better than the answer does."""
-        if not self.sync.negative_hit(kind, name):
+    @staticmethod
+    def _hidden(principal: Principal, name: str) -> str:
+        """The negative-cache key of a name hidden from ``principal`` (and only from it: a
+        name another principal failed to resolve must not become NotFound for its owner)."""
+        return f"{name}\0{principal.label()}\0{','.join(principal.groups)}"
+
+    def _missing(self, kind: str, principal: Principal, name: str) -> bool:
+        """Whether ``name`` was lately found missing (for all) or hidden (from ``principal``)."""
+        return self.sync.negative_hit(kind, name) or self.sync.negative_hit(
+            kind, self._hidden(principal, name)
+        )
+
+    async def conceal(
+        self, kind: str, principal: Principal, name: str, work: Callable[[], Awaitable[Any]]
+    ) -> NoReturn:
+        """NotFound for a name that exists but is hidden from ``principal``, after the same
+        ``work`` a name that exists nowhere costs (then the negative cache, as for a missing
+        name): timing tells the two apart no better than the answer does."""
+        key = self._hidden(principal, name)
+        if not self.sync.negative_hit(kind, key):
             # Its errors too: with every site down a missing name is EIO, so a hidden one is.
             await work()
-            self.sync.remember_missing(kind, name)
+            self.sync.remember_missing(kind, key)
         raise NotFound(name)
 
     async def learn_studies(self, principal: Principal) -> None:
@@ -162,7 +179,7 @@ class Names:
 
     async def study_named(self, principal: Principal, name: str) -> tuple[Record, Decision]:
         """The study ``principal``'s view names ``name``, and the decision on it."""
-        if self.sync.negative_hit("study", name):
+        if self._missing("study", principal, name):
             raise NotFound(name)
         if name not in self.aliases and name.startswith("2.25."):
             # Perhaps a remapped UID never listed here: the listing teaches the aliases.
@@ -174,14 +191,14 @@ class Names:
         if not self.gate.visible(d) or self.name(self.view(d), study.uid) != name:
             # A study never listed was just looked up by the same C-FIND a missing one costs.
             work = (lambda: self.sync.query_study(study.uid)) if known else _none
-            await self.conceal("study", name, work)
+            await self.conceal("study", principal, name, work)
         return study, d
 
     async def series_named(
         self, principal: Principal, study: Record, name: str
     ) -> tuple[Record, Decision]:
         """Series ``name`` (as ``principal``'s view names it) of ``study``, and the decision."""
-        if self.sync.negative_hit("series", name):
+        if self._missing("series", principal, name):
             raise NotFound(name)
         if name not in self.aliases and name.startswith("2.25."):
             await self.sync.ensure_series(study)
@@ -190,7 +207,7 @@ class Names:
         series = await self.sync.series(study, self.aliases.original(name))
         d = self.gate.decide(principal, study, series)
         if not self.gate.visible(d) or self.name(self.view(d), series.uid) != name:
-            await self.conceal("series", name, lambda: self.sync.ensure_series(study))
+            await self.conceal("series", principal, name, lambda: self.sync.ensure_series(study))
         return series, d
 
     async def instance_named(self, study: Record, series: Record, name: str, v: View) -> Record:
