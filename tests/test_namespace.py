@@ -179,6 +179,11 @@ def test_deidentified_view_and_its_aliases(
         meta = json.loads(b.metadata(await b.resolve((*path, ".metadata.json"))))
         assert meta["access"] == "deidentified"
         assert i.patient_id not in json.dumps(meta)
+        # /browse shows the view's date and no description, then the remapped UID.
+        pname = pseudonym(i.patient_id, secret=secret)
+        (sname,) = [n for n in names(await b.listdir(("browse", pname))) if path[1] in n]
+        assert sname.endswith("_" + path[1]) and sname.count("_") == 1
+        assert (await b.lookup(("browse", pname, sname))).is_dir
         for original in (
             ("studies", i.study_uid),
             ("patients", i.patient_id),
