@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from mdm.access.views import NON_PHI
 from mdm.cli.main import main
-from mdm.namespace.bridge import NON_PHI
 from mdm_demo.synth import TRIAL_PROTOCOL
 from tests.conftest import PacsPair
 from tests.mountutil import Mount, mdm

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 
+from mdm.access.views import View
 from mdm.namespace.names import is_uid, safe_name, uid_name
+from mdm.namespace.naming import AliasTable
 
 HOSTILE = [
     "../../etc/passwd",
@@ -46,24 +48,20 @@ def test_plain_names_unchanged() -> None:
     assert uid_name("../1.2") != "../1.2"
 
 
-def test_remapped_uid_aliases_are_bounded(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """A de-identified mount remembers remapped UIDs to resolve them back, oldest out first
-    past a bound (a forgotten one is found again by listing its parent)."""
-    from collections import OrderedDict
-
-    import mdm.namespace.bridge
-    from mdm.access.views import View
-    from mdm.namespace.bridge import Bridge
-
-    monkeypatch.setattr(mdm.namespace.bridge, "MAX_ALIASES", 20)
-    bridge = Bridge.__new__(Bridge)
-    bridge._aliases = OrderedDict()
+def test_alias_table_is_bounded() -> None:
+    """Remapped UIDs are remembered to resolve them back, oldest out first past a bound (a
+    forgotten one is found again by listing its parent)."""
+    table = AliasTable(limit=20)
     view = View("deidentified", "trial", b"k" * 32)
     uids = [f"1.2.3.{i}" for i in range(50)]
-    names = [bridge._name(view, u) for u in uids]
-    assert all(n.startswith("2.25.") and n != u for n, u in zip(names, uids, strict=True))
-    assert len(bridge._aliases) <= 20
-    assert bridge._original(names[-1]) == uids[-1]  # the newest still resolve directly
-    assert bridge._original(names[0]) == names[0]  # the oldest are gone: listing finds them
-    assert bridge._name(view, uids[0]) == names[0]  # and the mapping is the same again
-    assert bridge._original(names[0]) == uids[0]
+    shown = [view.uid_name(u) for u in uids]
+    for n, u in zip(shown, uids, strict=True):
+        table.learn(n, u)
+    assert all(n.startswith("2.25.") and n != u for n, u in zip(shown, uids, strict=True))
+    assert len(table) <= 20
+    assert table.original(shown[-1]) == uids[-1]  # the newest still resolve directly
+    assert table.original(shown[0]) == shown[0]  # the oldest are gone: listing finds them
+    table.learn(shown[0], uids[0])
+    assert table.original(shown[0]) == uids[0]
+    table.learn("1.2.3", "1.2.3")  # a name shown as it is needs no alias
+    assert "1.2.3" not in table

@@ -65,6 +65,9 @@ class Decision:
     level: AccessLevel
     rule: str
     reason: str = ""
+    version: str = ""
+    """The version of the policy that made it ("" for the embedded resolver); audit records
+    take it from the decision, which is exact even when a reload happens in between."""
 
 
 class AccessResolver(Protocol):
@@ -78,6 +81,10 @@ class AccessResolver(Protocol):
 
     def deid_of(self, rule_id: str) -> Mapping[str, Any] | None:
         """The ``[allow.deid]`` table of a rule (None: defaults, or no such rule)."""
+        ...
+
+    def refresh(self) -> bool:
+        """Pick up an edited policy now (off the event loop); True if a new one is in force."""
         ...
 
 
@@ -95,6 +102,10 @@ class LocalAdminResolver:
 
     def deid_of(self, rule_id: str) -> Mapping[str, Any] | None:
         return None
+
+    def refresh(self) -> bool:
+        """Nothing to reload: the embedded resolver has no policy files."""
+        return False
 
 
 def resource_of(

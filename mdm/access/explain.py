@@ -12,21 +12,17 @@ from pathlib import PurePosixPath
 from pydicom.dataset import Dataset
 
 from mdm.access.decide import Resource, resource_of
+from mdm.catalog.attrs import IMAGE_KEYS, SERIES_KEYS, STUDY_KEYS, dataset_attrs, query_dataset
 from mdm.config import Config
 from mdm.dicom.query import fan_out
 from mdm.errors import NotFound, UserError
-from mdm.namespace.bridge import (
-    IMAGE_KEYS,
-    SERIES_KEYS,
-    STUDY_KEYS,
-    TOP,
-    dataset_attrs,
-    query_dataset,
-)
 from mdm.namespace.names import is_uid
+from mdm.namespace.tree import TOP
 
 
-def _find(config: Config, level: str, q: Dataset) -> list[tuple[str, Dataset]]:
+def find_all(config: Config, level: str, q: Dataset) -> list[tuple[str, Dataset]]:
+    """(site, answer) of a C-FIND at every site at once (``query.fan_out``), failures left
+    out: for commands without a mount (``policy explain``, ``reidentify``)."""
     out = []
     for r in fan_out(config.sites, config.bridge, level, q):
         for ds in r.datasets if r.error is None else []:
@@ -74,7 +70,7 @@ def resource_for(config: Config, target: str) -> Resource:
             ("SERIES", "SeriesInstanceUID", SERIES_KEYS),
             ("IMAGE", "SOPInstanceUID", IMAGE_KEYS),
         ):
-            hits = _find(config, level, query_dataset(level, keys, **{key: uid}))
+            hits = find_all(config, level, query_dataset(level, keys, **{key: uid}))
             if hits:
                 ds = hits[0][1]
                 study = str(ds.get("StudyInstanceUID", ""))
@@ -86,7 +82,7 @@ def resource_for(config: Config, target: str) -> Resource:
         else:
             raise NotFound(f"no site holds {uid}")
     assert study is not None
-    hits = _find(config, "STUDY", query_dataset("STUDY", STUDY_KEYS, StudyInstanceUID=study))
+    hits = find_all(config, "STUDY", query_dataset("STUDY", STUDY_KEYS, StudyInstanceUID=study))
     if not hits:
         raise NotFound(f"no site holds study {study}")
     attrs = dataset_attrs(hits[0][1], STUDY_KEYS)
@@ -94,7 +90,7 @@ def resource_for(config: Config, target: str) -> Resource:
     sattrs = None
     if series:
         q = query_dataset("SERIES", SERIES_KEYS, StudyInstanceUID=study, SeriesInstanceUID=series)
-        shits = _find(config, "SERIES", q)
+        shits = find_all(config, "SERIES", q)
         if not shits:
             raise NotFound(f"no site holds series {series}")
         sites = {s for s, _ in shits}

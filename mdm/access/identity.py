@@ -361,8 +361,10 @@ def _parse_groups(value: object) -> tuple[str, ...]:
     raise InvalidToken("claim 'groups' must be a list of strings or a string", "claims")
 
 
-# Claims that become Principal fields or were checked; everything else stays in ``claims``.
-_CONSUMED = frozenset({"sub", "iss", "aud", "exp", "nbf", "iat", "groups"})
+RESERVED_CLAIMS = frozenset({"sub", "iss", "aud", "exp", "nbf", "iat", "groups"})
+"""Registered claims that become Principal fields (or were checked) when a token is verified;
+everything else stays in ``Principal.claims``, so a policy rule cannot match on these through
+``claims`` (``mdm policy check`` says so) and the token issuer sets them itself."""
 
 
 class TokenVerifier:
@@ -492,7 +494,7 @@ def principal_from_claims(claims: Mapping[str, Any], *, verified: bool = False) 
         sub=str(claims.get("sub", "")),
         issuer=str(claims.get("iss", "")),
         groups=groups,
-        claims={k: v for k, v in claims.items() if k not in _CONSUMED},
+        claims={k: v for k, v in claims.items() if k not in RESERVED_CLAIMS},
         admin=False,
         expires=float(claims["exp"]) if verified else math.inf,
     )

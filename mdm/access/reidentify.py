@@ -12,12 +12,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from mdm.access.decide import AccessLevel, Resource, resource_of
-from mdm.access.explain import _find
+from mdm.access.explain import find_all
 from mdm.access.session import Session
+from mdm.catalog.attrs import IMAGE_KEYS, SERIES_KEYS, STUDY_KEYS, dataset_attrs, query_dataset
 from mdm.config import Config
 from mdm.deid import map_uid, pseudonym
 from mdm.errors import NotFound
-from mdm.namespace.bridge import IMAGE_KEYS, SERIES_KEYS, STUDY_KEYS, dataset_attrs, query_dataset
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Match:
 
 def _studies(config: Config) -> Iterator[tuple[set[str], dict[str, str]]]:
     by_uid: dict[str, tuple[set[str], dict[str, str]]] = {}
-    for site, ds in _find(config, "STUDY", query_dataset("STUDY", STUDY_KEYS)):
+    for site, ds in find_all(config, "STUDY", query_dataset("STUDY", STUDY_KEYS)):
         a = dataset_attrs(ds, STUDY_KEYS)
         uid = a.get("StudyInstanceUID", "")
         if uid:
@@ -57,12 +57,12 @@ def find_original(config: Config, secret: bytes, value: str) -> list[Match]:
         st = a["StudyInstanceUID"]
         res = resource_of(sites, a)
         q = query_dataset("SERIES", SERIES_KEYS, StudyInstanceUID=st)
-        for _site, ds in _find(config, "SERIES", q):
+        for _site, ds in find_all(config, "SERIES", q):
             se = str(ds.get("SeriesInstanceUID", ""))
             if map_uid(se, secret=secret) == value:
                 return [Match("series", se, st, res)]
             qi = query_dataset("IMAGE", IMAGE_KEYS, StudyInstanceUID=st, SeriesInstanceUID=se)
-            for _s, di in _find(config, "IMAGE", qi):
+            for _s, di in find_all(config, "IMAGE", qi):
                 sop = str(di.get("SOPInstanceUID", ""))
                 if map_uid(sop, secret=secret) == value:
                     return [Match("instance", sop, st, res)]
@@ -88,7 +88,7 @@ def reidentify(config: Config, session: Session, secret: bytes, value: str) -> l
                 decision="allow" if ok else "deny",
                 resource={"study_uid": m.study_uid, "level": m.kind},
                 rule=d.rule,
-                policy=getattr(d, "version", "") or session.resolver.version(),
+                policy=d.version or session.resolver.version(),
             )
         if ok:
             allowed.append(m)

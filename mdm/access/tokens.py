@@ -20,13 +20,13 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from mdm.access.identity import jwk_thumbprint, public_jwk
+from mdm.access.identity import RESERVED_CLAIMS, jwk_thumbprint, public_jwk
 from mdm.errors import UserError
 
 KEY_NAME = "signing-key.pem"
 JWKS_NAME = "jwks.json"
-# Claims the issuer sets itself; --claim may not override them.
-RESERVED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "groups"})
+ISSUER_CLAIMS = RESERVED_CLAIMS | {"jti"}
+"""Claims the issuer sets itself; --claim may not override them."""
 SigningKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
@@ -124,7 +124,7 @@ def parse_claim(text: str) -> tuple[str, Any]:
     name = name.strip()
     if not name:
         raise UserError(f"--claim {text!r}: empty claim name")
-    if name in RESERVED_CLAIMS:
+    if name in ISSUER_CLAIMS:
         raise UserError(f"--claim {name}: set by the issuer (use --sub/--groups/--ttl)")
     return name, value
 

@@ -22,6 +22,23 @@ from mdm.errors import AccessDenied
 from mdm.namespace.names import safe_name, uid_name
 
 DEID_KEYS = {f for f in DeidOptions.__dataclass_fields__}
+# Attributes that are not PHI: shown in .metadata.json (and by ``find``) below the identified
+# level.
+NON_PHI = {
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "Modality",
+    "ModalitiesInStudy",
+    "SeriesNumber",
+    "InstanceNumber",
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+    "NumberOfSeriesRelatedInstances",
+    "BodyPartExamined",
+    "ClinicalTrialProtocolID",
+}
 
 
 @dataclass(frozen=True)

@@ -1,2 +1,2 @@
-"""What the federation holds: C-FIND answers kept as records (``records``), with single-flight
-refreshes (``flight``)."""
+"""What the federation holds: C-FIND answers (``attrs``) kept as records (``records``), listed
+and looked up by ``sync`` with single-flight refreshes (``flight``)."""

@@ -1,25 +1,24 @@
 """The federation as each request's principal sees it: one shared core, a handle per principal.
 
-The catalog, the store, the fetcher (with its per-site limits and single-flight retrieval)
-and the policy are the gateway's, shared by every request; what a principal sees is decided
-by the same namespace code a mount runs (:class:`mdm.namespace.bridge.Bridge`), bound to the
-principal of the request's verified token. Any number of clients asking for one object cause
-one retrieval from the PACS.
+The catalog, the store, the fetcher (with its per-site limits and single-flight retrieval),
+the view cache, the alias table and the policy are the gateway's, shared by every request;
+what a principal sees is decided by the same namespace services a mount runs
+(:meth:`mdm.namespace.bridge.Services.as_principal`), bound to the principal of the request's
+verified token. Any number of clients asking for one object cause one retrieval from the
+PACS.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from mdm.access.identity import InvalidToken, Principal, TokenVerifier
-from mdm.access.session import Session
-from mdm.namespace.bridge import METADATA, NON_PHI, Bridge, OpenFile
-
-MAX_HANDLES = 256
-"""Principals whose handles (view cache, aliases) are kept; the oldest go first."""
+from mdm.access.views import NON_PHI
+from mdm.errors import AccessDenied
+from mdm.namespace.bridge import Acting, Bridge, OpenFile
+from mdm.namespace.naming import METADATA
 
 
 @dataclass(frozen=True)
@@ -31,14 +30,14 @@ class Row:
 
 
 class _Holder:
-    """The principal of the latest request of one identity (its expiry checked on use)."""
+    """The principal of one request (its expiry checked on use, as a mount's token is)."""
 
     def __init__(self, p: Principal) -> None:
         self.p = p
 
     def __call__(self) -> Principal:
         if self.p.expires < time.time():
-            raise InvalidToken("token expired", "expired")
+            raise AccessDenied("no valid token: token expired")
         return self.p
 
 
@@ -48,7 +47,6 @@ class Federation:
     def __init__(self, base: Bridge, verifier: TokenVerifier) -> None:
         self.base = base
         self.verifier = verifier
-        self._handles: OrderedDict[tuple[str, ...], tuple[_Holder, Bridge]] = OrderedDict()
 
     def principal_of(self, authorization: str | None) -> Principal:
         """The principal of an ``Authorization: Bearer`` header; InvalidToken otherwise."""
@@ -59,32 +57,11 @@ class Federation:
             raise InvalidToken("expected Authorization: Bearer <token>", "missing")
         return self.verifier.verify(token.strip())
 
-    def bridge_for(self, p: Principal) -> Bridge:
-        """The namespace as ``p`` sees it (shares the catalog, store and fetcher)."""
-        key = (
-            p.issuer,
-            p.sub,
-            ",".join(p.groups),
-            json.dumps(p.claims, sort_keys=True, default=str),
-        )
-        got = self._handles.get(key)
-        if got is not None:
-            got[0].p = p
-            self._handles.move_to_end(key)
-            return got[1]
-        b = self.base
-        holder = _Holder(p)
-        session = Session(holder, b.resolver, b.audit, False)
-        bridge = Bridge(
-            b.config, session, catalog=b.catalog, store=b.store, fetcher=b.fetcher, keys=b.keys
-        )
-        bridge.audit_state = b.audit_state
-        self._handles[key] = (holder, bridge)
-        while len(self._handles) > MAX_HANDLES:
-            self._handles.popitem(last=False)
-        return bridge
+    def bridge_for(self, p: Principal) -> Acting:
+        """The namespace as ``p`` sees it: a handle on the shared services (cheap)."""
+        return self.base.as_principal(_Holder(p))
 
-    async def _rows(self, b: Bridge, path: tuple[str, ...]) -> list[Row]:
+    async def _rows(self, b: Acting, path: tuple[str, ...]) -> list[Row]:
         out = []
         for e in await b.listdir(path):
             if e.name == METADATA:
@@ -126,4 +103,4 @@ class Federation:
         b = self.bridge_for(p)
         node = await b.resolve(("studies", study, series))
         assert node.study is not None and node.series is not None and node.view is not None
-        b.fetcher.prefetch(await b.series_targets(node.study, node.series))
+        self.base.fetcher.prefetch(await b.series_targets(node.study, node.series))

@@ -419,7 +419,7 @@ class KeyServiceApp:
         need = _needed_level(parse_scope(label).level, view)
         decision = self.resolver.decide(principal, resource)
         metrics.POLICY_DECISIONS.labels("object", decision.level.label).inc()
-        version = getattr(decision, "version", "") or self.resolver.version()
+        version = decision.version or self.resolver.version()
         why = ""
         if decision.level < need:
             why = f"{decision.level.label} access by rule {decision.rule}, {need.label} needed"

@@ -1,2 +1,3 @@
-"""The protocol-neutral namespace both front ends use: names and views, path resolution,
-listings, metadata, opens and reads, ``find``."""
+"""The protocol-neutral namespace both front ends use: names and views (``naming``), path
+resolution, listings and metadata (``tree``), opens and reads (``reads``), ``find``, and the
+wiring of the core services with the mount's facade (``bridge``)."""

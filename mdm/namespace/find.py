@@ -32,11 +32,11 @@ from pydicom.dataset import Dataset
 from mdm.access.decide import AccessLevel, AccessResolver, Decision, resource_of
 from mdm.access.identity import Principal
 from mdm.access.session import Session
-from mdm.access.views import View, view_of
+from mdm.access.views import NON_PHI, View, view_of
+from mdm.catalog.attrs import PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS, dataset_attrs, query_dataset
 from mdm.config import Config, SiteSettings
 from mdm.dicom.query import fan_out
 from mdm.errors import UsageError
-from mdm.namespace.bridge import NON_PHI, SERIES_KEYS, STUDY_KEYS, dataset_attrs, query_dataset
 
 FIND_KEYS: dict[str, list[str]] = {
     "PATIENT": ["PatientID", "PatientName", "PatientBirthDate", "PatientSex"],
@@ -72,7 +72,6 @@ UNIQUE = {
     "SERIES": "SeriesInstanceUID",
     "IMAGE": "SOPInstanceUID",
 }
-PATIENT_KEYS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex")
 NARROW_MAX = 64
 """Above this many named studies or series, one federation-wide C-FIND is cheaper than one
 query per parent."""

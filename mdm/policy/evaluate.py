@@ -24,7 +24,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from mdm.access.decide import AccessLevel, Decision, Resource
-from mdm.access.identity import Principal
+from mdm.access.identity import RESERVED_CLAIMS, Principal
 from mdm.policy.model import Problem, Rule
 
 DEFAULT_DENY = "default-deny"
@@ -177,13 +177,11 @@ def _resource_mismatches(rule: Rule, r: _Res, first_only: bool) -> list[str]:
 
 @dataclass(frozen=True)
 class PolicyDecision(Decision):
-    """A :class:`Decision` that also names the policy version that made it.
+    """A :class:`Decision` of a policy file set; its ``version`` names the policy in force.
 
     The audit trail records the version in force with each decision; reading it from the
     decision (not from the resolver afterwards) is exact even when a reload happens in between.
     """
-
-    version: str = ""
 
 
 @dataclass(frozen=True)
@@ -422,8 +420,3 @@ def explain_lines(exp: Explanation) -> Sequence[str]:
         out.append(f"{_STATUS[o.status]:<11} {o.rule.effect} {o.rule.id}")
         out.extend(f"    {why}" for why in o.reasons)
     return out
-
-
-# Registered claims that become Principal fields (or were checked) when a token is verified;
-# they are not in Principal.claims, so a rule cannot match on them through ``claims``.
-RESERVED_CLAIMS = frozenset({"sub", "iss", "aud", "exp", "nbf", "iat", "groups"})

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from mdm.access.decide import AccessLevel
-from mdm.policy.evaluate import RESERVED_CLAIMS, Policy, normalize_now
+from mdm.access.identity import RESERVED_CLAIMS
+from mdm.policy.evaluate import Policy, normalize_now
 from mdm.policy.model import Advice, Effect, PolicyError, Problem, Rule
 
 TESTS_SUBDIR = "tests"
