@@ -6,6 +6,7 @@ CLI turns :class:`~mdm.errors.ConfigError` into exit code 2.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -144,6 +145,30 @@ class SiteSettings:
     HTTP requests (docs/DICOMWEB.md)."""
     ca_file: Path | None = None
     """A DICOMweb site's CA certificates (PEM); None: the system trust store."""
+    max_results: int = 0
+    """The site's C-FIND/QIDO result cap, if it has one (0: none known). An answer of exactly
+    this many matches is taken as cut off: the listing is marked incomplete."""
+
+
+COLLECTION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class CollectionSettings:
+    """One ``[[collection]]``: a named cohort, by C-FIND keys or by a manifest of UIDs."""
+
+    name: str
+    match: tuple[tuple[str, str], ...] = ()
+    """(DICOM keyword, C-FIND matching value): study-level keys go to every site's study
+    C-FIND; series-level keys (Modality, SeriesDescription, BodyPartExamined) select series."""
+    manifest: Path | None = None
+    """A file of UIDs at any level (one per line, CSV with UID columns, ``mdm find --json``)."""
+    pin: bool = False
+    """Keep the collection's cached objects out of eviction."""
+    principals: tuple[str, ...] | None = None
+    """Who may use it (subjects, or ``group:NAME``); None: whoever sees any of it."""
+    source: Path | None = None
+    """The file that defines it (mdm.toml or a file of the collections directory)."""
 
 
 @dataclass(frozen=True)
@@ -284,12 +309,20 @@ class Config:
     audit: AuditSettings | None = None
     metrics: MetricsSettings | None = None
     gateway: GatewaySettings | None = None
+    collections: tuple[CollectionSettings, ...] = ()
 
     def site(self, name: str) -> SiteSettings:
         """The site called ``name`` (KeyError if there is none)."""
         for s in self.sites:
             if s.name == name:
                 return s
+        raise KeyError(name)
+
+    def collection(self, name: str) -> CollectionSettings:
+        """The collection called ``name`` (KeyError if there is none)."""
+        for c in self.collections:
+            if c.name == name:
+                return c
         raise KeyError(name)
 
 
@@ -465,7 +498,93 @@ def _dicomweb_site(s: _Section, name: str, bridge: BridgeSettings) -> SiteSettin
 
 
 _SYSLOG = re.compile(r"^((udp|tcp)://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}|unix:/\S+)$")
-_TOP = {"bridge", "cache", "site", "identity", "policy", "audit", "keys", "metrics", "gateway"}
+_TOP = {
+    "bridge",
+    "cache",
+    "site",
+    "identity",
+    "policy",
+    "audit",
+    "keys",
+    "metrics",
+    "gateway",
+    "collection",
+    "collections",
+}
+_COLLECTION_KEYS = {"name", "match", "manifest", "pin", "principals"}
+
+
+def _collection(p: Path, prefix: str, table: Any) -> CollectionSettings:
+    if not isinstance(table, dict):
+        raise ConfigError(p, prefix, "expected a [[collection]] table")
+    c = _Section(p, prefix, table, _COLLECTION_KEYS)
+    name = c.get_str("name")
+    if not COLLECTION_NAME_RE.match(name):
+        raise c._err("name", "letters, digits, '.', '_' and '-' only (a directory name)")
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    match: list[tuple[str, str]] = []
+    raw = table.get("match")
+    if raw is not None:
+        if not isinstance(raw, dict) or not raw:
+            raise c._err("match", "expected a table of DICOM keyword = matching value")
+        for k, v in raw.items():
+            tag = tag_for_keyword(str(k))
+            if tag is None or dictionary_VR(tag) == "SQ":
+                raise c._err(f"match.{k}", "not a DICOM keyword of a matching key")
+            if not isinstance(v, str) or not v.strip():
+                raise c._err(f"match.{k}", "expected a non-empty string")
+            match.append((str(k), v.strip()))
+    manifest = c.path_("manifest") if c.has("manifest") else None
+    if bool(match) == (manifest is not None):
+        raise ConfigError(p, prefix, "give exactly one of match = {...} or manifest = FILE")
+    principals = None
+    if "principals" in table:
+        pr = table["principals"]
+        if not isinstance(pr, list) or not all(isinstance(x, str) and x for x in pr):
+            raise c._err("principals", "expected a list of subjects or group:NAME")
+        principals = tuple(pr)
+    return CollectionSettings(
+        name=name,
+        match=tuple(sorted(match)),
+        manifest=manifest,
+        pin=c.get_bool("pin", False),
+        principals=principals,
+        source=p,
+    )
+
+
+def collections_from(p: Path, data: Mapping[str, Any]) -> tuple[CollectionSettings, ...]:
+    """``[[collection]]`` of mdm.toml, then those of ``*.toml`` under ``[collections] dir``."""
+    out: list[CollectionSettings] = []
+    raw = data.get("collection", [])
+    if not isinstance(raw, list):
+        raise ConfigError(p, "collection", "expected [[collection]] tables")
+    out += [_collection(p, f"collection[{i}]", t) for i, t in enumerate(raw)]
+    ctab = data.get("collections")
+    if ctab is not None:
+        if not isinstance(ctab, dict):
+            raise ConfigError(p, "collections", "expected a table")
+        cs = _Section(p, "collections", ctab, {"dir"})
+        d = cs.path_("dir")
+        if not d.is_dir():
+            raise cs._err("dir", f"{d} is not a directory")
+        for f in sorted(d.glob("*.toml")):
+            try:
+                fdata = tomllib.loads(f.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+                raise ConfigError(f, None, f"cannot read: {e}") from None
+            ftop = _Section(f, "", fdata, {"collection"})
+            fraw = fdata.get("collection", [])
+            if not isinstance(fraw, list):
+                raise ftop._err("collection", "expected [[collection]] tables")
+            out += [_collection(f, f"collection[{i}]", t) for i, t in enumerate(fraw)]
+    seen: set[str] = set()
+    for c in out:
+        if c.name in seen:
+            raise ConfigError(c.source or p, "collection", f"two collections named {c.name!r}")
+        seen.add(c.name)
+    return tuple(out)
 
 
 def load_config(path: str | Path) -> Config:
@@ -566,15 +685,17 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
                 "bulk_min_objects",
                 "dicomweb",
                 "ca_file",
+                "max_results",
             },
         )
         name = s.get_str("name")
+        cap = s.get_int("max_results", 0, 0, 10**9)
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
             raise ConfigError(p, f"site[{i}].name", "use letters, digits, '.', '_' or '-'")
         if any(x.name == name for x in sites):
             raise ConfigError(p, f"site[{i}].name", f"duplicate site name {name!r}")
         if s.has("dicomweb"):
-            sites.append(_dicomweb_site(s, name, bridge))
+            sites.append(dataclasses.replace(_dicomweb_site(s, name, bridge), max_results=cap))
             continue
         if s.has("ca_file"):
             raise s._err("ca_file", "only meaningful with dicomweb")
@@ -591,6 +712,7 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
                 retrievals_per_minute=s.get_int("retrievals_per_minute", 0, 0, 100_000),
                 bulk_windows=_windows(s, "bulk_windows"),
                 bulk_min_objects=s.get_int("bulk_min_objects", 1, 1, 10_000_000),
+                max_results=cap,
             )
         )
 
@@ -672,4 +794,5 @@ def config_from_dict(data: Mapping[str, Any], p: Path) -> Config:
         audit=audit,
         metrics=metrics_from(p, top.table_("metrics")),
         gateway=gateway_from(p, top.table_("gateway")),
+        collections=collections_from(p, data),
     )

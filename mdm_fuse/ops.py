@@ -244,10 +244,18 @@ class MdmOperations(pyfuse3.Operations):
         return s
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        async with self._guard("getxattr"):
+            got = await self.bridge.xattrs(self._path(inode))
+            value = got.get(os.fsdecode(name))
+            if value is None:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            return value.encode("utf-8")
+        raise AssertionError("unreachable")
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return []
+        async with self._guard("listxattr"):
+            return [k.encode() for k in await self.bridge.xattrs(self._path(inode))]
+        raise AssertionError("unreachable")
 
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         return not mode & os.W_OK

@@ -16,7 +16,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from mdm.access.decide import AccessLevel, AccessResolver, Decision, Resource, resource_of
+from mdm.access.decide import (
+    AccessLevel,
+    AccessResolver,
+    Decision,
+    LocalAdminResolver,
+    Resource,
+    resource_of,
+)
 from mdm.access.identity import InvalidToken, Principal
 from mdm.access.session import Session
 from mdm.audit.log import AuditError, AuditLog
@@ -24,6 +31,7 @@ from mdm.catalog.records import Record
 from mdm.errors import AccessDenied, MdmError
 from mdm.ops import metrics
 from mdm.ops.status import AuditState
+from mdm.policy.pushdown import Narrowing, narrowing
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +117,18 @@ class Gate:
             "study" if series is None else "series", d.level.label
         ).inc()
         return d
+
+    def narrowing(self, principal: Principal) -> Narrowing:
+        """What ``principal``'s grants bound its listings to, as C-FIND keys
+        (:mod:`mdm.policy.pushdown`); unbounded for a resolver that cannot say."""
+        if principal.admin:
+            return Narrowing()
+        grants = getattr(self.resolver, "grants", None)
+        if grants is None:
+            if isinstance(self.resolver, LocalAdminResolver):
+                return Narrowing(nothing=True)
+            return Narrowing()
+        return narrowing(grants(principal))
 
     @staticmethod
     def visible(d: Decision) -> bool:

@@ -36,12 +36,15 @@ from mdm.config import Config, SiteSettings
 from mdm.dicom.query import SiteResult, find_at
 from mdm.errors import MdmError, NotFound, RetrieveError
 from mdm.namespace.names import is_uid
+from mdm.policy.pushdown import Narrowing
 
 log = logging.getLogger(__name__)
 
 NEGATIVE_TTL = 30.0
 """Seconds a name that no site holds (or that is hidden) answers NotFound without a C-FIND."""
 NEGATIVE_MAX = 10_000
+PREFETCH_MAX = 20_000
+"""Most child listings one directory listing starts in the background."""
 
 Answers = list[tuple[str, list[Dataset] | None]]
 """(site, datasets) per site asked; None where the site failed."""
@@ -71,12 +74,21 @@ class CatalogSync:
         self._listings: SingleFlight[None] = SingleFlight()
         self._negative: dict[tuple[str, str], float] = {}
         self._negative_version = ""
+        self.incomplete: dict[str, list[str]] = {}
+        """Listing key -> the sites whose answer to it hit a result cap (it is partial)."""
 
     # ------------------------------------------------------------------ C-FIND
     async def find(
-        self, level: str, identifier: Dataset, sites: Sequence[str] | None = None
+        self,
+        level: str,
+        identifier: Dataset,
+        sites: Sequence[str] | None = None,
+        *,
+        cut: set[str] | None = None,
     ) -> Answers:
-        """Fan a C-FIND out to ``sites`` (all by default); (site, datasets or None on error)."""
+        """Fan a C-FIND out to ``sites`` (all by default); (site, datasets or None on error).
+
+        ``cut`` collects the sites whose answer hit a result cap (it is partial)."""
         chosen = [s for s in self.config.sites if sites is None or s.name in sites]
         if not chosen:
             return []
@@ -105,6 +117,40 @@ class CatalogSync:
                 out.append((r.site.name, None))
             else:
                 out.append((r.site.name, list(r.datasets)))
+                if r.truncated and cut is not None:
+                    cut.add(r.site.name)
+        return out
+
+    def _mark(self, key: str, cut: set[str]) -> None:
+        """Remember (or forget) that the listing ``key`` is incomplete at the sites ``cut``."""
+        if cut:
+            self.incomplete[key] = sorted(cut)
+        else:
+            self.incomplete.pop(key, None)
+
+    @staticmethod
+    def local_filter(
+        site: str, recs: list[Record], keys: Sequence[tuple[str, str]], what: str
+    ) -> list[Record]:
+        """Keep the records that match ``keys`` (C-FIND matching) where their attributes hold
+        the key; a PACS that did not apply a key is said at DEBUG (no values)."""
+        from mdm.namespace.find import matches
+
+        checkable = [(k, v) for k, v in keys if k in STUDY_KEYS or k in SERIES_KEYS]
+        if not checkable:
+            return recs
+        out: list[Record] = []
+        for r in recs:
+            failed = [k for k, v in checkable if not matches(r.attrs.get(k), v, k)]
+            if failed:
+                log.debug(
+                    "site %s did not apply the key(s) %s of the %s: filtered locally",
+                    site,
+                    ",".join(failed),
+                    what,
+                )
+                continue
+            out.append(r)
         return out
 
     @staticmethod
@@ -141,14 +187,22 @@ class CatalogSync:
         return list(seen.values())
 
     # ------------------------------------------------------------------ listings
-    async def ensure_studies(self) -> None:
-        """The federated study listing (all sites), refreshed after the catalog TTL."""
+    async def ensure_studies(self, narrow: Narrowing | None = None) -> None:
+        """The federated study listing (all sites), refreshed after the catalog TTL.
+
+        With a ``narrow`` (a principal's grants as C-FIND keys, :mod:`mdm.policy.pushdown`),
+        only the sites and studies it allows are asked for: a listing of its own, added to the
+        catalog (it removes nothing: other principals' studies are not its to judge)."""
+        if narrow is not None and not narrow.unbounded:
+            await self._ensure_narrowed(narrow)
+            return
         if self.catalog.fresh("studies"):
             return
 
         async def run() -> None:
             answered = 0
-            for site, dss in await self.find("STUDY", query_dataset("STUDY", STUDY_KEYS)):
+            cut: set[str] = set()
+            for site, dss in await self.find("STUDY", query_dataset("STUDY", STUDY_KEYS), cut=cut):
                 if dss is None:
                     continue
                 answered += 1
@@ -159,12 +213,45 @@ class CatalogSync:
                     replace_scope=("PATIENT", ROOT),
                 )
                 self.catalog.merge(recs, replace_site=site, replace_scope=("STUDY", ROOT))
+            self._mark("studies", cut)
             if answered:
                 self.catalog.merge([], listed="studies")
             elif not self.catalog.listed_at("studies"):
                 raise RetrieveError("no site answered the study listing")
 
         await self._refresh("studies", run)
+
+    async def _ensure_narrowed(self, narrow: Narrowing) -> None:
+        if narrow.nothing or self.catalog.fresh("studies"):
+            return  # no grant: nothing to list; a fresh full listing holds every study
+        key = narrow.listing_key()
+        if self.catalog.fresh(key):
+            return
+        sites = sorted(narrow.sites) if narrow.sites is not None else None
+        if sites is not None and not any(s.name in sites for s in self.config.sites):
+            return
+
+        async def run() -> None:
+            answered = 0
+            cut: set[str] = set()
+            for keys in narrow.queries():
+                q = query_dataset("STUDY", STUDY_KEYS, **dict(keys))
+                for site, dss in await self.find("STUDY", q, sites, cut=cut):
+                    if dss is None:
+                        continue
+                    answered += 1
+                    recs = self.local_filter(
+                        site, self.to_records("STUDY", site, dss), keys, "study listing"
+                    )
+                    self.catalog.merge(self.patients_of(recs, site) + recs)
+            self._mark(key, cut)
+            self._mark("studies", cut)
+            if answered:
+                self.catalog.merge([], listed=key)
+            elif not self.catalog.listed_at(key):
+                raise RetrieveError("no site answered the study listing")
+
+        await self._refresh(key, run)
 
     async def ensure_series(self, study: Record) -> None:
         """The series listing of ``study`` (TTL)."""
@@ -186,7 +273,8 @@ class CatalogSync:
 
         async def run() -> None:
             answered = 0
-            for site, dss in await self.find(level, q, list(parent.sites) or None):
+            cut: set[str] = set()
+            for site, dss in await self.find(level, q, list(parent.sites) or None, cut=cut):
                 if dss is None:
                     continue
                 answered += 1
@@ -196,6 +284,7 @@ class CatalogSync:
                 for r in recs:
                     r.parent = parent.uid
                 self.catalog.merge(recs, replace_site=site, replace_scope=(level, parent.uid))
+            self._mark(key, cut)
             if answered:
                 self.catalog.merge([], listed=key)
             elif not self.catalog.listed_at(key):
@@ -220,6 +309,35 @@ class CatalogSync:
             await self._listings.run(key, run)
         except MdmError as e:
             log.info("background refresh of a listing failed: %s", e)
+
+    # ------------------------------------------------------------------ prefetch
+    def prefetch_series(self, studies: Sequence[Record]) -> None:
+        """List the series of ``studies`` in the background, many at once: each C-FIND under
+        its site's association limit, so a walk (``find``, ``du``) finds them listed."""
+        todo = [s for s in studies if not self.catalog.fresh(f"SERIES:{s.uid}")]
+        if todo:
+            self._nursery.start_soon(self._prefetch, [(self.ensure_series, (s,)) for s in todo])
+
+    def prefetch_instances(self, study: Record, series: Sequence[Record]) -> None:
+        """List the instances of ``series`` of ``study`` in the background (as above)."""
+        todo = [se for se in series if not self.catalog.fresh(f"IMAGE:{se.uid}")]
+        if todo:
+            self._nursery.start_soon(
+                self._prefetch, [(self.ensure_instances, (study, se)) for se in todo]
+            )
+
+    async def _prefetch(
+        self, jobs: Sequence[tuple[Callable[..., Awaitable[None]], tuple[Record, ...]]]
+    ) -> None:
+        async def one(fn: Callable[..., Awaitable[None]], args: tuple[Record, ...]) -> None:
+            try:
+                await fn(*args)
+            except MdmError as e:
+                log.debug("a background listing failed: %s", e)
+
+        async with trio.open_nursery() as nursery:
+            for fn, args in jobs[:PREFETCH_MAX]:
+                nursery.start_soon(one, fn, args)
 
     # ------------------------------------------------------------------ negative cache
     def negative_hit(self, kind: str, name: str) -> bool:

@@ -58,6 +58,12 @@ MAX_MATCHES = 200_000
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
+class Matches(list[Dataset]):
+    """C-FIND answers; ``truncated`` when the PACS (or our own bound) cut the answer off."""
+
+    truncated: bool = False
+
+
 @dataclass
 class SiteResult:
     """The answer of one site to a fanned-out C-FIND."""
@@ -66,6 +72,8 @@ class SiteResult:
     datasets: list[Dataset] = field(default_factory=list)
     error: MdmError | None = None
     elapsed: float = 0.0
+    truncated: bool = False
+    """The answer hit a result cap: the site holds more matches than it gave."""
 
 
 def c_echo(site: SiteSettings, bridge: BridgeSettings) -> float:
@@ -200,7 +208,7 @@ def c_find(
 def _run_find(
     site: SiteSettings, assoc: Association, model: str, level: str, query: Dataset
 ) -> list[Dataset]:
-    out: list[Dataset] = []
+    out = Matches()
     seen = 0
     with Watchdog(assoc, site.timeout) as wd:
         responses = assoc.send_c_find(query, model)
@@ -214,11 +222,10 @@ def _run_find(
             if cat == PENDING:
                 seen += 1
                 if seen > MAX_MATCHES:
+                    # Our own bound: keep what came, and say the answer is cut off.
                     assoc.abort()
-                    raise RetrieveError(
-                        f"site {site.name}: more than {MAX_MATCHES} C-FIND matches; narrow "
-                        "the query"
-                    )
+                    out.truncated = True
+                    break
                 if _valid(ident, level, site):
                     assert ident is not None
                     out.append(ident)
@@ -227,6 +234,11 @@ def _run_find(
                 break
             if cat == WARNING:
                 log.warning("site %s: C-FIND ended with %s", site.name, status_name("find", code))
+                break
+            if cat == CANCEL and seen:
+                # Matching stopped by the PACS after some answers (how several PACS say
+                # "result cap reached"): a partial answer, marked as such.
+                out.truncated = True
                 break
             what = "cancelled" if cat == CANCEL else "failed"
             assert cat in (CANCEL, FAILURE)
@@ -296,7 +308,18 @@ def find_at(
             found = qido_find(site, level, identifier)
         else:
             found = c_find(site, bridge, level, identifier)
-        return SiteResult(site, found, None, time.monotonic() - t0)
+        cut = bool(getattr(found, "truncated", False)) or (
+            site.max_results > 0 and len(found) >= site.max_results
+        )
+        if cut:
+            log.warning(
+                "site %s: the %s-level C-FIND hit a result cap (%d matches): the listing is "
+                "incomplete; narrow the query (a collection, or keys)",
+                site.name,
+                level,
+                len(found),
+            )
+        return SiteResult(site, found, None, time.monotonic() - t0, truncated=cut)
     except MdmError as e:
         return SiteResult(site, [], e, time.monotonic() - t0)
     except Exception as e:  # a bug or a pynetdicom surprise must not sink the others

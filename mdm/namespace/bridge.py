@@ -139,6 +139,10 @@ class Acting:
         """The ``.metadata.json`` document of a resolved metadata node."""
         return self.services.namespace.metadata(self.who, node)
 
+    async def xattrs(self, path: tuple[str, ...]) -> dict[str, str]:
+        """``user.dicom.<Keyword>`` -> value of ``path``, as the principal's view shows it."""
+        return await self.services.namespace.xattrs(self.who, path)
+
     async def open(self, path: tuple[str, ...]) -> OpenFile:
         """Open a file for reading; retrieves the object first if it is not cached."""
         return await self.services.reads.open(self.who, path)

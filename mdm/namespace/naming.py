@@ -114,7 +114,7 @@ class Names:
         """(directory name, patient, view) of every patient ``principal`` may see; a patient
         whose studies are seen in two views (identified here, de-identified there) appears
         twice."""
-        await self.sync.ensure_studies()
+        await self.sync.ensure_studies(self.gate.narrowing(principal))
         out: dict[str, tuple[str, Record, View]] = {}
         for rec in self.sync.children("PATIENT", ROOT):
             if not rec.sites or (site is not None and site not in rec.sites):
@@ -171,7 +171,7 @@ class Names:
 
     async def learn_studies(self, principal: Principal) -> None:
         """List the studies and learn the names ``principal``'s views give them."""
-        await self.sync.ensure_studies()
+        await self.sync.ensure_studies(self.gate.narrowing(principal))
         for s in self.sync.children("STUDY", ROOT):
             d = self.gate.decide(principal, s)
             if s.sites and self.gate.visible(d):

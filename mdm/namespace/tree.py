@@ -27,10 +27,12 @@ from typing import Any
 from mdm.access.decide import Decision
 from mdm.access.gate import Gate, Who
 from mdm.access.views import NON_PHI, View
+from mdm.catalog.cohorts import Cohorts
 from mdm.catalog.records import ROOT, Record
 from mdm.catalog.sync import CatalogSync
 from mdm.config import Config
 from mdm.errors import NotFound
+from mdm.namespace.collections import CollectionTree
 from mdm.namespace.naming import METADATA, Names, uid_of_readable
 from mdm.retrieval.targets import Targets
 from mdm.store.objects import ObjectRef, ObjectStore
@@ -64,6 +66,7 @@ class Node:
     decision: Decision | None = None
     view: View | None = None
     of: Node | None = None  # for metadata: the directory it describes
+    collection: str | None = None  # under /collections/<name>
 
 
 class Namespace:
@@ -86,6 +89,10 @@ class Namespace:
         self.targets = targets
         self.started = time.time()
         """The mtime of every entry: when this process started."""
+        self.cohorts = Cohorts(config, sync)
+        self.collections = CollectionTree(self)
+        self.tops = (*TOP, "collections") if config.collections else TOP
+        """The top directories: ``/collections`` when collections are configured."""
 
     # ------------------------------------------------------------------ resolve
     async def resolve(self, who: Who, path: tuple[str, ...]) -> Node:
@@ -97,10 +104,12 @@ class Namespace:
         if n == 0:
             return Node(kind="root", path=path)
         top = path[0]
-        if top not in TOP:
+        if top not in self.tops:
             raise NotFound(top)
         if n == 1:
             return Node(kind="top", path=path)
+        if top == "collections":
+            return await self.collections.resolve(who, path)
         if top == "browse":
             return await self._resolve_browse(who, path)
         principal = who()
@@ -200,13 +209,16 @@ class Namespace:
         """The entries of the directory at ``path`` that ``who`` may see."""
         if len(path) >= 2 and path[0] == "browse":
             return await self._listdir_browse(who, path)
+        if path and path[0] == "collections":
+            inner = sorted(await self.collections.listdir(who, path), key=lambda e: e.name)
+            return [await self.lookup(who, (*path, METADATA)), *inner]
         node = await self.resolve(who, path)
         if node.kind in ("instance", "metadata"):
             raise NotFound("not a directory")
         t, gate, names = self.started, self.gate, self.names
         out: list[Entry] = []
         if node.kind == "root":
-            out = [Entry(n, True, mtime=t) for n in TOP]
+            out = [Entry(n, True, mtime=t) for n in self.tops]
         elif node.kind == "top" and path[0] == "sites":
             who()
             out = [Entry(s.name, True, mtime=t) for s in self.config.sites]
@@ -215,7 +227,7 @@ class Namespace:
             out = [Entry(n, True, mtime=t) for n, _, _ in rows]
         elif node.kind == "top":  # studies
             p = who()
-            await self.sync.ensure_studies()
+            await self.sync.ensure_studies(gate.narrowing(p))
             for s in self.sync.children("STUDY", ROOT):
                 d = gate.decide(p, s)
                 if s.sites and gate.visible(d):
@@ -280,6 +292,35 @@ class Namespace:
         out.sort(key=lambda x: (x.name != METADATA, x.name))
         return out
 
+    # ------------------------------------------------------------------ xattrs
+    async def xattrs(self, who: Who, path: tuple[str, ...]) -> dict[str, str]:
+        """The key C-FIND attributes of a patient, study, series or instance at ``path`` as
+        its view shows them (``user.dicom.<Keyword>``: the ``.metadata.json`` attributes,
+        without a second query); none for other nodes."""
+        node = await self.resolve(who, path)
+        v = node.view
+        if v is None or node.kind not in ("patient", "study", "series", "instance"):
+            return {}
+        if node.kind == "instance":
+            assert node.instance is not None
+            attrs = {
+                k: (v.uid_name(x) if k.endswith("UID") else x)
+                for k, x in node.instance.attrs.items()
+                if k in ("SOPInstanceUID", "SOPClassUID", "InstanceNumber")
+            }
+            attrs["SOPInstanceUID"] = v.uid_name(node.instance.uid)
+            if "SOPClassUID" in node.instance.attrs:
+                attrs["SOPClassUID"] = node.instance.attrs["SOPClassUID"]
+        else:
+            rec = node.series or node.study or node.patient
+            assert rec is not None
+            raw = dict(rec.attrs)
+            if node.kind == "patient":
+                raw.setdefault("PatientID", rec.uid)
+            level = {"patient": "PATIENT", "study": "STUDY", "series": "SERIES"}[node.kind]
+            attrs = v.attrs(level, raw, NON_PHI)
+        return {f"user.dicom.{k}": str(x) for k, x in sorted(attrs.items()) if str(x) != ""}
+
     # ------------------------------------------------------------------ metadata
     def metadata(self, who: Who, node: Node) -> bytes:
         """The ``.metadata.json`` document of a directory node, as its view allows."""
@@ -300,4 +341,5 @@ class Namespace:
             doc["attributes"] = dict(sorted(of.view.attrs(level, attrs, NON_PHI).items()))
             doc["sites"] = sorted(rec.sites)
             doc["access"] = of.view.kind
+        self.collections.annotate(who, of, doc)
         return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode()

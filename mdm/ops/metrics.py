@@ -131,7 +131,18 @@ UP = Gauge(
     "mdm_up", "1 while this process serves (mount or key server).", ["role"], registry=REGISTRY
 )
 
-_FUSE_OPS = ("lookup", "getattr", "opendir", "readdir", "open", "read", "release", "statfs")
+_FUSE_OPS = (
+    "lookup",
+    "getattr",
+    "opendir",
+    "readdir",
+    "open",
+    "read",
+    "release",
+    "statfs",
+    "getxattr",
+    "listxattr",
+)
 FUSE_OP = {op: FUSE_OPS.labels(op) for op in _FUSE_OPS}
 """Pre-bound children: a read counts without a label lookup."""
 _KS_ENDPOINTS = frozenset(
