@@ -18,6 +18,7 @@ from mdm.errors import NotFound
 from mdm.namespace.bridge import Bridge
 from mdm_demo.synth import TRIAL_PROTOCOL
 from tests.conftest import PacsPair
+from tests.mountutil import mdm
 from tests.test_e2e_deid import POLICY as DEID_POLICY
 from tests.test_e2e_policy import identity_config, token
 from tests.test_namespace import names, run_as
@@ -149,3 +150,38 @@ def test_deidentified_collection(orthanc_pair: PacsPair, idp: Path, tmp_path: Pa
                 assert not set(x.values()) & phi
 
     run_as(cfg, tok, go)
+
+
+@pytest.mark.e2e
+def test_fetch_pin_status_wait(orthanc_pair: PacsPair, tmp_path: Path) -> None:
+    """``mdm fetch --collection`` warms a collection and summarises; a pinned one survives
+    eviction pressure from everything else; ``mdm collection status`` and ``wait`` say
+    complete (exit 0), and a collection never fetched times out (exit 3)."""
+    pair = orthanc_pair
+    insts = pair.instances
+    pinned_study = insts[0].study_uid
+    manifest = tmp_path / "picked.txt"
+    manifest.write_text(pinned_study + "\n")
+    cfg = pair.write_config(tmp_path, max_bytes="200KiB", extra=collections_toml(manifest))
+    c = ["--config", str(cfg)]
+    res = mdm("fetch", *c, "--collection", "picked", "-q")
+    n_pinned = sum(1 for i in insts if i.study_uid == pinned_study)
+    assert f"picked: {n_pinned} object(s) listed, 0 already cached" in res.stdout
+    assert f"{n_pinned} retrieved, 0 failed" in res.stdout
+    st = json.loads(mdm("collection", "status", *c, "--json", "picked").stdout)
+    assert st["complete"] and st["cached"] == n_pinned and st["cached_bytes"] > 0
+    # Eviction pressure: every other study, through a 200 KiB cache.
+    others = sorted({i.study_uid for i in insts if i.study_uid != pinned_study})
+    mdm("fetch", *c, "-q", *others, check=False)
+    stats = json.loads(mdm("cache", "stats", *c, "--json").stdout)
+    assert stats["evicted"] > 0 and stats["bytes"] <= 200 * 1024
+    assert stats["pinned_objects"] == n_pinned and stats["pinned_bytes"] > 0
+    st = json.loads(mdm("collection", "status", *c, "--json", "picked").stdout)
+    assert st["complete"], st
+    assert mdm("collection", "wait", *c, "--timeout", "5s", "picked").returncode == 0
+    res = mdm(
+        "collection", "wait", *c, "--timeout", "1s", "--interval", "1s", "trial-ct", check=False
+    )
+    assert res.returncode == 3, res.stdout + res.stderr
+    res = mdm("collection", "wait", *c, "--timeout", "1s", "nope", check=False)
+    assert res.returncode == 2

@@ -438,7 +438,13 @@ def _secrets(config: Any, token_file: Path | None) -> Callable[[str], bytes]:
 # ---------------------------------------------------------------------------- fetch
 @main.command()
 @config_option
-@click.argument("uids", nargs=-1, required=True)
+@click.argument("uids", nargs=-1)
+@click.option(
+    "--collection",
+    "collections",
+    multiple=True,
+    help="Fetch every object of this collection you may read (repeatable).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option(
     "--token-file",
@@ -446,11 +452,26 @@ def _secrets(config: Any, token_file: Path | None) -> Callable[[str], bytes]:
     default=lambda: os.environ.get("MDM_TOKEN_FILE"),
     help="The JWT to fetch as (also $MDM_TOKEN_FILE).",
 )
-def fetch(config_path: Path, uids: tuple[str, ...], quiet: bool, token_file: Path | None) -> None:
+def fetch(
+    config_path: Path,
+    uids: tuple[str, ...],
+    collections: tuple[str, ...],
+    quiet: bool,
+    token_file: Path | None,
+) -> None:
     """Warm the cache with the studies, series or instances named by UID, as your view shows
     them (the remapped 2.25. UIDs of a de-identified view included). UIDS may be '-': read
     them from stdin (whitespace-separated, e.g. from `mdm find --json | jq`). One line per
-    UID; exit 1 if any failed."""
+    UID; exit 1 if any failed.
+
+    --collection NAME fetches a collection: progress and ETA, then a summary of what failed
+    and why (also for `mdm collection status`); a `pin = true` collection is kept out of
+    eviction."""
+    if collections:
+        if uids:
+            raise UsageError("give UIDs or --collection, not both")
+        _fetch_collections(config_path, collections, quiet, token_file)
+        return
     import trio
     from tqdm import tqdm
 
@@ -464,7 +485,7 @@ def fetch(config_path: Path, uids: tuple[str, ...], quiet: bool, token_file: Pat
     for u in uids:
         wanted += sys.stdin.read().split() if u == "-" else [u]
     if not wanted:
-        raise UsageError("no UIDs to fetch")
+        raise UsageError("no UIDs to fetch (or --collection NAME)")
     config = _load(config_path)
     session = open_session(config, token_file)
 
@@ -534,6 +555,42 @@ def fetch(config_path: Path, uids: tuple[str, ...], quiet: bool, token_file: Pat
         sys.exit(1)
 
 
+def _fetch_collections(
+    config_path: Path, names: tuple[str, ...], quiet: bool, token_file: Path | None
+) -> None:
+    import trio
+
+    from mdm.access.session import open_session
+    from mdm.cli.collection import warm
+    from mdm.namespace.bridge import open_bridge
+
+    config = _load(config_path)
+    for n in names:
+        if not any(c.name == n for c in config.collections):
+            raise UsageError(f"{config.path}: no [[collection]] named {n!r}")
+    session = open_session(config, token_file)
+
+    async def go() -> list[tuple[bool, list[str]]]:
+        out: list[tuple[bool, list[str]]] = []
+        async with open_bridge(config, session, get_if_port_busy=True) as bridge:
+            for n in names:
+                try:
+                    out.append(await warm(bridge, n, quiet=quiet))
+                except NotFound:
+                    out.append((False, [f"{n}: no collection of that name that you may use"]))
+        return out
+
+    try:
+        results = trio.run(go)
+    finally:
+        session.close()
+    for _ok, lines in results:
+        for line in lines:
+            click.echo(line)
+    if not all(ok for ok, _ in results):
+        sys.exit(1)
+
+
 # ---------------------------------------------------------------------------- cache
 @main.group()
 def cache() -> None:
@@ -560,7 +617,15 @@ def cache_stats(config_path: Path, as_json: bool) -> None:
     """Objects and bytes in the cache, against max_bytes."""
     store = _open_store(_load(config_path))
     st = store.stats()
-    d = {"objects": st.objects, "bytes": st.bytes, "max_bytes": st.max_bytes}
+    kept, kept_bytes = store.kept_stats()
+    d = {
+        "objects": st.objects,
+        "bytes": st.bytes,
+        "max_bytes": st.max_bytes,
+        "evicted": st.evicted,
+        "pinned_objects": kept,
+        "pinned_bytes": kept_bytes,
+    }
     if as_json:
         click.echo(json.dumps(d))
     else:
@@ -568,6 +633,7 @@ def cache_stats(config_path: Path, as_json: bool) -> None:
         click.echo(f"objects:   {st.objects}")
         click.echo(f"bytes:     {st.bytes} ({_human(st.bytes)})")
         click.echo(f"max_bytes: {st.max_bytes} ({_human(st.max_bytes)}, {pct:.1f}% used)")
+        click.echo(f"pinned:    {kept} object(s), {kept_bytes} bytes ({_human(kept_bytes)})")
 
 
 def _human(n: float) -> str:
@@ -667,6 +733,7 @@ def gateway(config_path: Path) -> None:
 # ---------------------------------------------------------------------------- subgroups
 def _register() -> None:
     from mdm.cli.audit import audit
+    from mdm.cli.collection import collection
     from mdm.cli.keys import keys, keyserver
     from mdm.cli.policy import policy
     from mdm.cli.status import status
@@ -678,6 +745,7 @@ def _register() -> None:
     main.add_command(audit)
     main.add_command(policy)
     main.add_command(status)
+    main.add_command(collection)
 
 
 _register()

@@ -51,6 +51,7 @@ from mdm.dicom.procscp import ProcessStorageSCP, StoreParams
 from mdm.dicom.receiver import StorageSCP
 from mdm.dicom.retrieve import Retriever
 from mdm.errors import UserError
+from mdm.namespace.collections import Plan
 from mdm.namespace.naming import Names
 from mdm.namespace.reads import OpenFile, Reads
 from mdm.namespace.tree import Entry, Namespace, Node
@@ -138,6 +139,11 @@ class Acting:
     def metadata(self, node: Node) -> bytes:
         """The ``.metadata.json`` document of a resolved metadata node."""
         return self.services.namespace.metadata(self.who, node)
+
+    async def collection_plan(self, name: str) -> Plan:
+        """The objects of collection ``name`` the principal may read, as retrieval targets
+        (NotFound if it may not use it)."""
+        return await self.services.namespace.collections.plan(self.who, name)
 
     async def xattrs(self, path: tuple[str, ...]) -> dict[str, str]:
         """``user.dicom.<Keyword>`` -> value of ``path``, as the principal's view shows it."""

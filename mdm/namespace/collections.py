@@ -23,7 +23,10 @@ done (docs/COLLECTIONS.md, "Listings at scale").
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import trio
 
 from mdm.access.decide import Decision
 from mdm.access.gate import Who
@@ -31,12 +34,26 @@ from mdm.access.identity import Principal
 from mdm.catalog.cohorts import Members
 from mdm.catalog.records import Record
 from mdm.config import CollectionSettings
-from mdm.errors import NotFound
+from mdm.errors import AccessDenied, MdmError, NotFound
+from mdm.retrieval.fetcher import Target
 
 if TYPE_CHECKING:
     from mdm.namespace.tree import Entry, Namespace, Node
 
 Patients = dict[str, list[tuple[Record, Decision]]]
+PLAN_CONCURRENCY = 64
+"""Listings a warm-up plan waits on at once (each C-FIND still under its site's limit)."""
+
+
+@dataclass
+class Plan:
+    """What warming a collection means for one principal."""
+
+    collection: CollectionSettings
+    targets: list[Target] = field(default_factory=list)
+    not_readable: int = 0
+    """Series the principal sees as metadata only (listed, never retrieved)."""
+    errors: list[str] = field(default_factory=list)
 
 
 class CollectionTree:
@@ -175,6 +192,51 @@ class CollectionTree:
                 and m.has_instance(node.series.uid, names.aliases.original(e.name[:-4]))
             ]
         raise NotFound("not a directory")
+
+    # ------------------------------------------------------------------ warm-up plan
+    async def plan(self, who: Who, name: str) -> Plan:
+        """Every object of collection ``name`` that ``who`` may read, as retrieval targets
+        in its view (``mdm fetch --collection``, ``mdm collection status``). The series and
+        instance listings run many at once, each under its site's association limit."""
+        principal = who()
+        c, m = await self._collection(principal, name)
+        pats = self.patients(principal, m)
+        sync, targets = self.ns.sync, self.ns.targets
+        plan = Plan(collection=c)
+        work = trio.CapacityLimiter(PLAN_CONCURRENCY)
+
+        async def one_series(study: Record, se: Record) -> None:
+            async with work:
+                try:
+                    ts = await targets.series_targets(principal, study, se)
+                except AccessDenied:
+                    plan.not_readable += 1  # metadata only: listed, never retrieved
+                    return
+                except MdmError as e:
+                    plan.errors.append(f"series listing failed: {e}")
+                    return
+            plan.targets += [t for t in ts if m.has_instance(se.uid, t.sop_uid)]
+
+        async def one_study(study: Record) -> None:
+            async with work:
+                try:
+                    await sync.ensure_series(study)
+                except MdmError as e:
+                    plan.errors.append(f"study listing failed: {e}")
+                    return
+            async with trio.open_nursery() as nursery:
+                for se in sync.children("SERIES", study.uid):
+                    if se.sites and m.has_series(study.uid, se):
+                        d = self.ns.gate.decide(principal, study, se)
+                        if self.ns.gate.visible(d):
+                            nursery.start_soon(one_series, study, se)
+
+        async with trio.open_nursery() as nursery:
+            for rows in pats.values():
+                for s, _ in rows:
+                    nursery.start_soon(one_study, s)
+        plan.targets.sort(key=lambda t: (t.study_uid, t.series_uid, t.sop_uid))
+        return plan
 
     # ------------------------------------------------------------------ metadata
     def annotate(self, who: Who, of: Node, doc: dict[str, Any]) -> None:

@@ -62,6 +62,8 @@ _DEID_VIEW = re.compile(r"^deid/[A-Za-z0-9._-]{1,64}/[0-9a-f]{12}$")
 OBJECTS_DB = b"objects"
 LRU_DB = b"lru"
 META_DB = b"store-meta"
+KEEP_DB = b"keep"
+"""SOP Instance UID -> the names of the pinned collections that keep it (any view)."""
 _BYTES_KEY = b"stored_bytes"
 _EVICTED_KEY = b"evicted_objects"
 _U64 = struct.Struct(">Q")
@@ -303,6 +305,7 @@ class ObjectStore:
         self._db = env.open_db(OBJECTS_DB)
         self._lru = env.open_db(LRU_DB)
         self._meta = env.open_db(META_DB)
+        self._keep = env.open_db(KEEP_DB)
         # One lock for all in-process bookkeeping and every LMDB write of this store. It is
         # held for short metadata work only (LMDB txns, unlinks), never while encrypting.
         self._lock = threading.Lock()
@@ -391,7 +394,7 @@ class ObjectStore:
                 if name in exclude or self._pins.get(name):
                     continue
                 info = self._get(txn, name)
-                if info is None:
+                if info is None or self._kept(txn, info):
                     continue
                 victims.append((name, info))
                 freed += info.stored_bytes
@@ -755,7 +758,7 @@ class ObjectStore:
                             if name in chosen or self._pins.get(name):
                                 continue
                             info = self._get(txn, name)
-                            if info is not None:
+                            if info is not None and not self._kept(txn, info):
                                 chosen[name] = info
                                 remaining -= info.stored_bytes
                 for name, info in chosen.items():
@@ -780,6 +783,57 @@ class ObjectStore:
                     if (info := self._get(txn, name)) is not None
                 ),
             )
+
+    # -- collections kept out of eviction ---------------------------------------------------
+    def _kept(self, txn: lmdb.Transaction, info: ObjectInfo) -> bool:
+        return txn.get(info.ref.sop_uid.encode(), db=self._keep) is not None
+
+    def keep(self, sop_uids: Iterable[str], tag: str) -> int:
+        """Keep the objects of ``sop_uids`` (every view, cached now or later) out of eviction,
+        on behalf of ``tag`` (a pinned collection); return how many UIDs were new to it.
+        Held in the index, so every process sharing the cache honours it."""
+        n = 0
+        with self._lock, self.env.begin(write=True) as txn:
+            for uid in sop_uids:
+                k = uid.encode()
+                raw = txn.get(k, db=self._keep)
+                tags = set(bytes(raw).decode().split("\n")) if raw else set()
+                if tag not in tags:
+                    tags.add(tag)
+                    txn.put(k, "\n".join(sorted(tags)).encode(), db=self._keep)
+                    n += 1
+        return n
+
+    def release(self, tag: str) -> int:
+        """Stop keeping what ``tag`` kept (a collection no longer pinned); return how many."""
+        n = 0
+        with self._lock, self.env.begin(write=True) as txn:
+            with txn.cursor(db=self._keep) as cur:
+                rows = [(bytes(k), bytes(v).decode()) for k, v in cur]
+            for k, v in rows:
+                tags = set(v.split("\n"))
+                if tag in tags:
+                    tags.discard(tag)
+                    n += 1
+                    if tags:
+                        txn.put(k, "\n".join(sorted(tags)).encode(), db=self._keep)
+                    else:
+                        txn.delete(k, db=self._keep)
+        return n
+
+    def kept_stats(self) -> tuple[int, int]:
+        """(objects, stored bytes) of the cached objects a pinned collection keeps."""
+        objects = size = 0
+        with self.env.begin() as txn, txn.cursor(db=self._db) as cur:
+            for _, v in cur:
+                try:
+                    info = ObjectInfo.from_record(bytes(v))
+                except IntegrityError:
+                    continue
+                if self._kept(txn, info):
+                    objects += 1
+                    size += info.stored_bytes
+        return objects, size
 
     def list_refs(self) -> list[ObjectRef]:
         """Every cached object."""
