@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from mdm.namespace.tree import Entry, Namespace, Node
 
 Patients = dict[str, list[tuple[Record, Decision]]]
+MEMO_MAX = 64
 PLAN_CONCURRENCY = 64
 """Listings a warm-up plan waits on at once (each C-FIND still under its site's limit)."""
 
@@ -61,6 +62,7 @@ class CollectionTree:
 
     def __init__(self, ns: Namespace) -> None:
         self.ns = ns
+        self._patients: dict[tuple[object, ...], Patients] = {}
 
     # ------------------------------------------------------------------ who may use
     @staticmethod
@@ -82,7 +84,21 @@ class CollectionTree:
         return m if self.patients(principal, m) else None
 
     def patients(self, principal: Principal, m: Members) -> Patients:
-        """The patient directory names of the member studies ``principal`` may see."""
+        """The patient directory names of the member studies ``principal`` may see.
+
+        Memoised per members listing, principal and policy version: a walk asks for it at
+        every directory, and it costs a decision per member study."""
+        key = (
+            id(m),
+            m.listed,
+            principal.label(),
+            principal.groups,
+            tuple(sorted((k, str(v)) for k, v in principal.claims.items())),
+            self.ns.gate.resolver.version(),
+        )
+        got = self._patients.get(key)
+        if got is not None:
+            return got
         out: Patients = {}
         gate, names = self.ns.gate, self.ns.names
         for uid in sorted(m.studies):
@@ -92,6 +108,9 @@ class CollectionTree:
             d = gate.decide(principal, s)
             if gate.visible(d):
                 out.setdefault(names.view(d).patient_name(s.parent), []).append((s, d))
+        if len(self._patients) >= MEMO_MAX:
+            self._patients.clear()
+        self._patients[key] = out
         return out
 
     async def _collection(
