@@ -7,9 +7,12 @@ The 2,000-study cohort and the counting of the queries that reach Orthanc are in
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from mdm.catalog.cohorts import read_manifest
@@ -18,7 +21,7 @@ from mdm.errors import NotFound
 from mdm.namespace.bridge import Bridge
 from mdm_demo.synth import TRIAL_PROTOCOL
 from tests.conftest import PacsPair
-from tests.mountutil import mdm
+from tests.mountutil import Mount, mdm
 from tests.test_e2e_deid import POLICY as DEID_POLICY
 from tests.test_e2e_policy import identity_config, token
 from tests.test_namespace import names, run_as
@@ -179,9 +182,43 @@ def test_fetch_pin_status_wait(orthanc_pair: PacsPair, tmp_path: Path) -> None:
     st = json.loads(mdm("collection", "status", *c, "--json", "picked").stdout)
     assert st["complete"], st
     assert mdm("collection", "wait", *c, "--timeout", "5s", "picked").returncode == 0
+    # A collection with one object not cached (evicted by name): wait times out.
+    gone = next(
+        i.sop_uid
+        for i in insts
+        if i.trial == TRIAL_PROTOCOL and i.modality == "CT" and i.study_uid != pinned_study
+    )
+    mdm("cache", "evict", *c, gone)
     res = mdm(
         "collection", "wait", *c, "--timeout", "1s", "--interval", "1s", "trial-ct", check=False
     )
     assert res.returncode == 3, res.stdout + res.stderr
     res = mdm("collection", "wait", *c, "--timeout", "1s", "nope", check=False)
     assert res.returncode == 2
+
+
+@pytest.mark.e2e
+def test_mount_collections_and_xattrs(orthanc_pair: PacsPair, tmp_path: Path) -> None:
+    """On a real mount: /collections lists the collections, a collection's files read as
+    anywhere else, and getxattr/listxattr show user.dicom.* (ENODATA for others)."""
+    pair = orthanc_pair
+    manifest = tmp_path / "picked.txt"
+    inst = pair.instances[0]
+    manifest.write_text(inst.series_uid + "\n")
+    cfg = pair.write_config(tmp_path, extra=collections_toml(manifest))
+    with Mount(cfg, tmp_path / "mnt") as m:
+        mnt = m.mountpoint
+        assert sorted(os.listdir(mnt / "collections")) == [".metadata.json", "picked", "trial-ct"]
+        study = mnt / "collections" / "picked" / inst.patient_id / inst.study_uid
+        assert sorted(os.listdir(study)) == [".metadata.json", inst.series_uid]
+        keys = os.listxattr(study)
+        assert "user.dicom.StudyInstanceUID" in keys and "user.dicom.PatientID" in keys
+        assert os.getxattr(study, "user.dicom.StudyInstanceUID").decode() == inst.study_uid
+        series = study / inst.series_uid
+        assert os.getxattr(series, "user.dicom.Modality").decode() == inst.modality
+        f = series / f"{inst.sop_uid}.dcm"
+        assert os.getxattr(f, "user.dicom.SOPInstanceUID").decode() == inst.sop_uid
+        with pytest.raises(OSError) as ei:
+            os.getxattr(study, "user.dicom.NoSuchKeyword")
+        assert ei.value.errno == errno.ENODATA
+        assert pydicom.dcmread(f).SOPInstanceUID == inst.sop_uid

@@ -219,7 +219,7 @@ POLICY = f"""
 id = "grid-trial"
 description = "grid jobs: the trial, de-identified"
 principals = {{ groups = ["grid"] }}
-resources = {{ trial = "{TRIAL_PROTOCOL}" }}
+resources = {{ trial = "{TRIAL_PROTOCOL}", modalities = ["CT", "MR"] }}
 access = "deidentified"
 """
 
@@ -260,6 +260,8 @@ dir = "{pol}"
     assert study_level
     for f in study_level:
         assert f.get("0012,0020") == TRIAL_PROTOCOL or f.get("0020,000d"), f
+        if f.get("0012,0020"):
+            assert f.get("0008,0061") == "CT\\MR", f
 
 
 def test_series_listing_and_result_cap(big: Big, tmp_path: Path) -> None:

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 NEGATIVE_TTL = 30.0
 """Seconds a name that no site holds (or that is hidden) answers NotFound without a C-FIND."""
 NEGATIVE_MAX = 10_000
+ANY_OF = frozenset({"ModalitiesInStudy"})
+"""Keys whose backslash-separated values match any of them (PS3.4 C.6.2.1.2)."""
 PREFETCH_MAX = 20_000
 """Most child listings one directory listing starts in the background."""
 
@@ -139,9 +141,15 @@ class CatalogSync:
         checkable = [(k, v) for k, v in keys if k in STUDY_KEYS or k in SERIES_KEYS]
         if not checkable:
             return recs
+
+        def ok(k: str, v: str, shown: str | None) -> bool:
+            if k in ANY_OF:  # a multi-valued key asked with several values: any of them
+                return any(matches(shown, alt, k) for alt in v.split("\\"))
+            return matches(shown, v, k)
+
         out: list[Record] = []
         for r in recs:
-            failed = [k for k, v in checkable if not matches(r.attrs.get(k), v, k)]
+            failed = [k for k, v in checkable if not ok(k, v, r.attrs.get(k))]
             if failed:
                 log.debug(
                     "site %s did not apply the key(s) %s of the %s: filtered locally",

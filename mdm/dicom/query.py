@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.association import Association
 
 from mdm.config import BridgeSettings, SiteSettings
+from mdm.dicom.matches import Matches
 from mdm.dicom.net import (
     CANCEL,
     FAILURE,
@@ -56,12 +57,6 @@ MAX_MATCHES = 200_000
 """A PACS that answers more than this is cut off (a listing must stay bounded in memory)."""
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-
-
-class Matches(list[Dataset]):
-    """C-FIND answers; ``truncated`` when the PACS (or our own bound) cut the answer off."""
-
-    truncated: bool = False
 
 
 @dataclass

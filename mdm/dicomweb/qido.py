@@ -25,6 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from mdm.config import SiteSettings
+from mdm.dicom.matches import Matches
 from mdm.dicomweb.dicomjson import JsonAnswerError, datasets_from_json, parse_json_array
 from mdm.dicomweb.transport import client_for, request_error, status_error
 from mdm.errors import NotFound, RetrieveError
@@ -141,7 +142,7 @@ def qido_find(site: SiteSettings, level: str, identifier: Dataset) -> list[Datas
     path, params, in_path = query_of(level, identifier)
     what = f"QIDO-RS {path.split('/')[-1]} query"
     client = client_for(site)
-    out: list[Dataset] = []
+    out = Matches()
     seen: set[str] = set()
     unique = _UNIQUE["STUDY" if level == "PATIENT" else level]
     offset = 0
@@ -189,6 +190,7 @@ def qido_find(site: SiteSettings, level: str, identifier: Dataset) -> list[Datas
                     what,
                     MAX_MATCHES,
                 )
+                out.truncated = True
                 return _fold_patients(out, identifier) if level == "PATIENT" else out
         if len(items) < PAGE or new == 0:
             break
