@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -288,3 +289,45 @@ def test_series_listing_and_result_cap(big: Big, tmp_path: Path) -> None:
     print(f"\ncached listing of a 1,000-instance series: {best * 1000:.1f} ms")
     assert best < 0.5
     assert meta["incomplete"]["sites"] == ["BIG"]
+
+
+@pytest.mark.skipif(
+    not os.environ.get("MDM_MEASURE_WALK"), reason="a measurement: MDM_MEASURE_WALK=1 runs it"
+)
+def test_measure_walk_of_all_studies(big: Big, tmp_path: Path) -> None:
+    """A walk of a collection of every study (2,001) against its series C-FINDs run one
+    after another (MDM_MEASURE_WALK=1; takes about a minute)."""
+    cfg = big.config(
+        tmp_path,
+        extra='[[collection]]\nname = "all"\nmatch = { StudyDate = "19000101-20991231" }\n',
+    )
+
+    async def go(b: Bridge) -> tuple[float, float, int]:
+        base = ("collections", "all")
+        t0 = time.perf_counter()
+        pats = names(await b.listdir(base))
+        t_list = time.perf_counter() - t0
+        n = 0
+        for p in pats:
+            for st in names(await b.listdir((*base, p))):
+                n += 1
+                names(await b.listdir((*base, p, st)))
+        return t_list, time.perf_counter() - t0, n
+
+    t_list, took, n = run_as(cfg, None, go)
+    config = load_config(cfg)
+    from pydicom.dataset import Dataset
+
+    t0 = time.perf_counter()
+    for uid in sorted(big.studies):
+        q = Dataset()
+        q.QueryRetrieveLevel = "SERIES"
+        q.StudyInstanceUID = uid
+        q.SeriesInstanceUID = ""
+        c_find(config.sites[0], config.bridge, "SERIES", q)
+    serial = time.perf_counter() - t0
+    print(
+        f"\nwalk of {n} studies: {took:.2f}s (collection listing {t_list:.2f}s); "
+        f"{n} series C-FINDs one after another: {serial:.2f}s; ratio {took / serial:.2f}"
+    )
+    assert n == len(big.studies)
