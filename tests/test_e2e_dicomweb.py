@@ -266,3 +266,46 @@ def test_the_mounts_token_is_sent_and_views_are_deidentified(
         assert proxy.require_token not in m.log_text()
     finally:
         proxy.stop()
+
+
+def test_collections_over_qido(orthanc_pair: PacsPair, web: Web, tmp_path: Path) -> None:
+    """A collection's keys go to a DICOMweb site as QIDO-RS parameters, and a manifest's UID
+    lists as comma-separated UID matching: both list exactly their cohort there too."""
+    from mdm.namespace.bridge import Bridge
+    from mdm_demo.synth import TRIAL_PROTOCOL
+    from tests.test_namespace import names, run_as
+
+    ct = [i for i in web.instances if i.modality == "CT"]
+    mr = [i for i in web.instances if i.modality == "MR"]
+    manifest = tmp_path / "m.txt"
+    manifest.write_text(f"{mr[0].series_uid}\n{web.compressed[0]}\n")
+    extra = (
+        web_site(web.proxy.url)
+        + f"""
+[[collection]]
+name = "trial"
+match = {{ ClinicalTrialProtocolID = "{TRIAL_PROTOCOL}", Modality = "CT" }}
+
+[[collection]]
+name = "picked"
+manifest = "{manifest}"
+"""
+    )
+    cfg = config(orthanc_pair, tmp_path, sites=("SiteA",), extra=extra)
+    every = [*orthanc_pair.a.instances, *web.instances]
+    want_trial = {i.series_uid for i in every if i.trial == TRIAL_PROTOCOL and i.modality == "CT"}
+    assert any(i.trial == TRIAL_PROTOCOL for i in ct)
+
+    async def go(b: Bridge) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for name in ("trial", "picked"):
+            got: set[str] = set()
+            for p in names(await b.listdir(("collections", name))):
+                for st in names(await b.listdir(("collections", name, p))):
+                    got |= names(await b.listdir(("collections", name, p, st)))
+            out[name] = got
+        return out
+
+    got = run_as(cfg, None, go)
+    assert got["trial"] == want_trial
+    assert got["picked"] == {mr[0].series_uid, web.compressed[1]}
