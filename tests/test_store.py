@@ -507,3 +507,27 @@ def test_index_directory_is_searchable_by_its_owner_only(tmp_path: Path) -> None
     open_env(cache).close()
     assert (cache / "index.lmdb").stat().st_mode & 0o777 == 0o700
     assert cache.stat().st_mode & 0o777 == 0o700
+
+
+def test_kept_objects_survive_eviction_in_every_process(tmp_path: Path) -> None:
+    """Objects a pinned collection keeps (by SOP UID, in the index) are passed over by LRU
+    eviction and evict-all, also by another store on the same index, until released."""
+    e = Env(tmp_path, max_bytes=3 * blob_size(200))
+    try:
+        s = e.store
+        refs = [ObjectRef(f"1.2.8.{i}") for i in range(6)]
+        assert s.keep([refs[0].sop_uid, refs[1].sop_uid], "cohort") == 2
+        assert s.keep([refs[0].sop_uid], "cohort") == 0
+        for ref in refs:
+            s.put(ref, SCOPE, data_for(ref.sop_uid, 200))
+            time.sleep(0.002)
+        assert s.info(refs[0]) is not None and s.info(refs[1]) is not None
+        assert s.kept_stats() == (2, 2 * blob_size(200))
+        s = e.reopen()  # another process: the keep is in the index
+        assert s.evict() == 1
+        assert {r.sop_uid for r in s.list_refs()} == {refs[0].sop_uid, refs[1].sop_uid}
+        assert s.release("cohort") == 2
+        assert s.kept_stats() == (0, 0)
+        assert s.evict() == 2
+    finally:
+        e.close()

@@ -130,6 +130,8 @@ async def warm(bridge: Any, name: str, *, quiet: bool) -> tuple[bool, list[str]]
     targets: list[Target] = plan.targets
     if plan.collection.pin:
         await trio.to_thread.run_sync(bridge.store.keep, sorted({t.sop_uid for t in targets}), name)
+    else:  # no longer pinned (pin = false now): what it kept may be evicted again
+        await trio.to_thread.run_sync(bridge.store.release, name)
     have = [t for t in targets if bridge.store.info(ObjectRef(t.sop_uid, t.view)) is not None]
     bar = tqdm(
         total=len(targets),

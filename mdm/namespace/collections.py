@@ -279,7 +279,7 @@ class CollectionTree:
             if m is not None and of.kind == "collection":
                 incomplete += m.incomplete
         sync = self.ns.sync
-        if of.kind == "top" and of.path[:1] == ("studies",):
+        if (of.kind == "top" and of.path[:1] != ("collections",)) or of.kind == "site":
             for key, sites in sync.incomplete.items():
                 if key == "studies" or key.startswith("studies?"):
                     incomplete += sites
