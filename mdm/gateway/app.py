@@ -28,6 +28,7 @@ from starlette.routing import Route
 from mdm.access.identity import InvalidToken, Principal
 from mdm.audit.log import AuditError
 from mdm.config import GatewaySettings
+from mdm.dicomweb.dicomjson import dataset_to_json
 from mdm.errors import AccessDenied, MdmError, NotFound, RetrieveError, RetrieveTimeout
 from mdm.gateway import qido, wado
 from mdm.gateway.federation import Federation, Row
@@ -270,7 +271,7 @@ class Gateway:
             def bulk(elem: Any, url: str = url) -> str:
                 return f"{url}{elem.tag:08X}"
 
-            doc = ds.to_json_dict(BULK_THRESHOLD, bulk)
+            doc = dataset_to_json(ds, bulk_data_threshold=BULK_THRESHOLD, bulk_data_uri=bulk)
             ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
             encapsulated = ts not in wado.NATIVE
             doc["7FE00010"] = {
