@@ -27,8 +27,7 @@ from mdm.dicomweb.wado import IncompleteWado, wado_retrieve
 from mdm.errors import AccessDenied, RetrieveError, RetrieveTimeout
 from mdm_demo.localpacs import LocalOrthanc, free_port
 from mdm_demo.synth import GeneratedInstance, by_series
-from tests.conftest import remember_phi
-from tests.dicomweb_data import compressed_series, generated
+from tests.dicomweb_data import dicomweb_orthanc
 from tests.dicomweb_util import FaultProxy
 from tests.tlsutil import make_tls
 
@@ -44,23 +43,8 @@ class Web:
 
 @pytest.fixture(scope="module")
 def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
-    server = LocalOrthanc(
-        tmp_path_factory.mktemp("dicomweb"),
-        name="WebSite",
-        aet="WEBSITE",
-        dicomweb=True,
-        die_with_parent=True,
-    )
-    server.start()
-    try:
-        instances = generated()
-        remember_phi(instances)
-        server.upload(instances)
-        comp = compressed_series()
-        server.upload(data for _, _, data in comp[2])
+    with dicomweb_orthanc(tmp_path_factory.mktemp("dicomweb")) as (server, instances, comp):
         yield Web(server, instances, comp)
-    finally:
-        server.stop()
         transport.close_clients()
 
 

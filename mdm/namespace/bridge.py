@@ -227,8 +227,11 @@ async def open_bridge(
         )
         report = store.recover()
         log.info("cache recovered: %s", report)
-        if keys.remote:
-            # Shared nodes: no key that opens the catalog outlives this process.
+        if keys.remote or any(s.dicomweb for s in config.sites):
+            # Shared nodes: no key that opens the catalog outlives this process. And a
+            # DICOMweb site (a hospital gateway) answers each token with what that token may
+            # see: its listings are this principal's, never to be reused by the next mount
+            # of the same cache.
             catalog = Catalog.private(config.cache.dir, config.cache.catalog_ttl)
         else:
             catalog = Catalog(env, keys.secret("catalog"), config.cache.catalog_ttl)
