@@ -359,3 +359,78 @@ def test_status_is_for_officers_and_shows_queued_work(gw: Gw) -> None:
     assert {s["name"] for s in doc["sites"]} == {"SiteA", "SiteB"}
     assert all(set(s["paced"]) == {"urgent", "bulk", "window"} for s in doc["sites"])
     assert doc["policy"]["version"]
+
+
+def test_a_series_streams_before_its_last_object_has_arrived(
+    orthanc_pair_private: PacsPair, idp: Path, tmp_path: Path
+) -> None:
+    """The first part of a series goes out while the PACS has not yet delivered the rest:
+    its first object is cached, the PACS is then frozen (SIGSTOP), and the client receives
+    that whole first part; once the PACS runs again the stream completes."""
+    pair = orthanc_pair_private
+    cfg = identity_config(pair, tmp_path, idp, POLICY.replace('"@COHORT@"', '"nobody"'))
+    port = free_port()
+    cfg.write_text(cfg.read_text() + f'\n[gateway]\nlisten = "127.0.0.1:{port}"\n')
+    proc = start_gateway(cfg, port, tmp_path / "gateway.log")
+    try:
+        url = f"http://127.0.0.1:{port}/dicom-web"
+        tok = token(idp, tmp_path / "r.jwt", "drad", "radiologists").read_text().strip()
+        auth = {"Authorization": f"Bearer {tok}"}
+        on_a = [i for i in pair.instances if pair.sites_holding(i.sop_uid) == {"SiteA"}]
+        series = max({i.series_uid for i in on_a}, key=lambda s: len(pair.series(s)))
+        members = sorted(pair.series(series), key=lambda i: i.sop_uid)
+        assert len(members) >= 3
+        first = members[0]
+        base = f"{url}/studies/{first.study_uid}/series/{series}"
+        accept = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+        # A viewer searches first (the listing is the catalog's), then reads one object.
+        assert len(httpx.get(f"{base}/instances", headers=auth, timeout=60).json()) == len(members)
+        r = httpx.get(f"{base}/instances/{first.sop_uid}", headers={**auth, **accept}, timeout=60)
+        assert r.status_code == 200
+        pair.a.server.pause()
+        resumed = False
+        try:
+            with httpx.stream("GET", base, headers={**auth, **accept}, timeout=60) as resp:
+                assert resp.status_code == 200
+                bnd = resp.headers["content-type"].split("boundary=")[1].strip('"').encode()
+                got = b""
+                it = resp.iter_bytes()
+                # The first part arrives whole while the PACS, frozen, has sent nothing more.
+                deadline = time.monotonic() + 8
+                while True:
+                    got += next(it)
+                    body = got.partition(b"\r\n\r\n")[2]
+                    try:
+                        same_dataset(body, first)
+                        break
+                    except Exception:
+                        assert time.monotonic() < deadline, "the first part did not arrive"
+                pair.a.server.resume()
+                resumed = True
+                for chunk in it:
+                    got += chunk
+            assert got.rstrip().endswith(b"--" + bnd + b"--")
+            assert got.count(b"Content-Type: application/dicom") == len(members)
+            # A PACS that stays silent past the site's timeout mid-stream: the connection is
+            # aborted (no closing delimiter passes for a whole answer), one log line, no
+            # traceback.
+            other = next(s for s in {i.series_uid for i in on_a} if s != series)
+            obase = f"{url}/studies/{pair.series(other)[0].study_uid}/series/{other}"
+            rows = httpx.get(f"{obase}/instances", headers=auth, timeout=60).json()
+            ofirst = min(r["00080018"]["Value"][0] for r in rows)  # the first part's object
+            one = httpx.get(f"{obase}/instances/{ofirst}", headers={**auth, **accept}, timeout=60)
+            assert one.status_code == 200
+            pair.a.server.pause()
+            resumed = False
+            with pytest.raises(httpx.RemoteProtocolError):
+                with httpx.stream("GET", obase, headers={**auth, **accept}, timeout=60) as resp:
+                    for _ in resp.iter_bytes():
+                        pass
+            log = (tmp_path / "gateway.log").read_text()
+            assert "a streamed answer was aborted" in log or "PACS did not answer" in log
+        finally:
+            if not resumed:
+                pair.a.server.resume()
+    finally:
+        stop_gateway(proc)
+    assert "Traceback" not in (tmp_path / "gateway.log").read_text()

@@ -19,10 +19,27 @@ from mdm.config import Config
 from mdm.errors import ConfigError, UserError
 from mdm.gateway.app import Gateway
 from mdm.gateway.federation import Federation
+from mdm.gateway.wado import StreamAborted
 from mdm.namespace.bridge import open_bridge
 from mdm.store.keys import LocalKeyring
 
 log = logging.getLogger(__name__)
+
+
+class _OneLineAborts(logging.Filter):
+    """hypercorn logs an app's exception with its traceback; a streamed answer the gateway
+    aborted on purpose (:class:`StreamAborted`, already logged in one line) needs neither."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        seen: list[BaseException] = [exc] if exc is not None else []
+        while seen:
+            e = seen.pop()
+            if isinstance(e, StreamAborted):
+                return False
+            if isinstance(e, BaseExceptionGroup):
+                seen.extend(e.exceptions)
+        return True
 
 
 async def _until_signalled() -> None:
@@ -52,6 +69,7 @@ async def run_gateway(
         if f is not None and not f.is_file():
             raise ConfigError(config.path, "gateway", f"TLS file {f} does not exist")
     session, verifier = open_service_session(config)
+    logging.getLogger("hypercorn.error").addFilter(_OneLineAborts())
     try:
         keys = LocalKeyring.load(config.keys.keyring, create=True)
         async with open_bridge(config, session, keys=keys) as base:
