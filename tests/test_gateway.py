@@ -10,6 +10,7 @@ without a valid token. Every request is audited.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import ssl
 import subprocess
@@ -29,6 +30,7 @@ from mdm_demo.localpacs import free_port
 from mdm_demo.synth import TRIAL_PROTOCOL
 from tests.conftest import PacsPair, phi_in
 from tests.mountutil import mdm
+from tests.test_e2e_keys import KeyServers
 from tests.test_e2e_mount import same_dataset
 from tests.test_e2e_policy import POLICY, forged_token, identity_config, token
 from tests.tlsutil import make_tls
@@ -69,13 +71,21 @@ def start_gateway(
         stdout=subprocess.DEVNULL,
         stderr=log.open("wb"),
     )
+    wait_answering(proc, port, log, scheme, verify)
+    return proc
+
+
+def wait_answering(
+    proc: subprocess.Popen[bytes], port: int, log: Path, scheme: str = "http", verify: object = True
+) -> None:
+    """Wait until the gateway at ``port`` answers HTTP (AssertionError with its log if not)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"gateway exited: {log.read_text()}")
         try:
             httpx.get(f"{scheme}://127.0.0.1:{port}/dicom-web/studies", timeout=2, verify=verify)  # type: ignore[arg-type]
-            return proc
+            return
         except httpx.TransportError:
             time.sleep(0.2)
     proc.kill()
@@ -434,3 +444,62 @@ def test_a_series_streams_before_its_last_object_has_arrived(
     finally:
         stop_gateway(proc)
     assert "Traceback" not in (tmp_path / "gateway.log").read_text()
+
+
+def test_a_gateway_over_key_servers(orthanc_pair: PacsPair, idp: Path, tmp_path: Path) -> None:
+    """With ``[keys] servers``, the gateway's cache keys are released by the key servers to
+    the gateway's own token (and its audit log is anchored there); each request is still
+    decided by the gateway for the request's token. With too few servers up, a cached
+    object is refused (503), never served without its key servers."""
+    policy = POLICY.replace('"@COHORT@"', '"nobody"') + (
+        '\n[[allow]]\nid = "gateway-service"\ndescription = "the gateway: its cache keys"\n'
+        'principals = { subjects = ["gw-north"] }\nresources = {}\naccess = "identified"\n'
+    )
+    cfg = identity_config(orthanc_pair, tmp_path, idp, policy, audit=tmp_path / "audit.jsonl")
+    servers = KeyServers(cfg, tmp_path)
+    port = free_port()
+    cfg.write_text(cfg.read_text() + f'\n[gateway]\nlisten = "127.0.0.1:{port}"\n')
+    gw_token = token(idp, tmp_path / "gw.jwt", "gw-north")
+    try:
+        for k in (1, 2, 3):
+            servers.start(k)
+        exe = Path(sys.executable).parent / "mdm"
+        log = tmp_path / "gateway.log"
+        proc = subprocess.Popen(
+            [str(exe), "--log-level", "INFO", "gateway", "--config", str(cfg)],
+            env={**os.environ, "MDM_TOKEN_FILE": str(gw_token)},
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("wb"),
+        )
+        try:
+            wait_answering(proc, port, log)
+            rad = token(idp, tmp_path / "rad.jwt", "drad", "radiologists").read_text().strip()
+            c = DICOMwebClient(
+                f"http://127.0.0.1:{port}/dicom-web", headers={"Authorization": f"Bearer {rad}"}
+            )
+            inst = next(i for i in orthanc_pair.instances if i.sop_uid in orthanc_pair.a.sop_uids)
+            ds = c.retrieve_instance(
+                inst.study_uid,
+                inst.series_uid,
+                inst.sop_uid,
+                media_types=(("application/dicom", "*"),),
+            )
+            buf = pydicom.filebase.DicomBytesIO()
+            ds.save_as(buf, enforce_file_format=False)
+            same_dataset(buf.getvalue(), inst)
+            # Two of three servers gone: the cached object's key cannot be released.
+            servers.procs[2].kill()
+            servers.procs[3].kill()
+            r = httpx.get(
+                f"http://127.0.0.1:{port}/dicom-web/studies/{inst.study_uid}/series/"
+                f"{inst.series_uid}/instances/{inst.sop_uid}",
+                headers={"Authorization": f"Bearer {rad}"},
+                timeout=60,
+            )
+            assert r.status_code == 503 and "Retry-After" in r.headers
+        finally:
+            stop_gateway(proc)
+        assert "released to gw-north" in log.read_text()
+        assert "Traceback" not in log.read_text()
+    finally:
+        servers.stop()

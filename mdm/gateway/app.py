@@ -29,7 +29,14 @@ from mdm.access.identity import InvalidToken, Principal
 from mdm.audit.log import AuditError
 from mdm.config import GatewaySettings
 from mdm.dicomweb.dicomjson import dataset_to_json
-from mdm.errors import AccessDenied, MdmError, NotFound, RetrieveError, RetrieveTimeout
+from mdm.errors import (
+    AccessDenied,
+    KeyUnavailable,
+    MdmError,
+    NotFound,
+    RetrieveError,
+    RetrieveTimeout,
+)
 from mdm.gateway import qido, wado
 from mdm.gateway.federation import Federation, Row
 from mdm.namespace.bridge import OpenFile
@@ -103,6 +110,9 @@ class Gateway:
                     resp = _error(403, "not readable with this token's access")
             except AuditError:
                 resp = _error(503, "audit unavailable", {"Retry-After": RETRY_AFTER})
+            except KeyUnavailable as e:
+                log.warning("dicomweb %s: %s", name, e)
+                resp = _error(503, "keys unavailable", {"Retry-After": RETRY_AFTER})
             except RetrieveTimeout as e:
                 log.warning("dicomweb %s: retrieval timed out: %s", name, e)
                 resp = _error(503, "the PACS did not answer in time", {"Retry-After": RETRY_AFTER})
