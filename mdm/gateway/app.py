@@ -154,7 +154,7 @@ class Gateway:
             study = self._required_study(request)
         rows: list[Row] = []
         for uid in study.split("\\"):
-            st = await self._study_row(p, uid)
+            st = await self.fed.study(p, uid)
             for r in await self.fed.series(p, uid):
                 rows.append(Row(r.uid, {**_study_part(st), **r.attrs}))
         return self._search(request, rows, "SERIES")
@@ -164,7 +164,7 @@ class Gateway:
         series = request.path_params.get("series")
         rows: list[Row] = []
         for st_uid in study.split("\\"):
-            st = await self._study_row(p, st_uid)
+            st = await self.fed.study(p, st_uid)
             names = [series] if series else [r.uid for r in await self.fed.series(p, st_uid)]
             for se in names:
                 got = await self.fed.instances(p, st_uid, se)
@@ -181,12 +181,6 @@ class Gateway:
                 "clinical PACS: give StudyInstanceUID, or search /studies first"
             )
         return v
-
-    async def _study_row(self, p: Principal, uid: str) -> Row:
-        for r in await self.fed.studies(p):
-            if r.uid == uid:
-                return r
-        raise NotFound(uid)
 
     # ------------------------------------------------------------------ WADO-RS
     async def _instances(

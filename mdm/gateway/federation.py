@@ -75,6 +75,13 @@ class Federation:
         """Every study ``p`` may see, as its view shows it (``ls /studies``)."""
         return await self._rows(self.bridge_for(p), ("studies",))
 
+    async def study(self, p: Principal, study: str) -> Row:
+        """One study as ``p``'s view shows it (NotFound when ``p`` may not see it), without
+        listing the federation."""
+        b = self.bridge_for(p)
+        doc = json.loads(b.metadata(await b.resolve(("studies", study, METADATA))))
+        return Row(study, dict(doc.get("attributes", {})))
+
     async def series(self, p: Principal, study: str) -> list[Row]:
         """The series of one study (NotFound when ``p`` may not see it)."""
         return await self._rows(self.bridge_for(p), ("studies", study))
