@@ -101,6 +101,8 @@ class Namespace:
         """The node at ``path`` if ``who`` may see it; NotFound otherwise."""
         if path and path[-1] == METADATA:
             parent = await self.resolve(who, path[:-1])
+            if parent.kind in VOLUME_SUFFIXES:
+                raise NotFound(METADATA)  # a file, not a directory
             return Node(kind="metadata", path=path, of=parent)
         n = len(path)
         if n == 0:
