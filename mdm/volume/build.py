@@ -14,13 +14,16 @@ maps voxel ``(i, j, k)`` = (column, row, slice) to LPS::
 ``dr`` the column and row spacing (PixelSpacing is row spacing first), ``n`` the unit vector
 from the first slice to the last, ``ds`` the spacing between slice positions. Slices are
 sorted by their position along ``r x c``. The array is stored as ``data[i, j, k]`` (the
-pixel array transposed), stored values unchanged with the rescale slope and intercept in
-``scl_slope``/``scl_inter`` (as dcm2niix does), so ``get_fdata`` gives the rescaled values.
+pixel array transposed, in Fortran order as NIfTI stores it), stored values unchanged with
+the rescale slope and intercept in ``scl_slope``/``scl_inter`` (as dcm2niix does), so
+``get_fdata`` gives the rescaled values.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -131,7 +134,8 @@ def _scale(ds: Dataset) -> tuple[float, float]:
 
 def build_volume(datasets: Sequence[Dataset]) -> Volume:
     """Stack the instances of one series into a NIfTI-1 volume; NotAVolume if they do not
-    form one (module docstring for the geometry)."""
+    form one (module docstring for the geometry). Consumes the datasets' pixel data (each
+    slice's is dropped once copied, to bound memory)."""
     if len(datasets) < 2:
         raise NotAVolume("a single instance is not a volume")
     first = datasets[0]
@@ -166,33 +170,43 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
     ds_mm = float(gaps.mean())
     if np.abs(gaps - ds_mm).max() > SPACING_TOLERANCE * ds_mm:
         raise NotAVolume("inconsistent slice spacing")
+    sidecar = sidecar_of(datasets[order[0]], ds_mm)
     p0, pn = pos[order[0]], pos[order[-1]]
     step = (pn - p0) / (len(order) - 1)
     if np.linalg.norm(np.cross(step / np.linalg.norm(step), normal)) > 1e-2:
         # Slices not stacked along their normal: a gantry tilt; resampling is not ours to do.
         raise NotAVolume("slices are not stacked along their normal (gantry tilt)")
     scales = {_scale(ds) for ds in datasets}
-    try:
-        planes = [np.asarray(datasets[k].pixel_array) for k in order]
-    except Exception as e:  # pydicom raises many types for undecodable pixel data
-        raise NotAVolume(f"pixel data cannot be decoded ({type(e).__name__})") from None
-    stack = np.stack(planes, axis=-1)  # rows, cols, slices
-    if len(scales) == 1:
-        slope, inter = next(iter(scales))
-        data: npt.NDArray[Any] = stack
-        if data.dtype == np.uint16 and int(data.max(initial=0)) < 32768:
-            data = data.astype(np.int16)  # what dcm2niix writes for 12-bit unsigned data
-    else:  # per-slice rescale: store the rescaled values themselves
-        data = np.stack(
-            [
-                planes[n].astype(np.float32) * np.float32(_scale(datasets[k])[0])
-                + np.float32(_scale(datasets[k])[1])
-                for n, k in enumerate(order)
-            ],
-            axis=-1,
-        )
-        slope, inter = 1.0, 0.0
-    data = np.ascontiguousarray(data.transpose(1, 0, 2))  # i = column, j = row, k = slice
+    per_slice = len(scales) > 1
+    # One array in NIfTI's (Fortran) order, filled slice by slice; each slice's DICOM pixel
+    # bytes are dropped once copied, so the peak is about twice the pixel bytes, not four.
+    data: npt.NDArray[Any] | None = None
+    high = 0
+    for n, k in enumerate(order):
+        ds = datasets[k]
+        try:
+            plane = np.asarray(ds.pixel_array)
+        except Exception as e:  # pydicom raises many types for undecodable pixel data
+            raise NotAVolume(f"pixel data cannot be decoded ({type(e).__name__})") from None
+        if plane.shape != (rows, cols):
+            raise NotAVolume("malformed pixel data")
+        if data is None:
+            dtype = np.float32 if per_slice else plane.dtype
+            data = np.empty((cols, rows, len(order)), dtype=dtype, order="F")
+        if per_slice:  # per-slice rescale: store the rescaled values themselves
+            s, i = _scale(ds)
+            data[:, :, n] = plane.T.astype(np.float32) * np.float32(s) + np.float32(i)
+        else:
+            data[:, :, n] = plane.T
+            if plane.dtype == np.uint16:
+                high = max(high, int(plane.max(initial=0)))
+        del plane, ds.PixelData
+        with contextlib.suppress(AttributeError):
+            ds._pixel_array = None  # pydicom's cached decoded array
+    assert data is not None
+    slope, inter = (1.0, 0.0) if per_slice else next(iter(scales))
+    if data.dtype == np.uint16 and high < 32768:
+        data = data.view(np.int16)  # what dcm2niix writes for 12-bit unsigned data (no copy)
     lps = np.eye(4)
     lps[:3, 0] = r * spacing[1]
     lps[:3, 1] = c * spacing[0]
@@ -206,9 +220,12 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
     hdr.set_qform(affine, code=1)  # scanner coordinates
     hdr.set_sform(affine, code=1)
     hdr["descrip"] = f"mdm-bridge volume v{BUILDER_VERSION}".encode()
-    # No file name, no mtime in the gzip header: the same series always gives the same bytes.
-    nifti = gzip.compress(img.to_bytes(), compresslevel=GZIP_LEVEL, mtime=0)
-    sidecar = sidecar_of(datasets[order[0]], ds_mm)
+    # Streamed into gzip (no uncompressed copy); no file name, no mtime in the gzip header:
+    # the same series always gives the same bytes.
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=GZIP_LEVEL, mtime=0) as gz:
+        img.to_file_map({"image": nib.FileHolder(fileobj=gz)})
+    nifti = buf.getvalue()
     return Volume(nifti=nifti, sidecar=sidecar, shape=tuple(int(x) for x in data.shape))
 
 
