@@ -1,7 +1,7 @@
 """Time a series' NIfTI volume through a real mount against dcm2niix on the same files.
 
 One Orthanc holds a generated series (default 300 slices of 512x512 CT). Reported:
-  dcm2niix     dcm2niix -z y on the series' DICOM files in a local directory (the floor of a
+  dcm2niix     dcm2niix -z y (and -z n) on the series' DICOM files in a local directory (a
                user who already has the files)
   cached       the volume read through a mount whose cache holds the instances but no volume
                (the build: decrypt, parse, stack, compress, encrypt)
@@ -58,6 +58,13 @@ def main() -> None:
             ["dcm2niix", "-z", "y", "-o", str(out), str(src)], check=True, capture_output=True
         )
         t_ref = time.perf_counter() - t0
+        shutil.rmtree(out)
+        out.mkdir()
+        t0 = time.perf_counter()
+        subprocess.run(
+            ["dcm2niix", "-z", "n", "-o", str(out), str(src)], check=True, capture_output=True
+        )
+        t_raw = time.perf_counter() - t0
         port = free_port()
         pacs = LocalOrthanc(
             d / "orthanc",
@@ -106,6 +113,7 @@ timeout = "60s"
         shape = f"{args.count} x {args.rows}x{args.rows}"
         print(f"series: {shape} ({mb:.0f} MB DICOM); volume {size / 1e6:.0f} MB")
         print(f"dcm2niix -z y on local files     {t_ref:6.2f} s")
+        print(f"dcm2niix -z n (no compression)   {t_raw:6.2f} s")
         print(f"bridge, instances cached (build) {cached_only:6.2f} s")
         print(f"bridge, cold (retrieve + build)  {t_cold:6.2f} s   peak RSS {peak:.0f} MB")
         print(f"bridge, warm (cached volume)     {t_warm:6.2f} s")
