@@ -320,3 +320,38 @@ def test_derived_uids_are_stable_valid_and_distinct() -> None:
         )
         == 3
     )
+
+
+def test_volume_opens_are_audited(pair: tuple[PacsPair, Odd], idp: Path, tmp_path: Path) -> None:
+    """Each open of a volume file is one audit record, as an instance open is: allowed
+    (with the key use, cold then cached), denied for a metadata-only principal."""
+    p, _ = pair
+    audit = tmp_path / "audit" / "audit.jsonl"
+    cfg = identity_config(p, tmp_path / "cfg", idp, POLICY, audit=audit)
+    grid = token(idp, tmp_path / "grid.jwt", "svc-grid", "grid")
+    asmith = token(idp, tmp_path / "asmith.jwt", "asmith")
+    secret = LocalKeyring.load(cfg.parent / "keyring.json").secret("pseudonym:nant")
+    i = next(i for i in p.instances if i.trial == TRIAL_PROTOCOL and i.modality == "CT")
+    st, se = (map_uid(u, secret=secret) for u in (i.study_uid, i.series_uid))
+
+    async def read_twice(b: Bridge) -> None:
+        for _ in range(2):
+            await read_all(b, ("studies", st, se + ".nii.gz"))
+
+    async def denied(b: Bridge) -> None:
+        with pytest.raises(AccessDenied):
+            await b.open(("studies", i.study_uid, i.series_uid + ".json"))
+
+    run_as(cfg, grid, read_twice)
+    run_as(cfg, asmith, denied)
+    recs = [json.loads(line) for line in audit.read_text().splitlines()]
+    opens = [r for r in recs if r["action"] == "open" and r["resource"].get("kind")]
+    assert [(r["sub"], r["decision"], r["resource"]["kind"]) for r in opens] == [
+        ("svc-grid", "allow", "volume"),
+        ("svc-grid", "allow", "volume"),
+        ("asmith", "deny", "sidecar"),
+    ]
+    assert [r.get("cached") for r in opens[:2]] == [False, True]
+    assert opens[0]["resource"]["series_uid"] == i.series_uid
+    assert opens[0]["resource"]["volume_uid"].startswith("2.25.")
+    assert opens[0]["key_level"] and opens[0]["view"] == "deidentified"
