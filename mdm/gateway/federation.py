@@ -64,7 +64,7 @@ class Federation:
     async def _rows(self, b: Acting, path: tuple[str, ...]) -> list[Row]:
         out = []
         for e in await b.listdir(path):
-            if e.name == METADATA:
+            if e.name == METADATA or not e.is_dir:  # files beside directories: volumes
                 continue
             node = await b.resolve((*path, e.name, METADATA))
             doc = json.loads(b.metadata(node))

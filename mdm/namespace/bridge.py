@@ -14,6 +14,8 @@ module                          class                  job
 ``mdm.namespace.tree``          ``Namespace``          resolve / lookup / listdir / metadata
 ``mdm.namespace.reads``         ``Reads``              open, re-check on read, audit of opens
 ``mdm.retrieval.targets``       ``Targets``            retrieval targets, prefetch
+``mdm.volume.service``          ``Volumes``            NIfTI files beside series, built
+                                                       from cached instances
 ==============================  =====================  ===================================
 
 :class:`Services` holds one of each, shared: the catalog, store, fetcher, view cache and alias
@@ -60,6 +62,7 @@ from mdm.retrieval.targets import Targets
 from mdm.store.db import open_env
 from mdm.store.keys import KeyProvider, LocalKeyring
 from mdm.store.objects import ObjectStore
+from mdm.volume.service import Volumes
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +108,8 @@ class Services:
         )
         names = Names(sync, gate, keys.secret)
         targets = Targets(config, sync, gate, names, store, fetcher)
-        namespace = Namespace(config, sync, gate, names, store, targets)
+        volumes = Volumes(config, sync, gate, names, store, targets)
+        namespace = Namespace(config, sync, gate, names, store, targets, volumes=volumes)
         reads = Reads(namespace, gate, names, store, targets)
         return cls(config, gate, sync, names, namespace, reads, targets, store, fetcher, keys)
 
