@@ -23,6 +23,7 @@ import pytest
 from mdm.config import FAST_DICOM_ENV, fast_dicom_default
 from mdm_demo.localpacs import LOOPBACK, LocalOrthanc, free_port, stop_all
 from mdm_demo.synth import GeneratedInstance, by_series, generate
+from tests.phi import phi_in, remember_phi
 
 BRIDGE_AET = "MDMTEST"
 
@@ -273,23 +274,6 @@ def idp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ---------------------------------------------------------------------------- no PHI in logs
-PHI_SENTINELS: set[str] = set()
-"""Identifying values of every generated patient a test PACS holds: no log line may carry
-one (names, Patient IDs, accession numbers; dates are left out, digits occur in UIDs)."""
-
-
-def remember_phi(instances: Sequence[GeneratedInstance]) -> None:
-    """Add the PHI of generated instances to the sentinels the log checks look for."""
-    for i in instances:
-        PHI_SENTINELS.update(v for v in (i.patient_id, i.accession_number) if v)
-        PHI_SENTINELS.update(p for p in i.patient_name.split("^") if len(p) >= 4)
-
-
-def phi_in(text: str) -> list[str]:
-    """The sentinels found in ``text``."""
-    return sorted(s for s in PHI_SENTINELS if s in text)
-
-
 @pytest.fixture(autouse=True)
 def no_phi_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Fail any test whose in-process log records carry a sentinel PHI value (the mount

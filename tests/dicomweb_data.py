@@ -60,7 +60,7 @@ def dicomweb_orthanc(
 ) -> Iterator[tuple[LocalOrthanc, list[GeneratedInstance], Compressed]]:
     """An Orthanc with its DICOMweb plugin holding :func:`generated` studies (their PHI
     remembered by the log checks) and the :func:`compressed_series`; stopped on exit."""
-    from tests.conftest import remember_phi
+    from tests.phi import remember_phi
 
     server = LocalOrthanc(
         workdir, name="WebSite", aet="WEBSITE", dicomweb=True, die_with_parent=True

@@ -28,8 +28,9 @@ from dicomweb_client.api import DICOMwebClient
 
 from mdm_demo.localpacs import free_port
 from mdm_demo.synth import TRIAL_PROTOCOL
-from tests.conftest import PacsPair, phi_in
+from tests.conftest import PacsPair
 from tests.mountutil import mdm
+from tests.phi import phi_in
 from tests.test_e2e_keys import KeyServers
 from tests.test_e2e_mount import same_dataset
 from tests.test_e2e_policy import POLICY, forged_token, identity_config, token
@@ -152,6 +153,8 @@ def test_identified_principal_gets_exactly_its_grant_element_equal(gw: Gw) -> No
     row = studies[0]
     for tag in ("00080061", "00201208", "00100010"):  # what viewers read, PHI included
         assert tag in row, tag
+    # The positive control of the PHI checks below: identified rows do carry PHI.
+    assert phi_in(json.dumps(studies))
     st = sorted(on_a)[0]
     series = c.search_for_series(st)
     assert series and all(r["0020000D"]["Value"] == [st] for r in series)
