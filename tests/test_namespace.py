@@ -111,7 +111,12 @@ def test_identified_tree(orthanc_pair: PacsPair, tmp_path: Path) -> None:
         assert meta["attributes"]["PatientID"] == inst.patient_id
         # A hidden or missing name: NotFound, and so is a site that holds nothing of it.
         other = next(s for s in ("SiteA", "SiteB") if s not in pair.sites_holding(inst.study_uid))
-        for missing in (("studies", "1.2.3.4.5.6"), ("sites", other, inst.patient_id), ("nope",)):
+        for missing in (
+            ("studies", "1.2.3.4.5.6"),
+            ("sites", other, inst.patient_id),
+            ("nope",),
+            (*path, ".metadata.json"),  # a file has no metadata document: ENOENT, not EIO
+        ):
             with pytest.raises(NotFound):
                 await b.lookup(missing)
         misses = counter("mdm_cache_lookups", result="miss")

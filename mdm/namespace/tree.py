@@ -101,7 +101,7 @@ class Namespace:
         """The node at ``path`` if ``who`` may see it; NotFound otherwise."""
         if path and path[-1] == METADATA:
             parent = await self.resolve(who, path[:-1])
-            if parent.kind in VOLUME_SUFFIXES:
+            if parent.kind in VOLUME_SUFFIXES or parent.kind in ("instance", "metadata"):
                 raise NotFound(METADATA)  # a file, not a directory
             return Node(kind="metadata", path=path, of=parent)
         n = len(path)
