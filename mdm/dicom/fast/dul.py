@@ -100,8 +100,9 @@ class FastDUL(DULServiceProvider):
         count of unassociated connections)."""
         self._associate_by = 0.0
         """Monotonic deadline for an inbound peer to get associated (0: none, or done)."""
-        self.compiled = assoc.is_acceptor and compiled.enabled()
-        """P-DATA-TF PDUs of inbound C-STOREs are read by the compiled loop (``_pdata``)."""
+        self.compiled = compiled.enabled()
+        """P-DATA-TF PDUs of C-STORE requests (from a PACS delivering a C-MOVE to the storage
+        SCP, or answering our C-GET) are read by the compiled loop (``_pdata``)."""
         self._reader: Reader | None = None
         self._store: tuple[C_STORE, int] | None = None
         self._nothing_read = False
@@ -312,7 +313,7 @@ class FastDUL(DULServiceProvider):
         pdata = compiled.module()
         reader = self._reader
         if reader is None:
-            mine = self.assoc.acceptor
+            mine = self.assoc.acceptor if self.assoc.is_acceptor else self.assoc.requestor
             limit = (int(mine.maximum_length or 0) or DEFAULT_MAX_PDU) + PDU_SLACK
             reader = self._reader = pdata.Reader(limit, MAX_MESSAGE_BYTES)
         raw = sock.socket
