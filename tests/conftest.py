@@ -4,7 +4,7 @@
 ``orthanc_pair``           two Orthancs, SiteA and SiteB, with data (module scope; do not pause
                            or kill them - use ``orthanc_pair_private`` for fault tests).
 ``orthanc_pair_private``   the same, started for one test only.
-``dicom_mode``             ``"fast"`` or ``"stock"``: the DICOM path of the test (below).
+``dicom_mode``             ``"fast"``, ``"python"`` (fast, compiled loop off) or ``"stock"``.
 
 Data layout of a pair (6 patients, each one study of a 4-slice CT and a 3-slice MR series):
 patients 0 and 1 only on SiteA, 2 and 3 only on SiteB, patient 4's study on both, patient 5's CT
@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 
 from mdm.config import FAST_DICOM_ENV, fast_dicom_default
+from mdm.dicom.fast.compiled import COMPILED_DICOM_ENV
 from mdm_demo.localpacs import LOOPBACK, LocalOrthanc, free_port, stop_all
 from mdm_demo.synth import GeneratedInstance, by_series, generate
+from tests.phi import phi_in, remember_phi
 
 BRIDGE_AET = "MDMTEST"
 
@@ -273,23 +275,6 @@ def idp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ---------------------------------------------------------------------------- no PHI in logs
-PHI_SENTINELS: set[str] = set()
-"""Identifying values of every generated patient a test PACS holds: no log line may carry
-one (names, Patient IDs, accession numbers; dates are left out, digits occur in UIDs)."""
-
-
-def remember_phi(instances: Sequence[GeneratedInstance]) -> None:
-    """Add the PHI of generated instances to the sentinels the log checks look for."""
-    for i in instances:
-        PHI_SENTINELS.update(v for v in (i.patient_id, i.accession_number) if v)
-        PHI_SENTINELS.update(p for p in i.patient_name.split("^") if len(p) >= 4)
-
-
-def phi_in(text: str) -> list[str]:
-    """The sentinels found in ``text``."""
-    return sorted(s for s in PHI_SENTINELS if s in text)
-
-
 @pytest.fixture(autouse=True)
 def no_phi_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Fail any test whose in-process log records carry a sentinel PHI value (the mount
@@ -350,7 +335,7 @@ def _fast_only_on_stock(item: pytest.Item) -> bool:
         return False
     callspec = getattr(item, "callspec", None)
     mode = callspec.params.get("dicom_mode") if callspec is not None else None
-    return mode != "fast"
+    return mode not in ("fast", "python")
 
 
 # ---------------------------------------------------------------------- DICOM fast path
@@ -370,6 +355,19 @@ DICOM_MODULES = frozenset(
 """DICOM service modules whose tests run twice: on the fast path and on stock pynetdicom
 (``[bridge] fast_dicom = false``). A test of a protection only the fast path has is marked
 ``fast_only`` and runs once, on the fast path (docs/DICOM.md, The fast path)."""
+COMPILED_MODULES = frozenset(
+    {
+        "test_dicom_net",
+        "test_hostile_pacs",
+        "test_large_object",
+        "test_peer_limits",
+        "test_receiver_process",
+    }
+)
+"""Of DICOM_MODULES, those whose tests also run on the fast path with the compiled receive
+loop switched off (``dicom_mode = "python"``, ``MDM_COMPILED_DICOM=0``): the byte-level and
+limit tests of inbound associations, where the compiled loop replaces the Python one. In
+``"fast"`` mode the compiled loop serves (it is built by scripts/setup)."""
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -378,6 +376,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     fast_only = metafunc.definition.get_closest_marker("fast_only") is not None
     modes = ["fast"] if fast_only else ["fast", "stock"]
+    if module in COMPILED_MODULES:
+        modes.insert(1, "python")
     metafunc.parametrize("dicom_mode", modes, indirect=True, scope="module")
 
 
@@ -392,5 +392,6 @@ def dicom_mode(request: pytest.FixtureRequest) -> Iterator[str]:
         yield "fast" if fast_dicom_default() else "stock"
         return
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(FAST_DICOM_ENV, "1" if mode == "fast" else "0")
+        mp.setenv(FAST_DICOM_ENV, "0" if mode == "stock" else "1")
+        mp.setenv(COMPILED_DICOM_ENV, "0" if mode == "python" else "1")
         yield str(mode)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from mdm_demo.localpacs import LocalOrthanc
 from mdm_demo.synth import GeneratedInstance, generate
 
 COMPRESSED = (
@@ -45,3 +49,29 @@ def compressed_series() -> tuple[str, str, list[tuple[str, str, bytes]]]:
         ds.save_as(buf, enforce_file_format=True)
         out.append((sop, str(ds.file_meta.TransferSyntaxUID), buf.getvalue()))
     return study, series, out
+
+
+Compressed = tuple[str, str, list[tuple[str, str, bytes]]]
+
+
+@contextmanager
+def dicomweb_orthanc(
+    workdir: Path,
+) -> Iterator[tuple[LocalOrthanc, list[GeneratedInstance], Compressed]]:
+    """An Orthanc with its DICOMweb plugin holding :func:`generated` studies (their PHI
+    remembered by the log checks) and the :func:`compressed_series`; stopped on exit."""
+    from tests.phi import remember_phi
+
+    server = LocalOrthanc(
+        workdir, name="WebSite", aet="WEBSITE", dicomweb=True, die_with_parent=True
+    )
+    server.start()
+    try:
+        instances = generated()
+        remember_phi(instances)
+        server.upload(instances)
+        comp = compressed_series()
+        server.upload(data for _, _, data in comp[2])
+        yield server, instances, comp
+    finally:
+        server.stop()

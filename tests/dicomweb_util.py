@@ -36,6 +36,8 @@ class FaultProxy:
     def __init__(self, upstream_port: int, *, tls: tuple[Path, Path] | None = None) -> None:
         self.upstream_port = upstream_port
         self.mode = "pass"
+        self.other_part: bytes | None = None
+        """For ``other-object``: the Part-10 object sent in place of every part."""
         self.require_token: str | None = None
         self.auth_seen: list[str | None] = []
         self.wado_requests = 0
@@ -138,6 +140,25 @@ class FaultProxy:
             parts = body.split(sep)  # first part (with its delimiter), ..., "--\r\n"
             body = sep.join(parts[:-2] + parts[-1:]) if len(parts) > 2 else delim + b"--\r\n"
             self._reply(h, status, body, ctype)
+        elif mode == "other-object":
+            # Every part replaced by ``other_part``: an object the server was not asked for.
+            assert self.other_part is not None
+            sep = b"\r\n" + delim
+            n = len(body.split(sep)) - 1
+            part = b"\r\nContent-Type: application/dicom\r\n\r\n" + self.other_part
+            self._reply(h, status, delim + sep.join([part] * n) + sep + b"--\r\n", ctype)
+        elif mode == "huge-length":
+            # Announces 10 GB, sends the real body, then closes: the client must neither
+            # reserve 10 GB nor wait for bytes that never come.
+            try:
+                h.send_response(status)
+                h.send_header("Content-Type", ctype)
+                h.send_header("Content-Length", str(10 * 10**9))
+                h.end_headers()
+                h.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+                pass
+            h.close_connection = True
         elif mode == "wrong-boundary":
             other = boundary[:-1] + ("x" if boundary[-1] != "x" else "y")
             self._reply(h, status, body, ctype.replace(boundary, other))

@@ -128,7 +128,7 @@ class Mount:
                 break
         self.proc = None
         # No PHI in the daemon's log, whatever the test was about.
-        from tests.conftest import phi_in
+        from tests.phi import phi_in
 
         found = phi_in(self.log_text())
         assert not found, f"PHI {found} in the mount log {self.log}"

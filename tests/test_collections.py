@@ -18,7 +18,7 @@ import pytest
 from mdm.catalog.cohorts import read_manifest
 from mdm.config import load_config
 from mdm.errors import NotFound
-from mdm.namespace.bridge import Bridge
+from mdm.namespace.bridge import Bridge, Entry
 from mdm_demo.synth import TRIAL_PROTOCOL
 from tests.conftest import PacsPair
 from tests.mountutil import Mount, mdm
@@ -27,6 +27,11 @@ from tests.test_e2e_policy import identity_config, token
 from tests.test_namespace import names, run_as
 
 pytestmark = pytest.mark.service
+
+
+def dirs(entries: list[Entry]) -> set[str]:
+    """The directory names of a listing (series directories, not the NIfTI files beside)."""
+    return {e.name for e in entries if e.is_dir}
 
 
 def collections_toml(manifest: Path) -> str:
@@ -81,7 +86,7 @@ def test_collections_by_keys_and_manifest(orthanc_pair: PacsPair, tmp_path: Path
         seen: set[str] = set()
         for p in pats:
             for st in names(await b.listdir(("collections", "trial-ct", p))):
-                for se in names(await b.listdir(("collections", "trial-ct", p, st))):
+                for se in dirs(await b.listdir(("collections", "trial-ct", p, st))):
                     for f in names(await b.listdir(("collections", "trial-ct", p, st, se))):
                         seen.add(f[: -len(".dcm")])
         assert seen == {i.sop_uid for i in trial_ct}
@@ -93,7 +98,7 @@ def test_collections_by_keys_and_manifest(orthanc_pair: PacsPair, tmp_path: Path
         base = ("collections", "picked")
         for p in names(await b.listdir(base)):
             for st in names(await b.listdir((*base, p))):
-                for se in names(await b.listdir((*base, p, st))):
+                for se in dirs(await b.listdir((*base, p, st))):
                     for f in names(await b.listdir((*base, p, st, se))):
                         got.add(f[:-4])
         assert got == want
@@ -210,7 +215,9 @@ def test_mount_collections_and_xattrs(orthanc_pair: PacsPair, tmp_path: Path) ->
         mnt = m.mountpoint
         assert sorted(os.listdir(mnt / "collections")) == [".metadata.json", "picked", "trial-ct"]
         study = mnt / "collections" / "picked" / inst.patient_id / inst.study_uid
-        assert sorted(os.listdir(study)) == [".metadata.json", inst.series_uid]
+        assert [n for n in os.listdir(study) if (study / n).is_dir()] == [inst.series_uid]
+        # The NIfTI view beside the series directory, wherever the series appears.
+        assert f"{inst.series_uid}.nii.gz" in os.listdir(study)
         keys = os.listxattr(study)
         assert "user.dicom.StudyInstanceUID" in keys and "user.dicom.PatientID" in keys
         assert os.getxattr(study, "user.dicom.StudyInstanceUID").decode() == inst.study_uid

@@ -28,6 +28,7 @@ from mdm.dicom.query import c_find
 from mdm.namespace.bridge import Bridge
 from mdm_demo.localpacs import LocalOrthanc, free_port
 from mdm_demo.synth import TRIAL_PROTOCOL, generate, generate_series
+from tests.test_collections import dirs
 from tests.test_e2e_policy import AUD, ISS, token
 from tests.test_namespace import names, run_as
 
@@ -183,7 +184,7 @@ manifest = "{manifest}"
             for p in names(await b.listdir(base)):
                 for st in names(await b.listdir((*base, p))):
                     studies.add(st)
-                    nseries += len(names(await b.listdir((*base, p, st))))
+                    nseries += len(dirs(await b.listdir((*base, p, st))))
             out[name] = time.perf_counter() - t0
             assert studies == expect, name
             assert nseries == len(expect)

@@ -279,3 +279,66 @@ def test_pdata_tf_encoding_is_byte_identical_to_pynetdicoms() -> None:
         ref = P_DATA_TF()
         ref.from_primitive(primitive)
         assert encode_pdata_tf(cx, pdv) == ref.encode()
+
+
+# ------------------------------------------------------- the compiled receive loop, alike
+def _pdu_bytes(pdatas: list[P_DATA]) -> bytes:
+    from pynetdicom.pdu import P_DATA_TF
+
+    out = b""
+    for p in pdatas:
+        pdu = P_DATA_TF()
+        pdu.from_primitive(p)
+        out += pdu.encode()
+    return out
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16384])
+@pytest.mark.parametrize("message_cls,primitive", MESSAGES)
+def test_compiled_loop_reads_what_the_python_path_reads(
+    message_cls: type[Any], primitive: Any, max_pdu: int
+) -> None:
+    """The same messages through ``mdm.dicom.fast._pdata``: a C-STORE-RQ is read whole (the
+    fields pynetdicom decodes, the data set byte for byte); the other per-object messages
+    are handed back untouched to the Python path."""
+    from tests.pdatadrive import drive
+
+    pdatas = _pdatas(message_cls(), primitive, max_pdu)
+    events = drive(_pdu_bytes(pdatas))
+    if message_cls is not C_STORE_RQ:
+        assert all(e[0] == "fallback" for e in events[:-1]), events
+        return
+    ref = _by_pynetdicom(_pdatas(message_cls(), primitive, max_pdu))
+    (message,) = [e for e in events if e[0] == "message"]
+    _, cx, fields, data = message
+    assert cx == 1
+    assert fields == (
+        ref.AffectedSOPClassUID,
+        ref.AffectedSOPInstanceUID,
+        ref.MessageID,
+        ref.Priority,
+        ref.MoveOriginatorApplicationEntityTitle,
+        ref.MoveOriginatorMessageID,
+    )
+    assert data == ref.DataSet.getvalue()
+
+
+def test_compiled_loop_declines_what_the_python_path_declines() -> None:
+    from tests.pdatadrive import drive
+
+    def one_pdu(raw: bytes) -> bytes:
+        return struct.pack(">BBLLBB", 4, 0, len(raw) + 6, len(raw) + 2, 1, 3) + raw
+
+    good = _command_bytes(C_STORE_RQ(), _store_rq())
+    assert drive(one_pdu(good))[0][0] == "command"
+    declined = [
+        _command_bytes(C_MOVE_RSP(), _rsp(C_MOVE, 0xA701, (0, 0, 3, 0), comment="x")),
+        _command_bytes(C_FIND_RSP(), _find_rsp()),
+        *(good[:cut] for cut in (1, 7, 9, len(good) - 1)),
+        _element(0x0110, b"\x01\x00\x00\x00"),
+        _element(0x0110, b"\x01\x00") * 2,
+        _element(0x1000, b"1.2.\xe93\x00"),
+        _element(0x1000, b"1.2\n3\x00"),
+    ]
+    for raw in declined:
+        assert drive(one_pdu(raw))[0] == ("fallback", one_pdu(raw)[6:]), raw

@@ -561,7 +561,7 @@ def test_the_configured_dicom_path_is_the_one_on_live_associations(
     from mdm.dicom import fast
     from mdm.dicom.net import VERIFICATION, contexts_for, new_ae, open_association
 
-    assert bridge.fast_dicom is (dicom_mode == "fast")
+    assert bridge.fast_dicom is (dicom_mode != "stock")
     site = site_of(pacs, "LAYERS")
     ae = new_ae(bridge.ae_title, 5.0, bridge.max_pdu, fast_path=bridge.fast_dicom)
     cxs = contexts_for([VERIFICATION], [ExplicitVRLittleEndian])
@@ -572,18 +572,26 @@ def test_the_configured_dicom_path_is_the_one_on_live_associations(
         out.release()
 
     inbound: list[list[type]] = []
+    compiled: list[tuple[bool, int]] = []
 
     def sink(obj: ReceivedObject) -> None:
         # Runs while the PACS's association is up: pynetdicom's associations are threads.
         for t in threading.enumerate():
             if isinstance(t, Association) and t.is_acceptor and t.is_established:
                 inbound.append(_layers(t))
+                reader = getattr(t.dul, "_reader", None)
+                compiled.append((getattr(t.dul, "compiled", False), reader and reader.pdus))
 
     with scp.expect([data[3].sop_uid], sink):
         assert _push(scp.port, PACS_AET, data[3]) == 0x0000
     assert len(inbound) == 1
     live = outbound + inbound[0]
+    # The object was read by the compiled loop in "fast" mode, by the Python one otherwise.
     if dicom_mode == "fast":
+        assert compiled[0][0] and compiled[0][1], compiled
+    else:
+        assert compiled == [(False, None)], compiled
+    if dicom_mode != "stock":
         assert all(issubclass(c, fast.FAST_CLASSES) for c in live), live
     else:
         assert not [c for c in live if issubclass(c, fast.FAST_CLASSES)], live
@@ -601,7 +609,7 @@ def test_the_receiver_process_takes_the_dicom_path_of_its_settings(
     proc = ProcessStorageSCP(settings, {PACS_AET}, params)
     proc.start()
     try:
-        assert proc.fast_path is (dicom_mode == "fast") is settings.fast_dicom
+        assert proc.fast_path is (dicom_mode != "stock") is settings.fast_dicom
     finally:
         proc.stop()
 

@@ -27,8 +27,7 @@ from mdm.dicomweb.wado import IncompleteWado, wado_retrieve
 from mdm.errors import AccessDenied, RetrieveError, RetrieveTimeout
 from mdm_demo.localpacs import LocalOrthanc, free_port
 from mdm_demo.synth import GeneratedInstance, by_series
-from tests.conftest import remember_phi
-from tests.dicomweb_data import compressed_series, generated
+from tests.dicomweb_data import dicomweb_orthanc
 from tests.dicomweb_util import FaultProxy
 from tests.tlsutil import make_tls
 
@@ -44,23 +43,8 @@ class Web:
 
 @pytest.fixture(scope="module")
 def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
-    server = LocalOrthanc(
-        tmp_path_factory.mktemp("dicomweb"),
-        name="WebSite",
-        aet="WEBSITE",
-        dicomweb=True,
-        die_with_parent=True,
-    )
-    server.start()
-    try:
-        instances = generated()
-        remember_phi(instances)
-        server.upload(instances)
-        comp = compressed_series()
-        server.upload(data for _, _, data in comp[2])
+    with dicomweb_orthanc(tmp_path_factory.mktemp("dicomweb")) as (server, instances, comp):
         yield Web(server, instances, comp)
-    finally:
-        server.stop()
         transport.close_clients()
 
 
@@ -217,6 +201,24 @@ def test_wado_faults(web: Web, tmp_path: Path) -> None:
         with pytest.raises(RetrieveError, match="malformed multipart"):
             wado_retrieve(s, sop_uids=None, sink=sink, **args)  # type: ignore[arg-type]
         assert got == []
+        # Objects other than those asked for: none reaches the sink, and the answer is
+        # short of every object asked for.
+        other_uid, _, other_data = web.compressed[2][0]
+        assert other_uid not in expected
+        proxy.other_part = other_data
+        proxy.mode = "other-object"
+        got, sink = collect()
+        with pytest.raises(IncompleteWado, match=f"delivered 0 of {len(expected)}"):
+            wado_retrieve(s, sop_uids=None, sink=sink, **args)  # type: ignore[arg-type]
+        assert got == []
+        # A server announcing a 10 GB body and closing after the real one: an error at once,
+        # nothing reserved for the announced size.
+        proxy.mode = "huge-length"
+        got, sink = collect()
+        t0 = time.monotonic()
+        with pytest.raises(RetrieveError):
+            wado_retrieve(s, sop_uids=None, sink=sink, **args)  # type: ignore[arg-type]
+        assert time.monotonic() - t0 < 5
         proxy.mode = "wado-401"
         with pytest.raises(AccessDenied, match="site WEB: WADO-RS series retrieval refused"):
             wado_retrieve(s, sop_uids=None, sink=sink, **args)  # type: ignore[arg-type]

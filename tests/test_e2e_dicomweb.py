@@ -26,8 +26,8 @@ from mdm.deid import map_uid
 from mdm.store.keys import LocalKeyring
 from mdm_demo.localpacs import LocalOrthanc
 from mdm_demo.synth import GeneratedInstance
-from tests.conftest import PacsPair, remember_phi
-from tests.dicomweb_data import compressed_series, generated
+from tests.conftest import PacsPair
+from tests.dicomweb_data import dicomweb_orthanc
 from tests.dicomweb_util import FaultProxy
 from tests.mountutil import Mount, mdm
 from tests.test_e2e_mount import config, same_dataset, study_path
@@ -50,24 +50,9 @@ class Web:
 
 @pytest.fixture(scope="module")
 def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
-    server = LocalOrthanc(
-        tmp_path_factory.mktemp("dicomweb"),
-        name="WebSite",
-        aet="WEBSITE",
-        dicomweb=True,
-        die_with_parent=True,
-    )
-    server.start()
-    try:
-        instances = generated()
-        remember_phi(instances)
-        server.upload(instances)
-        comp = compressed_series()
-        server.upload(data for _, _, data in comp[2])
+    with dicomweb_orthanc(tmp_path_factory.mktemp("dicomweb")) as (server, instances, comp):
         with FaultProxy(server.http_port) as proxy:
             yield Web(server, proxy, instances, comp)
-    finally:
-        server.stop()
 
 
 def web_site(url: str, timeout: str = "10s") -> str:
@@ -273,6 +258,7 @@ def test_collections_over_qido(orthanc_pair: PacsPair, web: Web, tmp_path: Path)
     lists as comma-separated UID matching: both list exactly their cohort there too."""
     from mdm.namespace.bridge import Bridge
     from mdm_demo.synth import TRIAL_PROTOCOL
+    from tests.test_collections import dirs
     from tests.test_namespace import names, run_as
 
     ct = [i for i in web.instances if i.modality == "CT"]
@@ -302,7 +288,7 @@ manifest = "{manifest}"
             got: set[str] = set()
             for p in names(await b.listdir(("collections", name))):
                 for st in names(await b.listdir(("collections", name, p))):
-                    got |= names(await b.listdir(("collections", name, p, st)))
+                    got |= dirs(await b.listdir(("collections", name, p, st)))
             out[name] = got
         return out
 

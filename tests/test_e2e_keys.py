@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,6 +35,59 @@ access = "identified"
 """
 
 
+class KeyServers:
+    """Three key servers (2 of 3) on loopback for ``cfg`` (``mdm keys init``); ``cfg`` is
+    rewritten to use them. :meth:`start` starts server ``k`` (1-3); :meth:`stop` all."""
+
+    def __init__(self, cfg: Path, d: Path) -> None:
+        self.ports = [free_port() for _ in range(3)]
+        self.d = d
+        self.ks = d / "ks"
+        listen = ",".join(f"127.0.0.1:{p}" for p in self.ports)
+        mdm(
+            "keys", "init", str(self.ks), "--config", str(cfg),
+            "--shares", "3", "--threshold", "2", "--listen", listen,
+        )  # fmt: skip
+        servers = ", ".join(f'"https://127.0.0.1:{p}"' for p in self.ports)
+        keys = f'[keys]\nservers = [{servers}]\nthreshold = 2\nca_file = "{self.ks / "ca.pem"}"\n'
+        cfg.write_text(cfg.read_text().replace("[keys]\n", keys + 'timeout = "3s"\n', 1))
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    def start(self, k: int) -> None:
+        log = open(self.d / f"ks-{k}.log", "ab")
+        self.procs[k] = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mdm",
+                "keyserver",
+                "--config",
+                str(self.ks / f"server-{k}.toml"),
+            ],
+            stdout=log,
+            stderr=log,
+            cwd=ROOT,
+        )
+        log.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.ports[k - 1]), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError((self.d / f"ks-{k}.log").read_text())
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.send_signal(signal.SIGCONT)
+            p.terminate()
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
 def test_mount_with_split_keys(orthanc_pair: PacsPair, tmp_path: Path) -> None:
     pair = orthanc_pair
     idp = tmp_path / "idp"
@@ -53,47 +107,9 @@ dir = "{tmp_path / "policies"}"
 log = "{tmp_path / "audit.jsonl"}"
 """
     cfg = pair.write_config(tmp_path, bridge_options={"ae_title": aet, "port": port}, extra=extra)
-    ports = [free_port() for _ in range(3)]
-    ks = tmp_path / "ks"
-    listen = ",".join(f"127.0.0.1:{p}" for p in ports)
-    mdm(
-        "keys",
-        "init",
-        str(ks),
-        "--config",
-        str(cfg),
-        "--shares",
-        "3",
-        "--threshold",
-        "2",
-        "--listen",
-        listen,
-    )
-    servers = ", ".join(f'"https://127.0.0.1:{p}"' for p in ports)
-    keys = f'[keys]\nservers = [{servers}]\nthreshold = 2\nca_file = "{ks / "ca.pem"}"\n'
-    cfg.write_text(cfg.read_text().replace("[keys]\n", keys + 'timeout = "3s"\n', 1))
-    procs: dict[int, subprocess.Popen[bytes]] = {}
-
-    def start(k: int) -> None:
-        log = open(tmp_path / f"ks-{k}.log", "ab")
-        procs[k] = subprocess.Popen(
-            [sys.executable, "-m", "mdm", "keyserver", "--config", str(ks / f"server-{k}.toml")],
-            stdout=log,
-            stderr=log,
-            cwd=ROOT,
-        )
-        log.close()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                import socket
-
-                socket.create_connection(("127.0.0.1", ports[k - 1]), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError((tmp_path / f"ks-{k}.log").read_text())
-
+    servers = KeyServers(cfg, tmp_path)
+    procs = servers.procs
+    start = servers.start
     tok = token(idp, tmp_path / "rad.jwt", "drad", "radiologists")
     on_a = [i for i in pair.instances if "SiteA" in pair.sites_holding(i.sop_uid)][:4]
     try:
@@ -129,10 +145,4 @@ log = "{tmp_path / "audit.jsonl"}"
         assert '"objects": ' in stats
         assert not os.path.ismount(tmp_path / "mnt")
     finally:
-        for p in procs.values():
-            p.send_signal(signal.SIGCONT)
-            p.terminate()
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        servers.stop()

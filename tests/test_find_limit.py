@@ -91,7 +91,8 @@ def test_a_burst_of_listings_keeps_to_max_associations(tmp_path: Path) -> None:
                 pacs.peak = 0
             with ThreadPoolExecutor(max_workers=8) as pool:
                 listed = list(pool.map(lambda s: os.listdir(m.mountpoint / "studies" / s), studies))
-            assert all(len(x) == 2 for x in listed), listed  # .metadata.json and the series
+            # .metadata.json, the series, and its NIfTI view (.nii.gz and .json) beside it
+            assert all(len(x) == 4 for x in listed), listed
             assert 1 <= pacs.peak <= 2, f"{pacs.peak} C-FINDs at once with max_associations = 2"
     finally:
         pacs.stop()

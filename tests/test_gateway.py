@@ -10,6 +10,7 @@ without a valid token. Every request is audited.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import ssl
 import subprocess
@@ -27,8 +28,10 @@ from dicomweb_client.api import DICOMwebClient
 
 from mdm_demo.localpacs import free_port
 from mdm_demo.synth import TRIAL_PROTOCOL
-from tests.conftest import PacsPair, phi_in
+from tests.conftest import PacsPair
 from tests.mountutil import mdm
+from tests.phi import phi_in
+from tests.test_e2e_keys import KeyServers
 from tests.test_e2e_mount import same_dataset
 from tests.test_e2e_policy import POLICY, forged_token, identity_config, token
 from tests.tlsutil import make_tls
@@ -69,13 +72,21 @@ def start_gateway(
         stdout=subprocess.DEVNULL,
         stderr=log.open("wb"),
     )
+    wait_answering(proc, port, log, scheme, verify)
+    return proc
+
+
+def wait_answering(
+    proc: subprocess.Popen[bytes], port: int, log: Path, scheme: str = "http", verify: object = True
+) -> None:
+    """Wait until the gateway at ``port`` answers HTTP (AssertionError with its log if not)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"gateway exited: {log.read_text()}")
         try:
             httpx.get(f"{scheme}://127.0.0.1:{port}/dicom-web/studies", timeout=2, verify=verify)  # type: ignore[arg-type]
-            return proc
+            return
         except httpx.TransportError:
             time.sleep(0.2)
     proc.kill()
@@ -142,6 +153,8 @@ def test_identified_principal_gets_exactly_its_grant_element_equal(gw: Gw) -> No
     row = studies[0]
     for tag in ("00080061", "00201208", "00100010"):  # what viewers read, PHI included
         assert tag in row, tag
+    # The positive control of the PHI checks below: identified rows do carry PHI.
+    assert phi_in(json.dumps(studies))
     st = sorted(on_a)[0]
     series = c.search_for_series(st)
     assert series and all(r["0020000D"]["Value"] == [st] for r in series)
@@ -359,3 +372,137 @@ def test_status_is_for_officers_and_shows_queued_work(gw: Gw) -> None:
     assert {s["name"] for s in doc["sites"]} == {"SiteA", "SiteB"}
     assert all(set(s["paced"]) == {"urgent", "bulk", "window"} for s in doc["sites"])
     assert doc["policy"]["version"]
+
+
+def test_a_series_streams_before_its_last_object_has_arrived(
+    orthanc_pair_private: PacsPair, idp: Path, tmp_path: Path
+) -> None:
+    """The first part of a series goes out while the PACS has not yet delivered the rest:
+    its first object is cached, the PACS is then frozen (SIGSTOP), and the client receives
+    that whole first part; once the PACS runs again the stream completes."""
+    pair = orthanc_pair_private
+    cfg = identity_config(pair, tmp_path, idp, POLICY.replace('"@COHORT@"', '"nobody"'))
+    port = free_port()
+    cfg.write_text(cfg.read_text() + f'\n[gateway]\nlisten = "127.0.0.1:{port}"\n')
+    proc = start_gateway(cfg, port, tmp_path / "gateway.log")
+    try:
+        url = f"http://127.0.0.1:{port}/dicom-web"
+        tok = token(idp, tmp_path / "r.jwt", "drad", "radiologists").read_text().strip()
+        auth = {"Authorization": f"Bearer {tok}"}
+        on_a = [i for i in pair.instances if pair.sites_holding(i.sop_uid) == {"SiteA"}]
+        series = max({i.series_uid for i in on_a}, key=lambda s: len(pair.series(s)))
+        members = sorted(pair.series(series), key=lambda i: i.sop_uid)
+        assert len(members) >= 3
+        first = members[0]
+        base = f"{url}/studies/{first.study_uid}/series/{series}"
+        accept = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+        # A viewer searches first (the listing is the catalog's), then reads one object.
+        assert len(httpx.get(f"{base}/instances", headers=auth, timeout=60).json()) == len(members)
+        r = httpx.get(f"{base}/instances/{first.sop_uid}", headers={**auth, **accept}, timeout=60)
+        assert r.status_code == 200
+        pair.a.server.pause()
+        resumed = False
+        try:
+            with httpx.stream("GET", base, headers={**auth, **accept}, timeout=60) as resp:
+                assert resp.status_code == 200
+                bnd = resp.headers["content-type"].split("boundary=")[1].strip('"').encode()
+                got = b""
+                it = resp.iter_bytes()
+                # The first part arrives whole while the PACS, frozen, has sent nothing more.
+                deadline = time.monotonic() + 8
+                while True:
+                    got += next(it)
+                    body = got.partition(b"\r\n\r\n")[2]
+                    try:
+                        same_dataset(body, first)
+                        break
+                    except Exception:
+                        assert time.monotonic() < deadline, "the first part did not arrive"
+                pair.a.server.resume()
+                resumed = True
+                for chunk in it:
+                    got += chunk
+            assert got.rstrip().endswith(b"--" + bnd + b"--")
+            assert got.count(b"Content-Type: application/dicom") == len(members)
+            # A PACS that stays silent past the site's timeout mid-stream: the connection is
+            # aborted (no closing delimiter passes for a whole answer), one log line, no
+            # traceback.
+            other = next(s for s in {i.series_uid for i in on_a} if s != series)
+            obase = f"{url}/studies/{pair.series(other)[0].study_uid}/series/{other}"
+            rows = httpx.get(f"{obase}/instances", headers=auth, timeout=60).json()
+            ofirst = min(r["00080018"]["Value"][0] for r in rows)  # the first part's object
+            one = httpx.get(f"{obase}/instances/{ofirst}", headers={**auth, **accept}, timeout=60)
+            assert one.status_code == 200
+            pair.a.server.pause()
+            resumed = False
+            with pytest.raises(httpx.RemoteProtocolError):
+                with httpx.stream("GET", obase, headers={**auth, **accept}, timeout=60) as resp:
+                    for _ in resp.iter_bytes():
+                        pass
+            log = (tmp_path / "gateway.log").read_text()
+            assert "a streamed answer was aborted" in log or "PACS did not answer" in log
+        finally:
+            if not resumed:
+                pair.a.server.resume()
+    finally:
+        stop_gateway(proc)
+    assert "Traceback" not in (tmp_path / "gateway.log").read_text()
+
+
+def test_a_gateway_over_key_servers(orthanc_pair: PacsPair, idp: Path, tmp_path: Path) -> None:
+    """With ``[keys] servers``, the gateway's cache keys are released by the key servers to
+    the gateway's own token (and its audit log is anchored there); each request is still
+    decided by the gateway for the request's token. With too few servers up, a cached
+    object is refused (503), never served without its key servers."""
+    policy = POLICY.replace('"@COHORT@"', '"nobody"') + (
+        '\n[[allow]]\nid = "gateway-service"\ndescription = "the gateway: its cache keys"\n'
+        'principals = { subjects = ["gw-north"] }\nresources = {}\naccess = "identified"\n'
+    )
+    cfg = identity_config(orthanc_pair, tmp_path, idp, policy, audit=tmp_path / "audit.jsonl")
+    servers = KeyServers(cfg, tmp_path)
+    port = free_port()
+    cfg.write_text(cfg.read_text() + f'\n[gateway]\nlisten = "127.0.0.1:{port}"\n')
+    gw_token = token(idp, tmp_path / "gw.jwt", "gw-north")
+    try:
+        for k in (1, 2, 3):
+            servers.start(k)
+        exe = Path(sys.executable).parent / "mdm"
+        log = tmp_path / "gateway.log"
+        proc = subprocess.Popen(
+            [str(exe), "--log-level", "INFO", "gateway", "--config", str(cfg)],
+            env={**os.environ, "MDM_TOKEN_FILE": str(gw_token)},
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("wb"),
+        )
+        try:
+            wait_answering(proc, port, log)
+            rad = token(idp, tmp_path / "rad.jwt", "drad", "radiologists").read_text().strip()
+            c = DICOMwebClient(
+                f"http://127.0.0.1:{port}/dicom-web", headers={"Authorization": f"Bearer {rad}"}
+            )
+            inst = next(i for i in orthanc_pair.instances if i.sop_uid in orthanc_pair.a.sop_uids)
+            ds = c.retrieve_instance(
+                inst.study_uid,
+                inst.series_uid,
+                inst.sop_uid,
+                media_types=(("application/dicom", "*"),),
+            )
+            buf = pydicom.filebase.DicomBytesIO()
+            ds.save_as(buf, enforce_file_format=False)
+            same_dataset(buf.getvalue(), inst)
+            # Two of three servers gone: the cached object's key cannot be released.
+            servers.procs[2].kill()
+            servers.procs[3].kill()
+            r = httpx.get(
+                f"http://127.0.0.1:{port}/dicom-web/studies/{inst.study_uid}/series/"
+                f"{inst.series_uid}/instances/{inst.sop_uid}",
+                headers={"Authorization": f"Bearer {rad}"},
+                timeout=60,
+            )
+            assert r.status_code == 503 and "Retry-After" in r.headers
+        finally:
+            stop_gateway(proc)
+        assert "released to gw-north" in log.read_text()
+        assert "Traceback" not in log.read_text()
+    finally:
+        servers.stop()

@@ -96,7 +96,9 @@ def test_identified_tree(orthanc_pair: PacsPair, tmp_path: Path) -> None:
         assert names(await b.listdir(("sites",))) == {"SiteA", "SiteB"}
         assert names(await b.listdir(("sites", "SiteA"))) == pair.a.patient_ids
         series = names(await b.listdir(("studies", inst.study_uid)))
-        assert series == {i.series_uid for i in pair.instances if i.study_uid == inst.study_uid}
+        uids = {i.series_uid for i in pair.instances if i.study_uid == inst.study_uid}
+        # Each series directory, and its NIfTI view beside it (tests/test_volumes.py).
+        assert series == {u + sfx for u in uids for sfx in ("", ".nii.gz", ".json")}
         files = names(await b.listdir(("studies", inst.study_uid, inst.series_uid)))
         assert files == {i.sop_uid + ".dcm" for i in pair.series(inst.series_uid)}
         path = ("patients", inst.patient_id, inst.study_uid, inst.series_uid, inst.sop_uid + ".dcm")
@@ -109,7 +111,12 @@ def test_identified_tree(orthanc_pair: PacsPair, tmp_path: Path) -> None:
         assert meta["attributes"]["PatientID"] == inst.patient_id
         # A hidden or missing name: NotFound, and so is a site that holds nothing of it.
         other = next(s for s in ("SiteA", "SiteB") if s not in pair.sites_holding(inst.study_uid))
-        for missing in (("studies", "1.2.3.4.5.6"), ("sites", other, inst.patient_id), ("nope",)):
+        for missing in (
+            ("studies", "1.2.3.4.5.6"),
+            ("sites", other, inst.patient_id),
+            ("nope",),
+            (*path, ".metadata.json"),  # a file has no metadata document: ENOENT, not EIO
+        ):
             with pytest.raises(NotFound):
                 await b.lookup(missing)
         misses = counter("mdm_cache_lookups", result="miss")

@@ -177,9 +177,28 @@ def test_mount_unit_commands_in_mdm_help() -> None:
         assert res.returncode == 0, res.stderr
 
 
-# ---------------------------------------------------------------------------- key server unit
-def test_keyserver_unit_is_fully_sandboxed() -> None:
-    u = read_unit(UNITS / "mdm-keyserver@.service")
+# ---------------------------------------------------------------------------- key server, gateway
+@pytest.mark.parametrize(
+    ("unit", "writable", "command", "config"),
+    [
+        (
+            "mdm-keyserver@.service",
+            ["/var/lib/mdm/keyserver", "/var/log/mdm/keyserver"],
+            "keyserver",
+            "/etc/mdm/keyserver-inst.toml",
+        ),
+        (
+            "mdm-gateway.service",
+            ["/var/cache/mdm/gateway", "/var/lib/mdm/gateway", "/var/log/mdm/gateway"],
+            "gateway",
+            "/etc/mdm/gateway.toml",
+        ),
+    ],
+)
+def test_service_units_are_fully_sandboxed(
+    unit: str, writable: list[str], command: str, config: str
+) -> None:
+    u = read_unit(UNITS / unit)
     assert one(u, "Service", "User") == "mdm"
     for key, value in {
         "NoNewPrivileges": "yes",
@@ -195,49 +214,15 @@ def test_keyserver_unit_is_fully_sandboxed() -> None:
         "Restart": "on-failure",
     }.items():
         assert one(u, "Service", key) == value, key
-    # Exactly the key store's and the audit log's directories are writable, and tmpfiles.d
-    # makes them 0700 for the service user.
-    writable = one(u, "Service", "ReadWritePaths").split()
-    assert sorted(writable) == ["/var/lib/mdm/keyserver", "/var/log/mdm/keyserver"]
+    # Exactly these directories are writable, and tmpfiles.d makes them 0700 for mdm.
+    assert sorted(one(u, "Service", "ReadWritePaths").split()) == writable
     dirs = tmpfiles()
     for d in writable:
         assert dirs[d] == ("0700", "mdm", "mdm")
     start = exec_argv(one(u, "Service", "ExecStart"))
     assert start[0] == INSTALLED_MDM
     name, params = parse_with_mdm(start[1:])
-    assert name == "keyserver" and str(params["config_path"]) == "/etc/mdm/keyserver-inst.toml"
-
-
-def test_gateway_unit_is_fully_sandboxed() -> None:
-    u = read_unit(UNITS / "mdm-gateway.service")
-    assert one(u, "Service", "User") == "mdm"
-    for key, value in {
-        "NoNewPrivileges": "yes",
-        "ProtectSystem": "strict",
-        "PrivateTmp": "yes",
-        "PrivateDevices": "yes",
-        "ProtectHome": "yes",
-        "CapabilityBoundingSet": "",
-        "AmbientCapabilities": "",
-        "RestrictSUIDSGID": "yes",
-        "UMask": "0077",
-        "LimitCORE": "0",
-        "Restart": "on-failure",
-    }.items():
-        assert one(u, "Service", key) == value, key
-    writable = one(u, "Service", "ReadWritePaths").split()
-    assert sorted(writable) == [
-        "/var/cache/mdm/gateway",
-        "/var/lib/mdm/gateway",
-        "/var/log/mdm/gateway",
-    ]
-    dirs = tmpfiles()
-    for d in writable:
-        assert dirs[d] == ("0700", "mdm", "mdm")
-    start = exec_argv(one(u, "Service", "ExecStart"))
-    assert start[0] == INSTALLED_MDM
-    name, params = parse_with_mdm(start[1:])
-    assert name == "gateway" and str(params["config_path"]) == "/etc/mdm/gateway.toml"
+    assert name == command and str(params["config_path"]) == config
 
 
 def test_sysusers_and_tmpfiles() -> None:

@@ -103,10 +103,14 @@ def _no_principal() -> Principal:
     raise InvalidToken("a service session has no principal of its own: each request brings one")
 
 
-def open_service_session(config: Config) -> tuple[Session, TokenVerifier]:
+def open_service_session(
+    config: Config, token_file: Path | None = None
+) -> tuple[Session, TokenVerifier]:
     """The session of a process that serves many principals (the gateway): the policy, the
     audit log and the verifier of the tokens requests bring. ``[identity]`` and ``[policy]``
-    are required: a service never runs as the local administrator."""
+    are required: a service never runs as the local administrator. ``token_file``: the
+    service's own token, for the key servers (``[keys] servers``): they release the cache's
+    keys to the service and sign its audit anchors; each request is decided here."""
     if config.identity is None:
         raise ConfigError(
             config.path,
@@ -127,5 +131,17 @@ def open_service_session(config: Config) -> tuple[Session, TokenVerifier]:
         audit_log = AuditLog(config.audit.log, sink=sink)
     resolver = PolicyResolver(config.policy.dir, known_sites=[s.name for s in config.sites])
     log.info("serving many principals; policy %s version %s", config.policy.dir, resolver.version())
-    session = Session(_no_principal, resolver, audit_log, False)
-    return session, TokenVerifier(config.identity)
+    verifier = TokenVerifier(config.identity)
+    anchor = None
+    if config.keys.servers:
+        if token_file is None:
+            raise UserError(
+                f"{config.path}: [keys] servers: the gateway needs its own token for the key "
+                "servers (--token-file FILE or MDM_TOKEN_FILE)"
+            )
+        service = TokenFile(token_file, verifier).current()  # refuse to start on a bad one
+        log.info("key servers: the gateway's cache keys are released to %s", service.label())
+        if audit_log is not None and config.audit is not None:
+            anchor = anchorer_for(audit_log, config.keys, token_file, config.audit.anchor_interval)
+    session = Session(_no_principal, resolver, audit_log, False, token_file, anchor)
+    return session, verifier

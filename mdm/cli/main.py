@@ -720,14 +720,20 @@ def reidentify(
 # ---------------------------------------------------------------------------- gateway
 @main.command()
 @config_option
-def gateway(config_path: Path) -> None:
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path),
+    default=lambda: os.environ.get("MDM_TOKEN_FILE"),
+    help="The gateway's own JWT, for [keys] servers only (also $MDM_TOKEN_FILE).",
+)
+def gateway(config_path: Path, token_file: Path | None) -> None:
     """Serve the federation as DICOMweb to worker mounts and viewers ([gateway] in the config).
 
     Runs in the foreground (for systemd) until SIGTERM or SIGINT; each request brings its own
     token (Authorization: Bearer), decided and audited as a mount's reads are."""
     from mdm.gateway.serve import serve
 
-    serve(_load(config_path))
+    serve(_load(config_path), token_file)
 
 
 # ---------------------------------------------------------------------------- subgroups

@@ -28,7 +28,15 @@ from starlette.routing import Route
 from mdm.access.identity import InvalidToken, Principal
 from mdm.audit.log import AuditError
 from mdm.config import GatewaySettings
-from mdm.errors import AccessDenied, MdmError, NotFound, RetrieveError, RetrieveTimeout
+from mdm.dicomweb.dicomjson import dataset_to_json
+from mdm.errors import (
+    AccessDenied,
+    KeyUnavailable,
+    MdmError,
+    NotFound,
+    RetrieveError,
+    RetrieveTimeout,
+)
 from mdm.gateway import qido, wado
 from mdm.gateway.federation import Federation, Row
 from mdm.namespace.bridge import OpenFile
@@ -102,6 +110,9 @@ class Gateway:
                     resp = _error(403, "not readable with this token's access")
             except AuditError:
                 resp = _error(503, "audit unavailable", {"Retry-After": RETRY_AFTER})
+            except KeyUnavailable as e:
+                log.warning("dicomweb %s: %s", name, e)
+                resp = _error(503, "keys unavailable", {"Retry-After": RETRY_AFTER})
             except RetrieveTimeout as e:
                 log.warning("dicomweb %s: retrieval timed out: %s", name, e)
                 resp = _error(503, "the PACS did not answer in time", {"Retry-After": RETRY_AFTER})
@@ -143,7 +154,7 @@ class Gateway:
             study = self._required_study(request)
         rows: list[Row] = []
         for uid in study.split("\\"):
-            st = await self._study_row(p, uid)
+            st = await self.fed.study(p, uid)
             for r in await self.fed.series(p, uid):
                 rows.append(Row(r.uid, {**_study_part(st), **r.attrs}))
         return self._search(request, rows, "SERIES")
@@ -153,7 +164,7 @@ class Gateway:
         series = request.path_params.get("series")
         rows: list[Row] = []
         for st_uid in study.split("\\"):
-            st = await self._study_row(p, st_uid)
+            st = await self.fed.study(p, st_uid)
             names = [series] if series else [r.uid for r in await self.fed.series(p, st_uid)]
             for se in names:
                 got = await self.fed.instances(p, st_uid, se)
@@ -170,12 +181,6 @@ class Gateway:
                 "clinical PACS: give StudyInstanceUID, or search /studies first"
             )
         return v
-
-    async def _study_row(self, p: Principal, uid: str) -> Row:
-        for r in await self.fed.studies(p):
-            if r.uid == uid:
-                return r
-        raise NotFound(uid)
 
     # ------------------------------------------------------------------ WADO-RS
     async def _instances(
@@ -270,7 +275,7 @@ class Gateway:
             def bulk(elem: Any, url: str = url) -> str:
                 return f"{url}{elem.tag:08X}"
 
-            doc = ds.to_json_dict(BULK_THRESHOLD, bulk)
+            doc = dataset_to_json(ds, bulk_data_threshold=BULK_THRESHOLD, bulk_data_uri=bulk)
             ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
             encapsulated = ts not in wado.NATIVE
             doc["7FE00010"] = {

@@ -64,7 +64,7 @@ class Federation:
     async def _rows(self, b: Acting, path: tuple[str, ...]) -> list[Row]:
         out = []
         for e in await b.listdir(path):
-            if e.name == METADATA:
+            if e.name == METADATA or not e.is_dir:  # files beside directories: volumes
                 continue
             node = await b.resolve((*path, e.name, METADATA))
             doc = json.loads(b.metadata(node))
@@ -74,6 +74,13 @@ class Federation:
     async def studies(self, p: Principal) -> list[Row]:
         """Every study ``p`` may see, as its view shows it (``ls /studies``)."""
         return await self._rows(self.bridge_for(p), ("studies",))
+
+    async def study(self, p: Principal, study: str) -> Row:
+        """One study as ``p``'s view shows it (NotFound when ``p`` may not see it), without
+        listing the federation."""
+        b = self.bridge_for(p)
+        doc = json.loads(b.metadata(await b.resolve(("studies", study, METADATA))))
+        return Row(study, dict(doc.get("attributes", {})))
 
     async def series(self, p: Principal, study: str) -> list[Row]:
         """The series of one study (NotFound when ``p`` may not see it)."""

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mdm.gateway.dicomjson import keyword_of, to_json
+from mdm.dicomweb.dicomjson import attrs_to_json, keyword_of
 from mdm.namespace.find import matches
 
 # What viewers read from every answer (PS3.18 Table 10.6.3-3/4/5), beyond what was matched.
@@ -123,4 +123,4 @@ def answer(
     assert q.limit is not None
     page = hits[q.offset : q.offset + q.limit]
     keep = None if q.include_all else {*DEFAULT_FIELDS[level], *q.filters, *q.include}
-    return [to_json(r, keep) for r in page], q.offset + q.limit < len(hits)
+    return [attrs_to_json(r, keep) for r in page], q.offset + q.limit < len(hits)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 from functools import partial
+from pathlib import Path
 
 import trio
 
@@ -19,10 +20,28 @@ from mdm.config import Config
 from mdm.errors import ConfigError, UserError
 from mdm.gateway.app import Gateway
 from mdm.gateway.federation import Federation
+from mdm.gateway.wado import StreamAborted
+from mdm.keyservice.client import provider_for
 from mdm.namespace.bridge import open_bridge
 from mdm.store.keys import LocalKeyring
 
 log = logging.getLogger(__name__)
+
+
+class _OneLineAborts(logging.Filter):
+    """hypercorn logs an app's exception with its traceback; a streamed answer the gateway
+    aborted on purpose (:class:`StreamAborted`, already logged in one line) needs neither."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        seen: list[BaseException] = [exc] if exc is not None else []
+        while seen:
+            e = seen.pop()
+            if isinstance(e, StreamAborted):
+                return False
+            if isinstance(e, BaseExceptionGroup):
+                seen.extend(e.exceptions)
+        return True
 
 
 async def _until_signalled() -> None:
@@ -33,7 +52,10 @@ async def _until_signalled() -> None:
 
 
 async def run_gateway(
-    config: Config, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    config: Config,
+    token_file: Path | None = None,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or cancellation); ``task_status`` gets the bound port."""
     from hypercorn.config import Config as HyperConfig
@@ -42,18 +64,15 @@ async def run_gateway(
     g = config.gateway
     if g is None:
         raise ConfigError(config.path, "gateway", 'missing: [gateway] listen = "HOST:PORT"')
-    if config.keys.servers:
-        raise ConfigError(
-            config.path,
-            "keys.servers",
-            "the gateway keeps its own keyring; key servers are not supported for it yet",
-        )
     for f in (g.tls_cert, g.tls_key):
         if f is not None and not f.is_file():
             raise ConfigError(config.path, "gateway", f"TLS file {f} does not exist")
-    session, verifier = open_service_session(config)
+    session, verifier = open_service_session(config, token_file)
+    logging.getLogger("hypercorn.error").addFilter(_OneLineAborts())
     try:
-        keys = LocalKeyring.load(config.keys.keyring, create=True)
+        keys = provider_for(config.keys, token_file) or LocalKeyring.load(
+            config.keys.keyring, create=True
+        )
         async with open_bridge(config, session, keys=keys) as base:
             app = Gateway(Federation(base, verifier), g).app()
             hc = HyperConfig()
@@ -87,6 +106,6 @@ async def run_gateway(
         session.close()
 
 
-def serve(config: Config) -> None:
+def serve(config: Config, token_file: Path | None = None) -> None:
     """Run the gateway in the foreground until SIGTERM or SIGINT."""
-    trio.run(run_gateway, config)
+    trio.run(run_gateway, config, token_file)

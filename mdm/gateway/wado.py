@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from mdm.errors import MdmError
 from mdm.namespace.bridge import OpenFile
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,26 @@ async def dicom_parts(
 ) -> AsyncIterator[bytes]:
     """The body of a multipart/related application/dicom answer, object after object."""
     first = True
+    try:
+        async for part in _parts(opened, wanted, bnd):
+            first = False
+            yield part
+    except MdmError as e:
+        # The status line is long gone: the connection is aborted (the server sees the
+        # exception), so a client never takes a cut answer for a whole one.
+        log.warning("dicomweb: a streamed answer was aborted: %s", e)
+        raise StreamAborted(str(e)) from None
+    if first:
+        yield b""
+    yield closing(bnd)
+
+
+class StreamAborted(Exception):
+    """A streamed answer that cannot be finished (its connection is aborted)."""
+
+
+async def _parts(opened: AsyncIterator[OpenFile], wanted: Wanted, bnd: str) -> AsyncIterator[bytes]:
+    first = True
     async for f in opened:
         try:
             have = stored_syntax(f)
@@ -169,9 +190,6 @@ async def dicom_parts(
                     yield bytes(piece)
         finally:
             f.release()
-    if first:
-        yield b""
-    yield closing(bnd)
 
 
 def frames_of(ds: Dataset, numbers: list[int]) -> tuple[list[bytes], str]:

@@ -14,6 +14,8 @@ module                          class                  job
 ``mdm.namespace.tree``          ``Namespace``          resolve / lookup / listdir / metadata
 ``mdm.namespace.reads``         ``Reads``              open, re-check on read, audit of opens
 ``mdm.retrieval.targets``       ``Targets``            retrieval targets, prefetch
+``mdm.volume.service``          ``Volumes``            NIfTI files beside series, built
+                                                       from cached instances
 ==============================  =====================  ===================================
 
 :class:`Services` holds one of each, shared: the catalog, store, fetcher, view cache and alias
@@ -61,6 +63,7 @@ from mdm.retrieval.targets import Targets
 from mdm.store.db import open_env
 from mdm.store.keys import KeyProvider, LocalKeyring
 from mdm.store.objects import ObjectStore
+from mdm.volume.service import Volumes
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +109,8 @@ class Services:
         )
         names = Names(sync, gate, keys.secret)
         targets = Targets(config, sync, gate, names, store, fetcher)
-        namespace = Namespace(config, sync, gate, names, store, targets)
+        volumes = Volumes(config, sync, gate, names, store, targets)
+        namespace = Namespace(config, sync, gate, names, store, targets, volumes=volumes)
         reads = Reads(namespace, gate, names, store, targets)
         return cls(config, gate, sync, names, namespace, reads, targets, store, fetcher, keys)
 
@@ -237,8 +241,11 @@ async def open_bridge(
         )
         report = store.recover()
         log.info("cache recovered: %s", report)
-        if keys.remote:
-            # Shared nodes: no key that opens the catalog outlives this process.
+        if keys.remote or any(s.dicomweb for s in config.sites):
+            # Shared nodes: no key that opens the catalog outlives this process. And a
+            # DICOMweb site (a hospital gateway) answers each token with what that token may
+            # see: its listings are this principal's, never to be reused by the next mount
+            # of the same cache.
             catalog = Catalog.private(config.cache.dir, config.cache.catalog_ttl)
         else:
             catalog = Catalog(env, keys.secret("catalog"), config.cache.catalog_ttl)

@@ -199,6 +199,8 @@ class CollectionTree:
                 d = self.ns.gate.decide(principal, node.study, se)
                 if self.ns.gate.visible(d):
                     out.append(Entry(names.name(names.view(d), se.uid), True, mtime=t))
+                    if self.ns.volumes is not None:  # <series>.nii.gz/.json beside it
+                        out += self.ns.volumes.entries(se, names.view(d), out[-1].name, t)
             sync.prefetch_instances(node.study, kept)
             return out
         if node.kind == "series":

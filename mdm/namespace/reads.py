@@ -29,6 +29,7 @@ from mdm.namespace.tree import Namespace, Node
 from mdm.ops import metrics
 from mdm.retrieval.targets import Targets
 from mdm.store.objects import ObjectReader, ObjectRef, ObjectStore
+from mdm.volume.service import SUFFIXES as VOLUME_SUFFIXES
 
 RECHECK_SECONDS = 1.0
 """An open file re-checks its decision at most this often."""
@@ -91,6 +92,9 @@ class Reads:
         if node.kind == "metadata":
             data = self.namespace.metadata(who, node)
             return OpenFile(data=data, size=len(data))
+        if node.kind in VOLUME_SUFFIXES and self.namespace.volumes is not None:
+            reader, cached, check = await self.namespace.volumes.open(who, node)
+            return OpenFile(reader=reader, size=reader.size, exact_before=cached, recheck=check)
         if node.kind != "instance":
             raise NotFound("not a file")
         assert node.decision and node.instance and node.series and node.study and node.view

@@ -22,7 +22,7 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mdm.access.decide import Decision
 from mdm.access.gate import Gate, Who
@@ -36,6 +36,11 @@ from mdm.namespace.collections import CollectionTree
 from mdm.namespace.naming import METADATA, Names, uid_of_readable
 from mdm.retrieval.targets import Targets
 from mdm.store.objects import ObjectRef, ObjectStore
+from mdm.volume.service import SUFFIXES as VOLUME_SUFFIXES
+from mdm.volume.service import split_name as volume_name
+
+if TYPE_CHECKING:
+    from mdm.volume.service import Volumes
 
 TOP = ("studies", "patients", "sites", "browse")
 
@@ -56,7 +61,7 @@ class Entry:
 class Node:
     """A resolved path: which records it designates."""
 
-    kind: str  # root, top, site, patient, study, series, instance, metadata
+    kind: str  # root, top, site, patient, study, series, instance, metadata, volume, sidecar
     path: tuple[str, ...]
     site: str | None = None
     patient: Record | None = None
@@ -80,8 +85,12 @@ class Namespace:
         names: Names,
         store: ObjectStore,
         targets: Targets,
+        *,
+        volumes: Volumes | None = None,
     ) -> None:
         self.config = config
+        self.volumes = volumes
+        """The NIfTI files beside series directories (mdm.volume); None: no such files."""
         self.sync = sync
         self.gate = gate
         self.names = names
@@ -99,6 +108,8 @@ class Namespace:
         """The node at ``path`` if ``who`` may see it; NotFound otherwise."""
         if path and path[-1] == METADATA:
             parent = await self.resolve(who, path[:-1])
+            if parent.kind in VOLUME_SUFFIXES or parent.kind in ("instance", "metadata"):
+                raise NotFound(METADATA)  # a file, not a directory
             return Node(kind="metadata", path=path, of=parent)
         n = len(path)
         if n == 0:
@@ -139,10 +150,16 @@ class Namespace:
         if not rest:
             node.decision, node.view = d, names.view(d)
             return node
-        series, d = await names.series_named(principal, study, rest.pop(0))
+        vol = volume_name(rest[0]) if len(rest) == 1 and self.volumes is not None else None
+        sname = rest.pop(0)
+        series, d = await names.series_named(principal, study, vol[0] if vol else sname)
         if site is not None and site not in series.sites:
             raise NotFound(series.uid)
         node.kind, node.series, node.decision, node.view = "series", series, d, names.view(d)
+        if vol is not None and self.volumes is not None:
+            node.kind = vol[1]  # <series>.nii.gz or <series>.json beside the series directory
+            self.volumes.check(node)
+            return node
         if not rest:
             return node
         fname = rest.pop(0)
@@ -170,6 +187,8 @@ class Namespace:
             strict=False,
         ):
             assert rec is not None and node.view is not None
+            if kind == "series" and node.kind in VOLUME_SUFFIXES:
+                given = given.removesuffix(VOLUME_SUFFIXES[node.kind])
             if self.names.readable_name(kind, rec, node.view) != given:
                 raise NotFound(given)
         node.path = path
@@ -202,6 +221,8 @@ class Namespace:
         if node.kind == "metadata":
             size = len(self.metadata(who, node))
             return Entry(name=name, is_dir=False, size=size, mtime=self.started)
+        if node.kind in VOLUME_SUFFIXES and self.volumes is not None:
+            return await self.volumes.entry(who, node, name, self.started)
         return Entry(name=name, is_dir=True, mtime=self.started)
 
     # ------------------------------------------------------------------ listdir
@@ -213,7 +234,7 @@ class Namespace:
             inner = sorted(await self.collections.listdir(who, path), key=lambda e: e.name)
             return [await self.lookup(who, (*path, METADATA)), *inner]
         node = await self.resolve(who, path)
-        if node.kind in ("instance", "metadata"):
+        if node.kind in ("instance", "metadata", *VOLUME_SUFFIXES):
             raise NotFound("not a directory")
         t, gate, names = self.started, self.gate, self.names
         out: list[Entry] = []
@@ -249,6 +270,8 @@ class Namespace:
                 d = gate.decide(p, node.study, se)
                 if gate.visible(d):
                     out.append(Entry(names.name(names.view(d), se.uid), True, mtime=t))
+                    if self.volumes is not None:
+                        out += self.volumes.entries(se, names.view(d), out[-1].name, t)
         elif node.kind == "series":
             assert node.study is not None and node.series is not None and node.view is not None
             await self.sync.ensure_instances(node.study, node.series)
@@ -288,6 +311,7 @@ class Namespace:
             if rec is None or sub.view is None or (parent is not None and rec.parent != parent.uid):
                 continue
             name = self.names.readable_name(kind, rec, sub.view)
+            name += VOLUME_SUFFIXES.get(sub.kind, "")
             out.append(dataclasses.replace(e, name=name))
         out.sort(key=lambda x: (x.name != METADATA, x.name))
         return out
@@ -341,5 +365,7 @@ class Namespace:
             doc["attributes"] = dict(sorted(of.view.attrs(level, attrs, NON_PHI).items()))
             doc["sites"] = sorted(rec.sites)
             doc["access"] = of.view.kind
+            if of.kind == "series" and of.series is not None and self.volumes is not None:
+                doc["volume"] = self.volumes.status(of.series, of.view)
         self.collections.annotate(who, of, doc)
         return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode()

@@ -1,9 +1,11 @@
 """Retrieval orchestration: single-flight per object, fail-over, series prefetch.
 
-This is the one module that crosses between trio and pynetdicom's threads: blocking DICOM
-calls run in ``trio.to_thread.run_sync`` under a per-site ``CapacityLimiter``; objects arriving
-in the storage SCP's threads are queued to the writer threads (:mod:`mdm.retrieval.writer`),
-stored there, then reported back to trio with the captured trio token (``run_sync_soon``).
+Its thread hand-offs (one of several modules that leave the trio thread: docs/CONCURRENCY.md
+lists them all, with what bounds each): blocking DICOM and DICOMweb calls run in
+``trio.to_thread.run_sync`` under a per-site ``CapacityLimiter``, after the site's pace
+(:mod:`mdm.retrieval.pacing`); objects arriving in the storage SCP's threads are queued to the
+writer threads (:mod:`mdm.retrieval.writer`), stored there, then reported back to trio with
+the captured trio token (``run_sync_soon``).
 """
 
 from __future__ import annotations

@@ -143,7 +143,8 @@ class ChunkCipher:
         """Ciphertext || tag of chunk ``index``."""
         if len(plaintext) != self.header.chunk_plain_len(index):
             raise ValueError(f"chunk {index} has the wrong length")
-        return self._aead.encrypt(self._nonce(index), bytes(plaintext), self._aad(index))
+        # AESGCM reads any buffer: no copy of the chunk first.
+        return self._aead.encrypt(self._nonce(index), plaintext, self._aad(index))
 
     def decrypt_chunk(self, index: int, sealed: bytes) -> bytes:
         """Authenticate and decrypt chunk ``index``; IntegrityError names the chunk."""

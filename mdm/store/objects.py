@@ -637,7 +637,10 @@ class ObjectStore:
                     _fsync_dir(self._objects_dir)
                 os.rename(tmp, final)
                 placed = True
-                _fsync_dir(final.parent)
+                # No fsync of the directory: the index commits without one too (sync=False), and
+                # recovery drops a record whose blob is missing or short, so a rename lost to a
+                # power cut costs a re-fetch. The blob's own bytes were fsynced before the
+                # rename: a blob that is there is whole. (0.3-0.4 ms per object, under the lock.)
                 txn.put(name.encode(), info.to_record(), db=self._db)
                 txn.put(self._lru_key(name, info.last_access), b"", db=self._lru)
                 self._set_committed_bytes(txn, self._committed_bytes(txn) + info.stored_bytes)

@@ -21,6 +21,7 @@ from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
 from mdm.dicom.command import read_command
+from mdm.dicom.fast import compiled
 from mdm.dicom.limits import MAX_MESSAGE_BYTES, PART10_PREFIX, PeerViolation
 from mdm.dicom.part10 import PREAMBLE, file_meta, ui_value
 
@@ -190,26 +191,31 @@ class FastDIMSE(DIMSEServiceProvider):
             and primitive.AffectedSOPClassUID
             and primitive.AffectedSOPInstanceUID
         ):
+            sop_class = str(primitive.AffectedSOPClassUID)
+            sop_instance = str(primitive.AffectedSOPInstanceUID)
+            message_id = int(primitive.MessageIDBeingRespondedTo)
+            status = int(primitive.Status)
+            pdu = b""
             try:
-                cmd = encode_store_response(
-                    str(primitive.AffectedSOPClassUID),
-                    str(primitive.AffectedSOPInstanceUID),
-                    int(primitive.MessageIDBeingRespondedTo),
-                    int(primitive.Status),
-                )
+                if compiled.available() and getattr(self.dul, "compiled", False):
+                    pdu = compiled.module().store_response_pdu(
+                        context_id, sop_class, sop_instance, message_id, status
+                    )
+                else:
+                    cmd = encode_store_response(sop_class, sop_instance, message_id, status)
+                    pdu = encode_pdata_tf(context_id, b"\x03" + cmd)  # last command fragment
             except (ValueError, struct.error):
-                cmd = b""
-            if cmd and (not self.maximum_pdu_size or len(cmd) + 6 <= self.maximum_pdu_size):
-                pdv = b"\x03" + cmd  # last fragment of a command set
-                if not self._send_now(context_id, pdv):
+                pdu = b""
+            if pdu and (not self.maximum_pdu_size or len(pdu) - 6 <= self.maximum_pdu_size):
+                if not self._send_now(pdu):
                     pdata = P_DATA()
-                    pdata.presentation_data_value_list.append((context_id, pdv))
+                    pdata.presentation_data_value_list.append((context_id, pdu[11:]))
                     self.dul.send_pdu(pdata)
                 return
         super().send_msg(primitive, context_id)
 
-    def _send_now(self, context_id: int, pdv: bytes) -> bool:
-        """Write a one-PDV P-DATA-TF straight to the socket when called on the DUL thread
+    def _send_now(self, pdu: bytes) -> bool:
+        """Write a one-PDV P-DATA-TF PDU straight to the socket when called on the DUL thread
         (an inbound C-STORE served inline) in the data-transfer state with nothing queued
         before it: what the state machine would do (Sta6 + Evt9: DT-1, stay in Sta6), without
         the queue round and pynetdicom's PDU encoder. False: send the usual way."""
@@ -222,7 +228,7 @@ class FastDIMSE(DIMSEServiceProvider):
             or self.assoc.get_handlers(evt.EVT_PDU_SENT)
         ):
             return False
-        dul.socket.send(encode_pdata_tf(context_id, pdv))
+        dul.socket.send(pdu)
         return True
 
 

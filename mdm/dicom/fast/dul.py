@@ -15,23 +15,31 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from pynetdicom import evt
+from pynetdicom import _config, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_P_ABORT, P_DATA
 from pynetdicom.transport import AssociationSocket
 
+from mdm.dicom.fast import compiled
 from mdm.dicom.fast.transport import FastAssociationSocket
 from mdm.dicom.limits import (
     ASSOCIATE_DEADLINE,
     DEFAULT_MAX_PDU,
     MAX_ASSOCIATE_PDU,
+    MAX_MESSAGE_BYTES,
+    PART10_PREFIX,
     PDU_SLACK,
     PeerViolation,
 )
+from mdm.dicom.part10 import PREAMBLE, file_meta
+
+if TYPE_CHECKING:
+    from mdm.dicom.fast._pdata import Reader
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +100,12 @@ class FastDUL(DULServiceProvider):
         count of unassociated connections)."""
         self._associate_by = 0.0
         """Monotonic deadline for an inbound peer to get associated (0: none, or done)."""
+        self.compiled = compiled.enabled()
+        """P-DATA-TF PDUs of C-STORE requests (from a PACS delivering a C-MOVE to the storage
+        SCP, or answering our C-GET) are read by the compiled loop (``_pdata``)."""
+        self._reader: Reader | None = None
+        self._store: tuple[C_STORE, int] | None = None
+        self._nothing_read = False
 
     def peer(self) -> str:
         """The peer, as log lines name it (site if known, AE title, address)."""
@@ -140,6 +154,10 @@ class FastDUL(DULServiceProvider):
         its retrieval) until the idle timeout."""
         limit = self._stall_limit()
         return bool(limit) and time.monotonic() - self._last_pdu > limit
+
+    def _message_begun(self) -> bool:
+        reader = self._reader
+        return self.assoc.dimse.message is not None or (reader is not None and reader.in_progress)
 
     def _release_gate(self) -> None:
         gate, self.gate = self.gate, None
@@ -208,8 +226,16 @@ class FastDUL(DULServiceProvider):
         """
         sock = cast(AssociationSocket, self.socket)
         deadline = self._associate_by or None
+        head = bytearray()
+        if self.compiled and self._can_pump(sock):
+            head = bytearray(self._pump(cast(FastAssociationSocket, sock)))
+            if not head:
+                return
+        body = bytearray()
         try:
-            if isinstance(sock, FastAssociationSocket):
+            if head:
+                pass  # read by the compiled loop: a PDU that is not a P-DATA-TF
+            elif isinstance(sock, FastAssociationSocket):
                 head = sock.recv(6, quickack=False, deadline=deadline)
             else:
                 head = sock.recv(6)
@@ -259,6 +285,119 @@ class FastDUL(DULServiceProvider):
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
 
+    PUMP_WAIT = 0.05
+    """Seconds the compiled loop waits at a PDU boundary inside an object before it returns
+    to the reactor loop (for its timers; another thread's request wakes it at once)."""
+
+    def _can_pump(self, sock: AssociationSocket) -> bool:
+        """The compiled loop may read the next PDUs: data transfer, nothing queued, nothing
+        bound to the events it skips, no message part-read by the Python path, plain TCP."""
+        raw = sock.socket
+        return (
+            self.state_machine.current_state == "Sta6"
+            and self.event_queue.empty()
+            and isinstance(sock, FastAssociationSocket)
+            and raw is not None
+            and not isinstance(raw, ssl.SSLSocket)
+            and self.assoc.dimse.message is None
+            and not _config.STORE_RECV_CHUNKED_DATASET
+            and not self.assoc.get_handlers(evt.EVT_DATA_RECV)
+            and not self.assoc.get_handlers(evt.EVT_PDU_RECV)
+            and not self.assoc.get_handlers(evt.EVT_DIMSE_RECV)
+        )
+
+    def _pump(self, sock: FastAssociationSocket) -> bytes:
+        """Let the compiled loop read P-DATA-TF PDUs until an object is complete (served at
+        once) or something needs this path: returns the header of a PDU that is not a
+        P-DATA-TF (its body unread), else b"" (nothing left to do for this round)."""
+        pdata = compiled.module()
+        reader = self._reader
+        if reader is None:
+            mine = self.assoc.acceptor if self.assoc.is_acceptor else self.assoc.requestor
+            limit = (int(mine.maximum_length or 0) or DEFAULT_MAX_PDU) + PDU_SLACK
+            reader = self._reader = pdata.Reader(limit, MAX_MESSAGE_BYTES)
+        raw = sock.socket
+        assert raw is not None
+        sock.readable = False
+        fd = raw.fileno()
+        stall = self._stall_limit()
+        pdus = reader.pdus
+        code = reader.pump(fd, self._wake_r, self.PUMP_WAIT, stall)
+        while True:
+            if code == pdata.COMMAND:
+                prefix = self._start_store(reader)
+                if prefix is None:
+                    self._python_pdata(reader.decline())
+                    return b""
+                code = reader.begin(prefix)
+                if code == pdata.CONTINUE:
+                    code = reader.pump(fd, self._wake_r, self.PUMP_WAIT, stall)
+                continue
+            if code == pdata.MESSAGE:
+                self._deliver(reader)
+            elif code == pdata.OTHER:
+                return reader.head
+            elif code == pdata.FALLBACK:
+                self._python_pdata(reader.body)
+            elif code == pdata.CLOSED:
+                if reader.problem:
+                    log.warning("%s: connection lost (%s)", self.peer(), reader.problem)
+                self.event_queue.put("Evt17")
+            elif code == pdata.VIOLATION:
+                raise PeerViolation(reader.problem)
+            else:  # IDLE or WAKE: back to the reactor loop, the object (if any) kept
+                self._nothing_read = reader.pdus == pdus
+            return b""
+
+    def _start_store(self, reader: Reader) -> bytes | None:
+        """The C-STORE-RQ whose command set the compiled loop read, as pynetdicom's primitive
+        (through its validating setters), and its Part-10 header; None: the Python path."""
+        fields = reader.command
+        assert fields is not None
+        sop_class, sop_instance, message_id, priority, move_ae, move_id = fields
+        cx = self.assoc._accepted_cx.get(reader.context_id)
+        if cx is None:
+            return None
+        req = C_STORE()
+        try:
+            req.MessageID = message_id
+            req.AffectedSOPClassUID = sop_class
+            req.AffectedSOPInstanceUID = sop_instance
+            if priority is not None:
+                req.Priority = priority
+            if move_ae is not None:
+                req.MoveOriginatorApplicationEntityTitle = move_ae
+            if move_id is not None:
+                req.MoveOriginatorMessageID = move_id
+            head = PREAMBLE + file_meta(sop_class, sop_instance, str(cx.transfer_syntax[0]))
+        except (ValueError, TypeError):
+            return None
+        setattr(req, PART10_PREFIX, len(head))
+        self._store = (req, reader.context_id)
+        return head
+
+    def _deliver(self, reader: Reader) -> None:
+        """A C-STORE-RQ the compiled loop received whole: to DIMSE's message queue, as
+        pynetdicom's DIMSE does with a complete message (EVT_DIMSE_RECV has no handler)."""
+        context_id, _fields, data = reader.take()
+        store, self._store = self._store, None
+        assert store is not None
+        req = store[0]
+        req.DataSet = data
+        req._context_id = context_id
+        req._dataset_path = None
+        req._dataset_file = None
+        self.assoc.dimse.msg_queue.put((context_id, req))
+
+    def _python_pdata(self, body: bytes) -> None:
+        """A P-DATA-TF body the compiled loop left to the Python fast path."""
+        items = pdv_items(memoryview(body))
+        if items is None:
+            raise PeerViolation("P-DATA-TF with malformed presentation data value items")
+        primitive = P_DATA()
+        primitive.presentation_data_value_list.extend(cast(Any, items))
+        self.assoc.dimse.receive_primitive(primitive)
+
     def run_reactor(self) -> None:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -299,9 +438,12 @@ class FastDUL(DULServiceProvider):
                 if self._process_recv_primitive():
                     pass
                 elif self._is_transport_event():
-                    self._idle_timer.restart()
-                    self._last_pdu = time.monotonic()
-                elif self.assoc.dimse.message is not None and self._stalled():
+                    if self._nothing_read:  # the compiled loop waited, and nothing came
+                        self._nothing_read = False
+                    else:
+                        self._idle_timer.restart()
+                        self._last_pdu = time.monotonic()
+                elif self._message_begun() and self._stalled():
                     raise PeerViolation(
                         f"a DIMSE message left incomplete for {self._stall_limit():g}s"
                     )
