@@ -19,7 +19,8 @@ from pydicom.dataset import Dataset
 
 from mdm.store.db import open_env
 from mdm.store.keys import LocalKeyring
-from mdm.store.objects import ObjectRef, ObjectStore
+from mdm.store.objects import ObjectStore
+from mdm.store.records import ObjectRef
 from mdm_demo.localpacs import free_port
 from tests.fuzzdicom import BOMB_KIND, CT_CLASS, Corpus, uid_of
 from tests.test_fuzz_receiver import (

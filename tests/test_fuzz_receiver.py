@@ -47,7 +47,8 @@ from mdm.dicom.retrieve import Retriever
 from mdm.errors import RetrieveError, RetrieveTimeout
 from mdm.store.db import open_env
 from mdm.store.keys import LocalKeyring
-from mdm.store.objects import ObjectRef, ObjectStore
+from mdm.store.objects import ObjectStore
+from mdm.store.records import ObjectRef
 from mdm_demo.localpacs import free_port
 from tests.fuzzdicom import (
     BOMB_KIND,

@@ -34,7 +34,8 @@ from mdm.keyservice.seal import open_from, public_bytes
 from mdm.keyservice.wire import INFO_REPLY, SealedKey, b64d, b64e, reply_aad
 from mdm.store.db import open_env
 from mdm.store.keys import Scope
-from mdm.store.objects import ObjectRef, ObjectStore
+from mdm.store.objects import ObjectStore
+from mdm.store.records import ObjectRef
 from mdm_demo.localpacs import free_port
 
 ISS = "https://idp.test"

@@ -28,7 +28,8 @@ from mdm.dicom.receiver import ReceivedObject, StorageSCP, StoredNotice
 from mdm.dicom.retrieve import Retriever
 from mdm.store.db import open_env
 from mdm.store.keys import LocalKeyring, Scope
-from mdm.store.objects import ObjectRef, ObjectStore
+from mdm.store.objects import ObjectStore
+from mdm.store.records import ObjectRef
 from mdm_demo.localpacs import free_port
 from tests.fuzzdicom import CT_CLASS, EXPLICIT, Corpus, uid_of
 from tests.test_fuzz_receiver import SERIES, STUDY, pause, rss_kib

@@ -251,7 +251,8 @@ def fetch_with(
     from mdm.retrieval.fetcher import Fetcher
     from mdm.store.db import open_env
     from mdm.store.keys import LocalKeyring
-    from mdm.store.objects import ObjectRef, ObjectStore
+    from mdm.store.objects import ObjectStore
+    from mdm.store.records import ObjectRef
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg_path = tmp_path / "mdm.toml"

@@ -21,8 +21,10 @@ from mdm.access.identity import LOCAL_ADMIN
 from mdm.errors import IntegrityError, KeyUnavailable, NotFound, StoreFull
 from mdm.store.crypto import HEADER_LEN, TAG_LEN, BlobHeader, encrypt_object, new_key
 from mdm.store.db import open_env
+from mdm.store.index import OBJECTS_DB
 from mdm.store.keys import LocalKeyring, Scope
-from mdm.store.objects import OBJECTS_DB, ObjectInfo, ObjectRef, ObjectStore
+from mdm.store.objects import ObjectStore
+from mdm.store.records import ObjectInfo, ObjectRef
 
 CS = 64
 SCOPE = Scope("CHLA", "identified")
@@ -391,7 +393,8 @@ _WRITER = textwrap.dedent(
     from pathlib import Path
     from mdm.store.db import open_env
     from mdm.store.keys import LocalKeyring, Scope
-    from mdm.store.objects import ObjectRef, ObjectStore
+    from mdm.store.objects import ObjectStore
+    from mdm.store.records import ObjectRef
     cache, keyring = Path(sys.argv[1]), Path(sys.argv[2])
     store = ObjectStore(cache, open_env(cache), LocalKeyring.load(keyring), 10**9, chunk_size=64)
     for i in range(100000):

@@ -30,7 +30,7 @@ from mdm.deid import map_uid
 from mdm.errors import AccessDenied, NotFound
 from mdm.namespace.bridge import Bridge
 from mdm.store.keys import LocalKeyring
-from mdm.store.objects import ObjectRef
+from mdm.store.records import ObjectRef
 from mdm.volume.build import NotAVolume, build_volume, catalog_reason
 from mdm.volume.service import derived_uid
 from mdm_demo.synth import TRIAL_PROTOCOL, GeneratedInstance, generate, to_bytes

@@ -33,7 +33,7 @@ import trio
 from mdm.config import Config, load_config, parse_duration
 from mdm.errors import MdmError, NotFound, UsageError
 from mdm.retrieval.fetcher import Target
-from mdm.store.objects import ObjectRef
+from mdm.store.records import ObjectRef
 
 EXIT_COMPLETE = 0
 EXIT_TIMEOUT = 3

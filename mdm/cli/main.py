@@ -479,7 +479,7 @@ def fetch(
     from mdm.namespace.bridge import Bridge, open_bridge
     from mdm.namespace.find import original_of
     from mdm.retrieval.fetcher import Target
-    from mdm.store.objects import ObjectRef
+    from mdm.store.records import ObjectRef
 
     wanted: list[str] = []
     for u in uids:
@@ -671,7 +671,7 @@ def cache_verify(config_path: Path, token_file: Path | None) -> None:
 @click.argument("uids", nargs=-1)
 def cache_evict(config_path: Path, evict_all: bool, uids: tuple[str, ...]) -> None:
     """Evict cached objects by SOP Instance UID (every view of them), or all of them."""
-    from mdm.store.objects import ObjectRef
+    from mdm.store.records import ObjectRef
 
     if not evict_all and not uids:
         raise UserError("name SOP Instance UIDs to evict, or --all")

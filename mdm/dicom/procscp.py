@@ -249,7 +249,7 @@ class ProcessStorageSCP(StorageSCP):
             ev.set()
 
     def _deliver(self, msg: tuple[Any, ...]) -> None:
-        from mdm.store.objects import ObjectInfo
+        from mdm.store.records import ObjectInfo
 
         kind, eid, sop_uid = msg[0], msg[1], msg[2]
         exp = self._exp_ids.get(eid)
@@ -313,7 +313,8 @@ def _child_main(
     from mdm.retrieval.writer import Report, Writer
     from mdm.store.db import open_env
     from mdm.store.keys import LocalKeyring
-    from mdm.store.objects import ObjectInfo, ObjectStore
+    from mdm.store.objects import ObjectStore
+    from mdm.store.records import ObjectInfo
 
     send_lock = threading.Lock()
 

@@ -31,8 +31,10 @@ from mdm.config import KeySettings
 from mdm.errors import IntegrityError, KeyUnavailable, UserError
 from mdm.keyservice.client import PUBLIC_FILE, HttpsPool, ServerError, write_public_keys
 from mdm.keyservice.wire import SealedKey, SealedShare, b64d, b64e
+from mdm.store.index import OBJECTS_DB
 from mdm.store.keys import Scope
-from mdm.store.objects import OBJECTS_DB, ObjectInfo, ObjectStore
+from mdm.store.objects import ObjectStore
+from mdm.store.records import ObjectInfo
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ from mdm.namespace.naming import Names
 from mdm.namespace.tree import Namespace, Node
 from mdm.ops import metrics
 from mdm.retrieval.targets import Targets
-from mdm.store.objects import ObjectReader, ObjectRef, ObjectStore
+from mdm.store.objects import ObjectReader, ObjectStore
+from mdm.store.records import ObjectRef
 from mdm.volume.service import SUFFIXES as VOLUME_SUFFIXES
 
 RECHECK_SECONDS = 1.0

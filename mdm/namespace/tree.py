@@ -35,7 +35,8 @@ from mdm.errors import NotFound
 from mdm.namespace.collections import CollectionTree
 from mdm.namespace.naming import METADATA, Names, uid_of_readable
 from mdm.retrieval.targets import Targets
-from mdm.store.objects import ObjectRef, ObjectStore
+from mdm.store.objects import ObjectStore
+from mdm.store.records import ObjectRef
 from mdm.volume.service import SUFFIXES as VOLUME_SUFFIXES
 from mdm.volume.service import split_name as volume_name
 

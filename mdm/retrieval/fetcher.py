@@ -31,7 +31,8 @@ from mdm.ops import metrics
 from mdm.retrieval.pacing import pacer_for
 from mdm.retrieval.writer import Writer, store_spec
 from mdm.store.keys import Scope
-from mdm.store.objects import ObjectInfo, ObjectRef, ObjectStore
+from mdm.store.objects import ObjectStore
+from mdm.store.records import ObjectInfo, ObjectRef
 
 log = logging.getLogger(__name__)
 

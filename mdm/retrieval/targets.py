@@ -30,7 +30,8 @@ from mdm.config import Config
 from mdm.errors import AccessDenied, MdmError, NotFound, RetrieveTimeout
 from mdm.namespace.naming import Names
 from mdm.retrieval.fetcher import Fetcher, Target
-from mdm.store.objects import ObjectInfo, ObjectRef, ObjectStore
+from mdm.store.objects import ObjectStore
+from mdm.store.records import ObjectInfo, ObjectRef
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ from mdm.deid import DeidOptions, deidentify
 from mdm.dicom.receiver import ReceivedObject
 from mdm.errors import MdmError
 from mdm.store.keys import Scope
-from mdm.store.objects import ObjectInfo, ObjectRef, ObjectStore
+from mdm.store.objects import ObjectStore
+from mdm.store.records import ObjectInfo, ObjectRef
 
 log = logging.getLogger(__name__)
 

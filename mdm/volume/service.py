@@ -51,7 +51,8 @@ from mdm.namespace.naming import METADATA, Names
 from mdm.ops import metrics
 from mdm.retrieval.targets import Targets
 from mdm.store.keys import Scope
-from mdm.store.objects import ObjectReader, ObjectRef, ObjectStore
+from mdm.store.objects import ObjectReader, ObjectStore
+from mdm.store.records import ObjectRef
 from mdm.volume.build import BUILDER_VERSION, NotAVolume, build_volume, catalog_reason
 
 if TYPE_CHECKING:
