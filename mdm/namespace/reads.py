@@ -11,20 +11,19 @@ expired token stops reads of files already open.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from mdm.access.decide import AccessLevel
 from mdm.access.gate import Gate, Who, audit_principal
 from mdm.access.identity import Principal
 from mdm.audit.log import AuditError
-from mdm.errors import AccessDenied, MdmError, NotFound
+from mdm.errors import AccessDenied, NotFound
 from mdm.namespace.names import is_uid
 from mdm.namespace.naming import Names
+from mdm.namespace.opening import open_audited, revocation_check
 from mdm.namespace.tree import Namespace, Node
 from mdm.ops import metrics
 from mdm.retrieval.targets import Targets
@@ -32,7 +31,6 @@ from mdm.store.objects import ObjectReader, ObjectStore
 from mdm.store.records import ObjectRef
 from mdm.volume.service import SUFFIXES as VOLUME_SUFFIXES
 
-RECHECK_SECONDS = 1.0
 """An open file re-checks its decision at most this often."""
 
 
@@ -105,58 +103,27 @@ class Reads:
                 self._audit_open(audit_principal(who), node, "deny")
             raise AccessDenied(f"{who().label()} may see but not read {node.instance.uid}")
         principal = who()
-        # One index lookup when the object is cached (the open itself); retrieve otherwise.
-        try:
+        inst, study, series = node.instance, node.study, node.series
+
+        async def get() -> tuple[ObjectReader, bool]:
+            # One index lookup when the object is cached (the open itself); retrieve otherwise.
             try:
-                ref = ObjectRef(node.instance.uid, v.store_view)
-                reader = await self._open_cached(ref, principal)
-                exact_before = True
+                reader = await self._open_cached(ObjectRef(inst.uid, v.store_view), principal)
                 metrics.CACHE_LOOKUPS.labels("hit").inc()
+                return reader, True
             except NotFound:
-                exact_before = False
                 metrics.CACHE_LOOKUPS.labels("miss").inc()
                 info = await self.targets.fetch_instance(
-                    node.study, node.series, node.instance, prefer=node.site, view=v
+                    study, series, inst, prefer=node.site, view=v
                 )
-                reader = await self._open_cached(info.ref, principal)
-        except MdmError as e:
-            with contextlib.suppress(AuditError):  # failed either way (and logged)
-                self._audit_open(principal, node, "error", view=v.kind, reason=type(e).__name__)
-            raise
+                return await self._open_cached(info.ref, principal), False
+
         # One record per open: the decision, and the key use that serves it (fail closed:
         # no byte is served without it).
-        scope = reader.info.scope
-        try:
-            self._audit_open(
-                principal,
-                node,
-                "allow",
-                view=v.kind,
-                key_site=scope.site,
-                key_level=scope.level,
-                cached=exact_before,
-            )
-        except AuditError:
-            reader.close()
-            raise
-        study, series = node.study, node.series
-        last = [time.monotonic()]
-
-        def recheck() -> None:
-            # A revoked grant or an expired token stops reads of open files too (at most
-            # one check a second: decisions are cheap, but reads are many).
-            now = time.monotonic()
-            if now - last[0] < RECHECK_SECONDS:
-                return
-            last[0] = now
-            d = self.gate.decide(who(), study, series)
-            nv = self.names.view(d)
-            if d.level < AccessLevel.DEIDENTIFIED or (nv.kind, nv.store_view) != (
-                v.kind,
-                v.store_view,
-            ):
-                raise AccessDenied("access revoked")
-
+        reader, exact_before = await open_audited(
+            get, lambda d, **kw: self._audit_open(principal, node, d, **kw), v
+        )
+        recheck = revocation_check(self.gate, self.names, who, study, series, v)
         return OpenFile(reader=reader, size=reader.size, exact_before=exact_before, recheck=recheck)
 
     async def _open_cached(self, ref: ObjectRef, principal: Principal) -> ObjectReader:

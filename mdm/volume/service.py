@@ -38,7 +38,6 @@ import pydicom
 import trio
 from prometheus_client import Counter
 
-from mdm.access.decide import AccessLevel
 from mdm.access.gate import Gate, Who, audit_principal
 from mdm.access.identity import Principal
 from mdm.access.views import View
@@ -46,8 +45,9 @@ from mdm.audit.log import AuditError
 from mdm.catalog.records import Record
 from mdm.catalog.sync import CatalogSync
 from mdm.config import Config
-from mdm.errors import AccessDenied, MdmError, NotFound
+from mdm.errors import AccessDenied, NotFound
 from mdm.namespace.naming import METADATA, Names
+from mdm.namespace.opening import open_audited, revocation_check
 from mdm.ops import metrics
 from mdm.retrieval.targets import Targets
 from mdm.store.keys import Scope
@@ -62,7 +62,6 @@ log = logging.getLogger(__name__)
 
 SUFFIXES = {"volume": ".nii.gz", "sidecar": ".json"}
 """Node kind -> file name suffix of the files beside a series directory."""
-RECHECK_SECONDS = 1.0
 
 VOLUME_BUILDS = Counter(
     "mdm_volume_builds",
@@ -185,48 +184,24 @@ class Volumes:
             raise AccessDenied(f"{who().label()} may see but not read series {node.series.uid}")
         principal = who()
         ref = self.ref(node.kind, node.series.uid, v)
-        try:
+        study, series = node.study, node.series
+
+        async def get() -> tuple[ObjectReader, bool]:
             try:
                 reader = await trio.to_thread.run_sync(self.store.open, ref, principal)
-                cached = True
                 metrics.CACHE_LOOKUPS.labels("hit").inc()
+                return reader, True
             except NotFound:
-                cached = False
                 metrics.CACHE_LOOKUPS.labels("miss").inc()
-                await self._ensure(principal, node.study, node.series, v)
+                await self._ensure(principal, study, series, v)
                 self.check(node)
-                reader = await trio.to_thread.run_sync(self.store.open, ref, principal)
-        except MdmError as e:
-            with contextlib.suppress(AuditError):  # failed either way (and logged)
-                self._audit(principal, node, "error", view=v.kind, reason=type(e).__name__)
-            raise
-        scope = reader.info.scope
-        try:
-            self._audit(
-                principal,
-                node,
-                "allow",
-                view=v.kind,
-                key_site=scope.site,
-                key_level=scope.level,
-                cached=cached,
-            )
-        except AuditError:
-            reader.close()
-            raise
-        study, series = node.study, node.series
-        last = [time.monotonic()]
+                return await trio.to_thread.run_sync(self.store.open, ref, principal), False
 
-        def recheck() -> None:
-            # As for instances (mdm.namespace.reads): revocation reaches open volume files.
-            now = time.monotonic()
-            if now - last[0] < RECHECK_SECONDS:
-                return
-            last[0] = now
-            nv = self.names.view(d := self.gate.decide(who(), study, series))
-            if d.level < AccessLevel.DEIDENTIFIED or nv.store_view != v.store_view:
-                raise AccessDenied("access revoked")
-
+        reader, cached = await open_audited(
+            get, lambda d, **kw: self._audit(principal, node, d, **kw), v
+        )
+        # As for instances: revocation reaches open volume files.
+        recheck = revocation_check(self.gate, self.names, who, study, series, v)
         return reader, cached, recheck
 
     def _audit(self, principal: Principal, node: Node, decision: str, **extra: Any) -> None:
