@@ -26,6 +26,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.transport import ThreadedAssociationServer
 
 from mdm.config import BridgeSettings
+from mdm.dicom.fast import accepted_context
 from mdm.dicom.net import (
     PART10_PREFIX,
     STORE_CANNOT_UNDERSTAND,
@@ -395,7 +396,7 @@ class StorageSCP:
         # pynetdicom serves a C-STORE on our own C-GET association under any accepted
         # context of its class when the one it came on was never accepted (and the data set
         # would then be labelled with that other context's transfer syntax).
-        cx = assoc._accepted_cx.get(req._context_id or 0)
+        cx = accepted_context(assoc, req)
         if (
             cx is None
             or str(cx.abstract_syntax) != sop_class

@@ -15,7 +15,11 @@ the tests that compare them with pynetdicom's.
 from __future__ import annotations
 
 from mdm.dicom.fast.ae import FastAE, start_server
-from mdm.dicom.fast.association import FastAssociation, FastRequestorAssociation
+from mdm.dicom.fast.association import (
+    FastAssociation,
+    FastRequestorAssociation,
+    accepted_context,
+)
 from mdm.dicom.fast.dimse import (
     FastDIMSE,
     FastMessage,
@@ -54,6 +58,7 @@ __all__ = [
     "FastDIMSE",
     "FastDUL",
     "ProgressQueue",
+    "accepted_context",
     "encode_pdata_tf",
     "encode_store_response",
     "pdv_items",

@@ -147,3 +147,10 @@ def new_acceptor(ae: ApplicationEntity, gate: Callable[[], None]) -> Association
     install_fast_layers(assoc)
     cast(FastDUL, assoc.dul).gate = gate
     return assoc
+
+
+def accepted_context(assoc: Association, primitive: Any) -> Any:
+    """The accepted presentation context a received DIMSE primitive came on, or None (the
+    association's and the primitive's private fields, read here, where pynetdicom's internals
+    are kept)."""
+    return assoc._accepted_cx.get(getattr(primitive, "_context_id", None) or 0)
