@@ -53,6 +53,16 @@ def config_option(f: F) -> F:
     )(f)
 
 
+def token_file_option(help: str) -> Callable[[F], F]:
+    """``--token-file FILE`` (default ``$MDM_TOKEN_FILE``), described by ``help``."""
+    return click.option(
+        "--token-file",
+        type=click.Path(path_type=Path),
+        default=lambda: os.environ.get("MDM_TOKEN_FILE"),
+        help=help,
+    )
+
+
 def _load(config_path: Path) -> Config:
     return load_config(config_path)
 
@@ -140,12 +150,7 @@ def main(log_level: str, log_format: str) -> None:
 @main.command()
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 @config_option
-@click.option(
-    "--token-file",
-    type=click.Path(path_type=Path),
-    default=lambda: os.environ.get("MDM_TOKEN_FILE"),
-    help="The JWT the mount runs as (also $MDM_TOKEN_FILE).",
-)
+@token_file_option("The JWT the mount runs as (also $MDM_TOKEN_FILE).")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground.")
 @click.option("--log-file", type=click.Path(path_type=Path), help="Where the daemon logs.")
 @click.option("--mount-timeout", default=60.0, show_default=True, help="Seconds to wait for it.")
@@ -241,12 +246,7 @@ def umount(mountpoint: Path, lazy: bool) -> None:
     help="Also retrieve one instance from each site by its retrieve mode (proves that the "
     "PACS can reach the bridge's storage SCP, or serves C-GET); nothing is stored.",
 )
-@click.option(
-    "--token-file",
-    type=click.Path(path_type=Path),
-    default=lambda: os.environ.get("MDM_TOKEN_FILE"),
-    help="With [identity]: the JWT sent to DICOMweb sites (also $MDM_TOKEN_FILE).",
-)
+@token_file_option("With [identity]: the JWT sent to DICOMweb sites (also $MDM_TOKEN_FILE).")
 def sites(config_path: Path, as_json: bool, check_retrieve: bool, token_file: Path | None) -> None:
     """C-ECHO every site (a QIDO-RS query for a DICOMweb site): status and round-trip time
     (and, with --check-retrieve, a real retrieval of one instance, naming the likely cause
@@ -340,11 +340,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> None:
 )
 @click.option("--site", "only_sites", multiple=True, help="Query only this site (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option(
-    "--token-file",
-    type=click.Path(path_type=Path),
-    default=lambda: os.environ.get("MDM_TOKEN_FILE"),
-    help="With [identity]: the JWT whose policy filters the answers (also $MDM_TOKEN_FILE).",
+@token_file_option(
+    "With [identity]: the JWT whose policy filters the answers (also $MDM_TOKEN_FILE)."
 )
 @click.argument("filters", nargs=-1)
 def find(
@@ -446,12 +443,7 @@ def _secrets(config: Any, token_file: Path | None) -> Callable[[str], bytes]:
     help="Fetch every object of this collection you may read (repeatable).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option(
-    "--token-file",
-    type=click.Path(path_type=Path),
-    default=lambda: os.environ.get("MDM_TOKEN_FILE"),
-    help="The JWT to fetch as (also $MDM_TOKEN_FILE).",
-)
+@token_file_option("The JWT to fetch as (also $MDM_TOKEN_FILE).")
 def fetch(
     config_path: Path,
     uids: tuple[str, ...],
@@ -646,12 +638,7 @@ def _human(n: float) -> str:
 
 @cache.command("verify")
 @config_option
-@click.option(
-    "--token-file",
-    type=click.Path(path_type=Path),
-    default=lambda: os.environ.get("MDM_TOKEN_FILE"),
-    help="With a key service or [identity]: the JWT whose keys are released.",
-)
+@token_file_option("With a key service or [identity]: the JWT whose keys are released.")
 def cache_verify(config_path: Path, token_file: Path | None) -> None:
     """Decrypt and authenticate every chunk of every cached object."""
     config = _load(config_path)
@@ -686,12 +673,7 @@ def cache_evict(config_path: Path, evict_all: bool, uids: tuple[str, ...]) -> No
 # ---------------------------------------------------------------------------- reidentify
 @main.command()
 @config_option
-@click.option(
-    "--token-file",
-    type=click.Path(path_type=Path),
-    default=lambda: os.environ.get("MDM_TOKEN_FILE"),
-    help="Your JWT: you need identified access to the object (also $MDM_TOKEN_FILE).",
-)
+@token_file_option("Your JWT: you need identified access to the object (also $MDM_TOKEN_FILE).")
 @click.option("--scope", required=True, help="The pseudonym scope ([allow.deid] scope or rule id).")
 @click.argument("values", nargs=-1, required=True)
 def reidentify(
@@ -720,12 +702,7 @@ def reidentify(
 # ---------------------------------------------------------------------------- gateway
 @main.command()
 @config_option
-@click.option(
-    "--token-file",
-    type=click.Path(path_type=Path),
-    default=lambda: os.environ.get("MDM_TOKEN_FILE"),
-    help="The gateway's own JWT, for [keys] servers only (also $MDM_TOKEN_FILE).",
-)
+@token_file_option("The gateway's own JWT, for [keys] servers only (also $MDM_TOKEN_FILE).")
 def gateway(config_path: Path, token_file: Path | None) -> None:
     """Serve the federation as DICOMweb to worker mounts and viewers ([gateway] in the config).
 
