@@ -63,6 +63,59 @@ def prepare_mountpoint(mountpoint: Path) -> None:
         raise UserError(f"{mountpoint} is already a mount point")
 
 
+def mount_device(mountpoint: Path) -> str | None:
+    """The ``major:minor`` of the filesystem mounted at ``mountpoint`` (the last mount there),
+    read from /proc/self/mountinfo: a ``stat`` of our own mount point would wait for this very
+    process to answer it."""
+    want = os.fsencode(os.path.abspath(mountpoint))
+    found = None
+    try:
+        lines = Path("/proc/self/mountinfo").read_bytes().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        f = line.split(b" ")
+        # mountinfo escapes space, tab, newline and backslash in paths as octal (\040 ...)
+        if len(f) > 4 and f[4].decode("unicode_escape").encode("latin-1") == want:
+            found = f[2].decode()
+    return found
+
+
+def set_read_ahead(mountpoint: Path, nbytes: int) -> bool:
+    """Set the kernel's read-ahead of the mount at ``mountpoint`` (``[bridge] read_ahead``);
+    False, with one log line saying how to set it, when this process may not (not root)."""
+    if nbytes <= 0:
+        return False
+    dev = mount_device(mountpoint)
+    knob = Path("/sys/class/bdi") / (dev or "?") / "read_ahead_kb"
+    kb = max(4, nbytes // 1024)
+    try:
+        if dev is None:
+            raise FileNotFoundError("mount not found in /proc/self/mountinfo")
+        knob.write_text(f"{kb}\n")
+    except OSError as e:
+        log.info(
+            "kernel read-ahead of %s stays at its default (%s); as root: echo %d > %s",
+            mountpoint,
+            getattr(e, "strerror", None) or e,
+            kb,
+            knob,
+        )
+        return False
+    log.debug("kernel read-ahead of %s set to %d KiB (%s)", mountpoint, kb, knob)
+    return True
+
+
+async def tune_read_ahead(mountpoint: Path, nbytes: int) -> None:
+    """:func:`set_read_ahead` once the kernel's FUSE_INIT is answered (it resets the knob):
+    as soon as a ``stat`` of the mount point, from a worker thread, gets its answer."""
+    if nbytes <= 0:
+        return
+    with trio.move_on_after(30):
+        await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+        await trio.to_thread.run_sync(set_read_ahead, mountpoint, nbytes)
+
+
 async def serve(
     config: Config,
     mountpoint: Path,
@@ -121,6 +174,8 @@ async def serve(
                             return
 
                 nursery.start_soon(on_signal)
+                nursery.start_soon(tune_read_ahead, mountpoint, config.bridge.read_ahead)
+                nursery.start_soon(ops.watch_open_files)
                 if control is not None:
                     nursery.start_soon(control.run)
                 task_status.started()

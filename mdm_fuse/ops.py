@@ -18,9 +18,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pyfuse3
+import trio
 
 from mdm.errors import MdmError
 from mdm.namespace.bridge import Bridge, Entry, OpenFile
+from mdm.namespace.opening import RECHECK_SECONDS
 from mdm.ops import metrics
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,10 @@ log = logging.getLogger(__name__)
 ENTRY_TIMEOUT = 1.0
 ATTR_TIMEOUT = 1.0
 BLKSIZE = 128 * 1024
-_READ, _READDIR, _RELEASE = (metrics.FUSE_OP[op] for op in ("read", "readdir", "release"))
+_OPEN, _READ, _READDIR, _RELEASE = (
+    metrics.FUSE_OP[op] for op in ("open", "read", "readdir", "release")
+)
+_OPEN_HIT, _OPEN_MISS = (metrics.OPEN_SECONDS.labels(c) for c in ("hit", "miss"))
 _SERVED = metrics.BYTES_SERVED
 
 
@@ -194,19 +199,25 @@ class MdmOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
-        async with self._guard("open"):
+        _OPEN.inc()
+        # Once per file: a plain try, as in read, instead of _guard's context manager.
+        try:
             path = self._path(inode)
             started = time.monotonic()
             f = await self.bridge.open(path)
-            fh = next(self._next_fh)
-            self._files[fh] = (inode, f)
-            direct = self._reported.get(inode) != f.size
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as e:
+            raise self._failure("open", e) from None
+        fh = next(self._next_fh)
+        self._files[fh] = (inode, f)
+        # A size the kernel was not told (0 until cached): direct I/O, so the whole object
+        # is read whatever size the kernel holds, and every read reaches the re-check.
+        direct = self._reported.get(inode) != f.size
+        if f.reader is not None:
             took = time.monotonic() - started
-            if f.reader is not None:
-                metrics.OPEN_SECONDS.labels("hit" if f.exact_before else "miss").observe(took)
-            log.debug("open %s: %d bytes in %.3fs", path[-1], f.size, took)
-            return pyfuse3.FileInfo(fh=fh, direct_io=direct, keep_cache=not direct)
-        raise AssertionError("unreachable")
+            (_OPEN_HIT if f.exact_before else _OPEN_MISS).observe(took)
+        return pyfuse3.FileInfo(fh=fh, direct_io=direct, keep_cache=not direct)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         _READ.inc()
@@ -214,13 +225,41 @@ class MdmOperations(pyfuse3.Operations):
         if entry is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         # The hottest operation: a plain try instead of _guard's context manager. pyfuse3
-        # replies from any buffer: a view of the decrypted chunk, not a copy.
+        # copies the reply into the kernel before it takes the next request: answer from the
+        # file's reused span buffer, not a copy.
         try:
-            view = entry[1].read_view(off, size)
+            view = entry[1].read_transient(off, size)
             _SERVED.inc(len(view))
             return view  # type: ignore[return-value]
         except Exception as e:
             raise self._failure("read", e) from None
+
+    async def watch_open_files(self) -> None:
+        """Every RECHECK_SECONDS, re-check each open file's grant; for one revoked, drop the
+        kernel's cached pages and attributes of its inode, so that its next read reaches
+        :meth:`read` and its re-check (EACCES) instead of the page cache (a file read once,
+        or read ahead, would otherwise stay readable through the handles already open)."""
+        dropped: set[int] = set()
+        while True:
+            await trio.sleep(RECHECK_SECONDS)
+            revoked = set()
+            for fh, (inode, f) in list(self._files.items()):
+                if f.recheck is None or fh in dropped:
+                    continue
+                try:
+                    f.recheck()
+                except Exception:  # AccessDenied, or a token that no longer verifies
+                    dropped.add(fh)
+                    revoked.add(inode)
+            dropped &= set(self._files)
+            for inode in revoked:
+                log.info("grant of an open file revoked: dropping its cached pages")
+                try:
+                    # A worker thread: the kernel may wait for a read in flight on the inode,
+                    # which this loop must stay free to answer.
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode)
+                except OSError as e:  # the kernel forgot the inode: nothing cached
+                    log.debug("invalidate_inode(%d): %s", inode, e)
 
     async def release(self, fh: int) -> None:
         _RELEASE.inc()

@@ -285,6 +285,42 @@ def test_policy_edit_and_token_expiry_in_a_running_mount(
     assert "expired" in m.log_text()
 
 
+def test_revoked_grant_stops_reads_the_page_cache_would_serve(
+    orthanc_pair: PacsPair, idp: Path, tmp_path: Path
+) -> None:
+    """The attack: keep a handle open on a file already read (its pages in the kernel's
+    cache, where reads never reach the daemon), lose the grant, read on. The mount drops the
+    cached pages of a revoked open file, so the read reaches the re-check: EACCES."""
+    pair = orthanc_pair
+    cfg = setup(pair, tmp_path, idp, ["NOBODY"])
+    tok = token(idp, tmp_path / "rad.jwt", "drad", "radiologists")
+    inst = next(i for i in pair.instances if i.sop_uid in pair.a.sop_uids)
+    with Mount(cfg, tmp_path / "mnt", token_file=tok) as m:
+        p = m.mountpoint / "studies" / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm"
+        whole = p.read_bytes()  # cached now: the next open is served from the page cache
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            assert os.pread(fd, len(whole), 0) == whole
+            # Downgrade: radiologists keep seeing the file (metadata), but may not read it.
+            pol = tmp_path / "policies" / "main.toml"
+            pol.write_text(pol.read_text().replace('access = "identified"', 'access = "metadata"'))
+            deadline = time.monotonic() + 5.0
+            while True:
+                try:
+                    got = os.pread(fd, len(whole), 0)
+                except PermissionError:
+                    break
+                assert got == whole
+                assert time.monotonic() < deadline, "an open file read on after revocation"
+                time.sleep(0.2)
+            assert p.exists()  # still listed: metadata access
+            with pytest.raises(PermissionError):
+                p.read_bytes()
+        finally:
+            os.close(fd)
+    assert "grant of an open file revoked" in m.log_text()
+
+
 def test_bad_tokens_refuse_to_mount(orthanc_pair: PacsPair, idp: Path, tmp_path: Path) -> None:
     cfg = setup(orthanc_pair, tmp_path, idp, ["X"])
     mnt = tmp_path / "mnt"

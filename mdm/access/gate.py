@@ -13,6 +13,7 @@ session's token, read anew at every operation, its expiry an AccessDenied (EACCE
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,11 @@ from mdm.ops.status import AuditState
 from mdm.policy.pushdown import Narrowing, narrowing
 
 log = logging.getLogger(__name__)
+
+DECISION_TTL = 1.0
+"""Seconds a decision is given again for the same principal and records (Gate.decide)."""
+_RECENT_MAX = 4096
+_Recent = tuple[float, str, Principal, Record, Record | None, Decision]
 
 Who = Callable[[], Principal]
 """Who a service acts for: called when a decision needs the principal (not before, so a
@@ -95,6 +101,10 @@ class Gate:
         self.fail_open = fail_open
         """``[audit] fail_open``: a record that cannot be written is logged, not refused."""
         self.audit_state = AuditState()
+        # Recent decisions, re-used for DECISION_TTL seconds when they were taken on the very
+        # same principal and records under the same policy version: opening each file of a
+        # series would otherwise decide twice per file (study, series) for nothing new.
+        self._recent: dict[tuple[int, str, str], _Recent] = {}
 
     @staticmethod
     def resource(study: Record, series: Record | None = None) -> Resource:
@@ -111,8 +121,31 @@ class Gate:
         )
 
     def decide(self, principal: Principal, study: Record, series: Record | None = None) -> Decision:
-        """``principal``'s access decision on a study (or one of its series)."""
-        d = self.resolver.decide(principal, self.resource(study, series))
+        """``principal``'s access decision on a study (or one of its series).
+
+        A decision taken less than :data:`DECISION_TTL` seconds ago on the same principal and
+        the same catalog records, under the same policy version, is given again: a reloaded
+        policy, a new token or a refreshed record decide anew at once, and an open file's
+        once-a-second re-check (RECHECK_SECONDS) sees a revocation within the same bound."""
+        now = time.monotonic()
+        key = (id(principal), study.uid, series.uid if series is not None else "")
+        version = self.resolver.version()
+        hit = self._recent.get(key)
+        if (
+            hit is not None
+            and now - hit[0] < DECISION_TTL
+            and hit[1] == version
+            and hit[2] is principal
+            and hit[3] is study
+            and hit[4] is series
+            and time.time() < principal.expires
+        ):
+            d = hit[5]
+        else:
+            d = self.resolver.decide(principal, self.resource(study, series))
+            if len(self._recent) >= _RECENT_MAX:
+                self._recent.clear()
+            self._recent[key] = (now, version, principal, study, series, d)
         metrics.POLICY_DECISIONS.labels(
             "study" if series is None else "series", d.level.label
         ).inc()

@@ -67,6 +67,10 @@ RESOURCE_KEYS = frozenset({"site", "sites", "level", "view", "kind", "modality",
 PHI_MARKERS = ("patient", "name", "birth", "path", "address", "phone", "accession", "physician")
 """Substrings refused in extra field names: such a field would likely carry PHI."""
 MAX_VALUE = 256
+# Field names come from the code, a few dozen in all: each is checked once per process (its
+# value every time).
+_SEEN_MAX = 256
+_EXTRA_KEYS_SEEN: set[str] = set()
 
 
 class AuditError(MdmError):
@@ -104,10 +108,13 @@ def check_resource(resource: Mapping[str, str]) -> None:
 def check_extra(extra: Mapping[str, Any]) -> None:
     """Refuse extra fields that clash with the core ones or look like they carry PHI."""
     for k, v in extra.items():
-        if k in CORE_FIELDS or not _EXTRA_KEY.match(k):
-            raise ValueError(f"audit field {k!r} refused (reserved or not a simple name)")
-        if any(m in k for m in PHI_MARKERS):
-            raise ValueError(f"audit field {k!r} refused (no PHI in the audit log)")
+        if k not in _EXTRA_KEYS_SEEN:
+            if k in CORE_FIELDS or not _EXTRA_KEY.match(k):
+                raise ValueError(f"audit field {k!r} refused (reserved or not a simple name)")
+            if any(m in k for m in PHI_MARKERS):
+                raise ValueError(f"audit field {k!r} refused (no PHI in the audit log)")
+            if len(_EXTRA_KEYS_SEEN) < _SEEN_MAX:
+                _EXTRA_KEYS_SEEN.add(k)
         if v is not None and not isinstance(v, str | int | float | bool):
             raise ValueError(f"audit field {k!r}: only strings, numbers, booleans or null")
         if isinstance(v, str) and len(v) > MAX_VALUE:
@@ -335,7 +342,7 @@ class AuditLog:
                     self._end = -1
                     raise AuditError(f"short write to audit log {self.path} (disk full?)")
                 self._seq, self._prev = rec["seq"], _sha(line)
-                self._end = os.fstat(self._fd).st_size
+                self._end += n  # _sync_tail left it at the size before; we hold the flock
                 os.pwrite(self._head_fd, (_HEAD_FMT % (self._seq, self._prev)).encode(), 0)
                 seq: int = self._seq
             finally:
@@ -376,12 +383,10 @@ class AuditLog:
             self._open()
 
     def _maybe_fsync(self) -> None:
-        now = time.monotonic()
-        if now - self._last_fsync >= self.fsync_interval:
-            self._last_fsync = now
-            self._fsync()
-        elif self._timer is None:
-            self._timer = threading.Timer(self.fsync_interval, self._timed_fsync)
+        # On a timer thread, never the caller's: a reader's open does not wait for the disk.
+        if self._timer is None:
+            wait = max(0.0, self._last_fsync + self.fsync_interval - time.monotonic())
+            self._timer = threading.Timer(wait, self._timed_fsync)
             self._timer.daemon = True
             self._timer.start()
 
@@ -389,7 +394,18 @@ class AuditLog:
         with self._lock:
             self._timer = None
             self._last_fsync = time.monotonic()
-            self._fsync()
+            # Copies of the descriptors, synced outside the lock: appends go on meanwhile,
+            # and a rotation closing the originals cannot make us sync another file.
+            fds = [os.dup(fd) for fd in (self._fd, self._head_fd) if fd >= 0]
+        try:
+            for fd in fds:
+                try:
+                    os.fsync(fd)
+                except OSError as e:
+                    log.error("fsync of audit log %s failed: %s", self.path, e.strerror)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def _fsync(self) -> None:
         for fd in (self._fd, self._head_fd):

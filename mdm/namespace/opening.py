@@ -55,12 +55,16 @@ def revocation_check(
     """A check for each read of a file opened in ``view``: at most once a second, the decision
     is taken again; AccessDenied once it no longer grants that view."""
     last = [time.monotonic()]
+    revoked = [False]  # the answer of the last check holds until the next one
 
     def recheck() -> None:
         now = time.monotonic()
         if now - last[0] < RECHECK_SECONDS:
+            if revoked[0]:
+                raise AccessDenied("access revoked")
             return
         last[0] = now
+        revoked[0] = True  # until this check says otherwise (fail closed if it raises)
         d = gate.decide(who(), study, series)
         nv = names.view(d)
         if d.level < AccessLevel.DEIDENTIFIED or (nv.kind, nv.store_view) != (
@@ -68,6 +72,7 @@ def revocation_check(
             view.store_view,
         ):
             raise AccessDenied("access revoked")
+        revoked[0] = False
 
     return recheck
 

@@ -58,6 +58,16 @@ class OpenFile:
         assert self.reader is not None
         return self.reader.read_view(offset, length)
 
+    def read_transient(self, offset: int, length: int) -> memoryview:
+        """Like :meth:`read_view`; the view is valid only until the next read of this file
+        (see :meth:`~mdm.store.objects.ObjectReader.read_transient`)."""
+        if self.recheck is not None:
+            self.recheck()
+        if self.data is not None:
+            return memoryview(self.data)[offset : offset + length]
+        assert self.reader is not None
+        return self.reader.read_transient(offset, length)
+
     def release(self) -> None:
         """Unpin the object; idempotent."""
         if not self.released and self.reader is not None:

@@ -161,6 +161,23 @@ class ChunkCipher:
                 f"chunk {index} of {self.header.n_chunks} failed authentication"
             ) from None
 
+    def decrypt_chunk_into(self, index: int, sealed: memoryview, out: memoryview) -> None:
+        """:meth:`decrypt_chunk` writing the plaintext into ``out`` (exactly its length);
+        ``out`` is zeroed when authentication fails."""
+        expected = self.header.chunk_plain_len(index) + TAG_LEN
+        if len(sealed) != expected or len(out) != expected - TAG_LEN:
+            raise IntegrityError(
+                f"chunk {index} of {self.header.n_chunks} is truncated "
+                f"({len(sealed)} of {expected} bytes)"
+            )
+        try:
+            self._aead.decrypt_into(self._nonce(index), sealed, self._aad(index), out)
+        except InvalidTag:
+            out[:] = bytes(len(out))  # whatever GCM wrote before the tag check failed
+            raise IntegrityError(
+                f"chunk {index} of {self.header.n_chunks} failed authentication"
+            ) from None
+
     def iter_blob(self, data: bytes | memoryview) -> Iterator[bytes]:
         """The header, then each encrypted chunk of ``data`` (for streaming to a file)."""
         if len(data) != self.header.size:

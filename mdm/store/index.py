@@ -8,6 +8,7 @@ file is touched here either: blobs are the store's.
 
 from __future__ import annotations
 
+import copy
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +26,7 @@ KEEP_DB = b"keep"
 _BYTES_KEY = b"stored_bytes"
 _EVICTED_KEY = b"evicted_objects"
 _U64 = struct.Struct(">Q")
+_PARSED_MAX = 4096
 
 
 class StoreIndex:
@@ -39,6 +41,7 @@ class StoreIndex:
         self.touched: dict[str, float] = {}
         """Access times not yet written (object name -> time), newest wins."""
         self.last_flush = time.monotonic()
+        self._parsed: dict[bytes, ObjectInfo] = {}
 
     @staticmethod
     def lru_key(name: str, t: float) -> bytes:
@@ -74,7 +77,16 @@ class StoreIndex:
         raw = txn.get(name.encode(), db=self.db)
         if raw is None:
             return None
-        info = ObjectInfo.from_record(bytes(raw))
+        # Parsed records by their exact bytes: a record that changes is a new key, so this
+        # can never give a stale one; a copy, since callers set its access time.
+        key = bytes(raw)
+        parsed = self._parsed.get(key)
+        if parsed is None:
+            parsed = ObjectInfo.from_record(key)
+            if len(self._parsed) >= _PARSED_MAX:
+                self._parsed.clear()
+            self._parsed[key] = parsed
+        info = copy.copy(parsed)
         touched = self.touched.get(name)
         if touched is not None and touched > info.last_access:
             info.last_access = touched

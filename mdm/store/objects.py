@@ -51,6 +51,7 @@ from mdm.store.index import StoreIndex
 from mdm.store.keys import KeyProvider, Scope
 from mdm.store.records import ObjectInfo, ObjectRef
 from mdm.store.recovery import RecoveryReport, VerifyProblem, sweep, verify
+from mdm.store.spans import BufferPool, SpanBuffers, decrypt_span
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ class ObjectReader:
         self._identity = info.ref.identity()
         self._closed = False
         self._close_lock = threading.Lock()
+        self._bufs: SpanBuffers | None = None
+        self._tspan = (0, 0)  # plaintext [start, end) now in self._bufs.plain
 
     @property
     def size(self) -> int:
@@ -138,6 +141,42 @@ class ObjectReader:
             self._span = start_c, data_c = (a, span)
         return memoryview(data_c)[offset - start_c : end - start_c]
 
+    def read_transient(self, offset: int, length: int) -> memoryview:
+        """Like :meth:`read_view`, for a caller that is done with the view before its next
+        call on this reader (the FUSE adapter: pyfuse3 copies a reply into the kernel at once).
+
+        Whole chunks up to :data:`~mdm.store.spans.SPAN_BYTES` ahead are decrypted at once
+        into buffers this reader reuses (taken from, and given back to, the store's pool), so
+        a sequential reader costs one ``preadv`` and no allocation per span. One caller at a
+        time: the view is overwritten by the next call.
+        """
+        if self._closed:
+            raise ValueError("read from a closed ObjectReader")
+        h = self._header
+        size = h.size
+        if offset >= size or length <= 0:
+            return memoryview(b"")
+        end = min(offset + length, size)
+        start_t, end_t = self._tspan
+        bufs = self._bufs
+        if bufs is None:
+            bufs = self._bufs = self._store.buffers.take(h.chunk_size)
+        if not (start_t <= offset and end <= end_t):
+            cs = h.chunk_size
+            first = offset // cs
+            last = min(max((end - 1) // cs, first + bufs.chunks - 1), h.n_chunks - 1)
+            if last - first + 1 > bufs.chunks:  # a read larger than a span: serve it
+                return self.read_view(offset, length)
+            if self._cipher is None:
+                self._cipher = ChunkCipher(self._dek, self._identity, h)
+            self._tspan = (0, 0)
+            try:
+                n = decrypt_span(self._cipher, self._fd, h, first, last, bufs)
+            except IntegrityError as e:
+                raise IntegrityError(f"cached object {self.info.ref.sop_uid}: {e}") from None
+            self._tspan = start_t, end_t = (first * cs, first * cs + n)
+        return memoryview(bufs.plain)[offset - start_t : end - start_t].toreadonly()
+
     def close(self) -> None:
         """Close the blob and unpin the object (idempotent)."""
         with self._close_lock:
@@ -148,6 +187,9 @@ class ObjectReader:
         self._dek = b""
         self._span = (0, b"")
         self._cipher = None
+        bufs, self._bufs, self._tspan = self._bufs, None, (0, 0)
+        if bufs is not None:
+            self._store.buffers.give(bufs)
         self._store._unpin(self.info.ref.blob_name())
 
     def __enter__(self) -> ObjectReader:
@@ -195,6 +237,8 @@ class ObjectStore:
         # held for short metadata work only (LMDB txns, unlinks), never while encrypting.
         self._lock = threading.Lock()
         self._pins: dict[str, int] = {}
+        self.buffers = BufferPool()
+        """Span buffers of transient reads, passed from one open file to the next."""
         self._inflight: dict[str, threading.Event] = {}
         self._reserved = 0
         self._lock_fd: int | None = os.open(

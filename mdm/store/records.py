@@ -38,7 +38,11 @@ class ObjectRef:
 
     def blob_name(self) -> str:
         """Hex SHA-256 of the identity: deterministic, uniform, reveals nothing about the UID."""
-        return hashlib.sha256(self.identity()).hexdigest()
+        name: str | None = self.__dict__.get("_blob_name")
+        if name is None:
+            name = hashlib.sha256(self.identity()).hexdigest()
+            object.__setattr__(self, "_blob_name", name)  # computed once per ref
+        return name
 
 
 @dataclass
