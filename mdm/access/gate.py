@@ -12,6 +12,7 @@ session's token, read anew at every operation, its expiry an AccessDenied (EACCE
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -40,6 +41,14 @@ DECISION_TTL = 1.0
 """Seconds a decision is given again for the same principal and records (Gate.decide)."""
 _RECENT_MAX = 4096
 _Recent = tuple[float, str, Principal, Record, Record | None, Decision]
+
+
+@functools.cache
+def _decision_counter(kind: str, level: str) -> Any:
+    """The decisions counter of (kind, level): labelled children looked up once, not per
+    decision (``labels()`` costs more than the increment)."""
+    return metrics.POLICY_DECISIONS.labels(kind, level)
+
 
 Who = Callable[[], Principal]
 """Who a service acts for: called when a decision needs the principal (not before, so a
@@ -146,9 +155,7 @@ class Gate:
             if len(self._recent) >= _RECENT_MAX:
                 self._recent.clear()
             self._recent[key] = (now, version, principal, study, series, d)
-        metrics.POLICY_DECISIONS.labels(
-            "study" if series is None else "series", d.level.label
-        ).inc()
+        _decision_counter("study" if series is None else "series", d.level.label).inc()
         return d
 
     def narrowing(self, principal: Principal) -> Narrowing:

@@ -237,6 +237,7 @@ class AuditLog:
         self._last_fsync = 0.0
         self._fd = -1
         self._head_fd = -1
+        self._ino = 0  # inode of the file self._fd is open on (a rotation makes a new one)
         self._end = -1  # file size after our last append; -1: unknown, read the tail
         self._seq = 0
         self._prev = GENESIS
@@ -258,6 +259,7 @@ class AuditLog:
             )
         hfd = os.open(head_path(self.path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._fd, self._head_fd, self._end = fd, hfd, -1
+        self._ino = st.st_ino
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             self._sync_tail()
@@ -374,7 +376,7 @@ class AuditLog:
 
     def _reopen_if_rotated(self) -> None:
         try:
-            same = os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
+            same = os.stat(self.path).st_ino == self._ino
         except FileNotFoundError:
             same = False
         if not same:

@@ -31,7 +31,7 @@ from mdm.store.objects import ObjectReader, ObjectStore
 from mdm.store.records import ObjectRef
 from mdm.volume.service import SUFFIXES as VOLUME_SUFFIXES
 
-"""An open file re-checks its decision at most this often."""
+_HIT, _MISS = (metrics.CACHE_LOOKUPS.labels(r) for r in ("hit", "miss"))
 
 
 @dataclass
@@ -119,10 +119,10 @@ class Reads:
             # One index lookup when the object is cached (the open itself); retrieve otherwise.
             try:
                 reader = await self._open_cached(ObjectRef(inst.uid, v.store_view), principal)
-                metrics.CACHE_LOOKUPS.labels("hit").inc()
+                _HIT.inc()
                 return reader, True
             except NotFound:
-                metrics.CACHE_LOOKUPS.labels("miss").inc()
+                _MISS.inc()
                 info = await self.targets.fetch_instance(
                     study, series, inst, prefer=node.site, view=v
                 )

@@ -229,6 +229,7 @@ class ObjectStore:
         self.max_bytes = max_bytes
         self.chunk_size = chunk_size
         self.objects_dir = self.root / "objects"
+        self._objects_str = str(self.objects_dir)
         self.tmp_dir = self.root / "tmp"
         for d in (self.root, self.objects_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -512,7 +513,8 @@ class ObjectStore:
         try:
             dek = self.keys.open(principal, ref.identity(), info.scope, info.sealed_key)
             try:
-                fd = os.open(self.blob_path(name), os.O_RDONLY | os.O_CLOEXEC)
+                # A string, not blob_path's Path: pathlib costs more than the open itself.
+                fd = os.open(f"{self._objects_str}/{name[:2]}/{name}", os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 raise IntegrityError(f"blob of cached object {ref.sop_uid} is missing") from None
             header = read_header(fd)
