@@ -65,6 +65,8 @@ def test_good_config(tmp_path: Path) -> None:
         ),
         (GOOD + "\n[wat]\nx=1\n", "wat"),
         (GOOD.replace("port = 11112", 'port = 11112\nfast_dicom = "no"'), "bridge.fast_dicom"),
+        (GOOD.replace("port = 11112", 'port = 11112\nread_ahead = "1GiB"'), "bridge.read_ahead"),
+        (GOOD.replace("port = 11112", 'port = 11112\nread_ahead = "fast"'), "bridge.read_ahead"),
     ],
 )
 def test_errors_name_file_and_key(tmp_path: Path, text: str, key: str) -> None:
@@ -74,6 +76,12 @@ def test_errors_name_file_and_key(tmp_path: Path, text: str, key: str) -> None:
     assert ei.value.key == key
     assert str(p) in str(ei.value)
     assert ei.value.exit_code == 2
+
+
+def test_read_ahead_default_and_off(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, GOOD)).bridge.read_ahead == 2**20
+    off = GOOD.replace("port = 11112", 'port = 11112\nread_ahead = "0"')
+    assert load_config(write(tmp_path, off)).bridge.read_ahead == 0
 
 
 def test_fast_dicom_is_on_unless_the_file_or_the_environment_says_otherwise(
