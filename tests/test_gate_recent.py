@@ -4,7 +4,6 @@ check of open files (mdm.namespace.opening.revocation_check), over a real Policy
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from mdm.errors import AccessDenied
 from mdm.namespace import opening
 from mdm.namespace.naming import Names
 from mdm.policy import PolicyResolver
+from tests.test_policy import rewrite_file
 
 ISS = "https://idp.test"
 STUDY_UID = "1.2.840.99.1"
@@ -41,23 +41,14 @@ principals = { groups = ["staff"] }
 )
 
 
-def _bump(path: Path, text: str) -> None:
-    """Rewrite a policy file so that its mtime certainly changes."""
-    before = path.stat().st_mtime_ns if path.exists() else 0
-    path.write_text(text)
-    st = path.stat()
-    if st.st_mtime_ns == before:
-        os.utime(path, ns=(st.st_atime_ns, before + 1_000_000))
-
-
 def _resolver(tmp_path: Path, text: str = ALLOW_CT) -> PolicyResolver:
     """A resolver that reloads only when told (refresh) and at once (no settle time)."""
-    _bump(tmp_path / "p.toml", text)
+    rewrite_file(tmp_path / "p.toml", text)
     return PolicyResolver(tmp_path, reload_interval=3600.0, settle=0.0)
 
 
 def _set_policy(r: PolicyResolver, text: str) -> None:
-    _bump(r.directory / "p.toml", text)
+    rewrite_file(r.directory / "p.toml", text)
     assert r.refresh()
 
 

@@ -614,7 +614,7 @@ access = "{access}"
 """
 
 
-def _bump(path: Path, text: str) -> None:
+def rewrite_file(path: Path, text: str) -> None:
     """Rewrite a file so that its mtime certainly changes (coarse-mtime filesystems)."""
     before = path.stat().st_mtime_ns if path.exists() else 0
     path.write_text(text)
@@ -635,21 +635,21 @@ def _wait_for(pred: object, timeout: float) -> float:
 
 def test_hot_reload(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     f = tmp_path / "p.toml"
-    _bump(f, RULE.format(id="a", access="metadata"))
+    rewrite_file(f, RULE.format(id="a", access="metadata"))
     r = PolicyResolver(tmp_path, reload_interval=0.2)
     g = who("u", "g")
     d = r.decide(g, res())
     assert (d.level, d.rule) == (AccessLevel.METADATA, "a")
     v1 = r.version()
     # an edit takes effect within the interval (+ margin)
-    _bump(f, RULE.format(id="b", access="identified"))
+    rewrite_file(f, RULE.format(id="b", access="identified"))
     took = _wait_for(lambda: r.decide(g, res()).rule == "b", 2.0)
     assert took < r.reload_interval + r.settle + 0.5
     assert r.version() != v1 and r.decide(g, res()).version == r.version()
     v2 = r.version()
     # a broken edit: the last good policy stays, the error is logged once with file:line
     caplog.set_level(logging.INFO, logger="mdm.policy")
-    _bump(f, RULE.format(id="c", access="identified") + "\nfoo = 1\n")
+    rewrite_file(f, RULE.format(id="c", access="identified") + "\nfoo = 1\n")
     _wait_for(
         lambda: r.decide(g, res()) and any(rec.levelno == logging.ERROR for rec in caplog.records),
         2.0,
@@ -663,7 +663,7 @@ def test_hot_reload(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert f"{f}:7: unknown key 'foo'" in errors[0]
     assert v2 in errors[0]
     # fixing it takes effect again; removing the file revokes everything
-    _bump(f, RULE.format(id="c", access="deidentified"))
+    rewrite_file(f, RULE.format(id="c", access="deidentified"))
     _wait_for(lambda: r.decide(g, res()).rule == "c", 2.0)
     f.unlink()
     _wait_for(lambda: r.decide(g, res()).rule == DEFAULT_DENY, 2.0)
@@ -698,7 +698,7 @@ def test_broken_policy_at_start_raises(tmp_path: Path) -> None:
 
 def test_resolver_is_thread_safe_during_reloads(tmp_path: Path) -> None:
     f = tmp_path / "p.toml"
-    _bump(f, RULE.format(id="a", access="metadata"))
+    rewrite_file(f, RULE.format(id="a", access="metadata"))
     r = PolicyResolver(tmp_path, reload_interval=0.0)
     seen: set[str] = set()
     failures: list[BaseException] = []
@@ -715,7 +715,7 @@ def test_resolver_is_thread_safe_during_reloads(tmp_path: Path) -> None:
     for t in threads:
         t.start()
     for i in range(20):
-        _bump(f, RULE.format(id=f"r{i}", access="metadata"))
+        rewrite_file(f, RULE.format(id=f"r{i}", access="metadata"))
         time.sleep(0.01)
     stop.set()
     for t in threads:
