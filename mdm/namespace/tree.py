@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from mdm.access.decide import Decision
 from mdm.access.gate import Gate, Who
+from mdm.access.identity import Principal
 from mdm.access.views import NON_PHI, View
 from mdm.catalog.cohorts import Cohorts
 from mdm.catalog.records import ROOT, Record
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
     from mdm.volume.service import Volumes
 
 TOP = ("studies", "patients", "sites", "browse")
+RESOLVED_TTL = 1.0
+"""Seconds an instance file's resolution is given again (Namespace.resolve)."""
+_RESOLVED_MAX = 16384
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,9 @@ class Node:
     collection: str | None = None  # under /collections/<name>
 
 
+_Resolved = tuple[float, Principal, str, Node]
+
+
 class Namespace:
     """resolve / lookup / listdir / metadata for a given principal (module docstring)."""
 
@@ -103,10 +110,41 @@ class Namespace:
         self.collections = CollectionTree(self)
         self.tops = (*TOP, "collections") if config.collections else TOP
         """The top directories: ``/collections`` when collections are configured."""
+        self._resolved: dict[tuple[int, tuple[str, ...]], _Resolved] = {}
 
     # ------------------------------------------------------------------ resolve
     async def resolve(self, who: Who, path: tuple[str, ...]) -> Node:
-        """The node at ``path`` if ``who`` may see it; NotFound otherwise."""
+        """The node at ``path`` if ``who`` may see it; NotFound otherwise.
+
+        An instance file resolved (or listed, :meth:`listdir`) less than
+        :data:`RESOLVED_TTL` seconds ago for the very same principal under the same policy
+        version is given again without walking its path: the decision in it is as fresh as
+        the gate's own (``Gate.decide`` gives a decision again for as long)."""
+        if path and path[-1].endswith(".dcm"):
+            principal = who()
+            hit = self._resolved.get((id(principal), path))
+            if (
+                hit is not None
+                and time.monotonic() - hit[0] < RESOLVED_TTL
+                and hit[1] is principal
+                and hit[2] == self.gate.resolver.version()
+                and time.time() < principal.expires
+            ):
+                return dataclasses.replace(hit[3])
+            node = await self._resolve(who, path)
+            if node.kind == "instance":
+                self._remember(principal, node)
+            return node
+        return await self._resolve(who, path)
+
+    def _remember(self, principal: Principal, node: Node) -> None:
+        if len(self._resolved) >= _RESOLVED_MAX:
+            self._resolved.clear()
+        version = self.gate.resolver.version()
+        key = (id(principal), node.path)
+        self._resolved[key] = (time.monotonic(), principal, version, dataclasses.replace(node))
+
+    async def _resolve(self, who: Who, path: tuple[str, ...]) -> Node:
         if path and path[-1] == METADATA:
             parent = await self.resolve(who, path[:-1])
             if parent.kind in VOLUME_SUFFIXES or parent.kind in ("instance", "metadata"):
@@ -280,11 +318,14 @@ class Namespace:
             if self._exact_sizes(v):
                 # Sizes exact in the listing too (ls -l, tar): the series, retrieved once.
                 await self.targets.fetch_series(who(), node.study, node.series)
-            out = [
-                self._file_entry(names.name(v, i.uid) + ".dcm", i, v)
-                for i in self.sync.children("IMAGE", node.series.uid)
-                if i.sites and (node.site is None or node.site in i.sites)
-            ]
+            p = who()
+            for i in self.sync.children("IMAGE", node.series.uid):
+                if i.sites and (node.site is None or node.site in i.sites):
+                    out.append(self._file_entry(names.name(v, i.uid) + ".dcm", i, v))
+                    # What an open of it right after would resolve to (see resolve).
+                    fpath = (*path, out[-1].name)
+                    inode = dataclasses.replace(node, kind="instance", instance=i, path=fpath)
+                    self._remember(p, inode)
         out.sort(key=lambda e: e.name)
         meta = await self.lookup(who, (*path, METADATA))
         return [meta, *out]
