@@ -116,6 +116,31 @@ def test_stat_does_not_retrieve_and_reads_are_exact(orthanc_pair: PacsPair, move
     same_dataset(p.read_bytes(), i)
 
 
+def _read_ahead_kb(mnt: Path) -> int:
+    d = os.stat(mnt).st_dev
+    return int(Path(f"/sys/class/bdi/{os.major(d)}:{os.minor(d)}/read_ahead_kb").read_text())
+
+
+def test_the_mount_sets_its_read_ahead(
+    orthanc_pair: PacsPair, moved: Mount, tmp_path: Path
+) -> None:
+    """``[bridge] read_ahead`` (default 1 MiB) reaches the kernel once the mount answers, and
+    files read whole through it; ``"0"`` leaves the kernel's value (and says nothing)."""
+    if os.geteuid() != 0:
+        pytest.fail("this test runs as root, where the mount may set its read-ahead")
+    deadline = time.monotonic() + 10
+    while _read_ahead_kb(moved.mountpoint) != 1024 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _read_ahead_kb(moved.mountpoint) == 1024
+    inst = orthanc_pair.instances[0]
+    same_dataset(study_path(moved.mountpoint, inst).read_bytes(), inst)
+    cfg = config(orthanc_pair, tmp_path, bridge_options={"read_ahead": "0"})
+    with Mount(cfg, tmp_path / "mnt") as m:
+        same_dataset(study_path(m.mountpoint, inst).read_bytes(), inst)
+        assert _read_ahead_kb(m.mountpoint) == 128  # the kernel's default, left alone
+        assert "read-ahead" not in m.log_text()
+
+
 def test_read_only(orthanc_pair: PacsPair, moved: Mount) -> None:
     mnt = moved.mountpoint
     inst = orthanc_pair.instances[0]
