@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from mdm_demo.localpacs import DcmtkStoreSCP, LocalOrthanc, free_port, movescu_command  # noqa: E402
 from mdm_demo.synth import iter_series  # noqa: E402
 from scripts.bench_nullfs import measure as measure_nullfs  # noqa: E402
+from scripts.bench_nullfs import read_ahead_knob  # noqa: E402
 from tests.mountutil import Mount  # noqa: E402
 
 BRIDGE_AET = "MDMBENCH"
@@ -307,8 +308,7 @@ def table(rows: list[Row], count: int, retrieve: str) -> str:
 def mount_read_ahead_kb(mnt: Path) -> int:
     """The kernel read-ahead the mount at ``mnt`` got (``[bridge] read_ahead``)."""
     deadline = time.monotonic() + 5
-    st = os.stat(mnt)
-    knob = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb")
+    knob = read_ahead_knob(mnt)
     kb = int(knob.read_text())
     while kb == 128 and time.monotonic() < deadline:  # the mount sets it just after start
         time.sleep(0.05)

@@ -85,11 +85,15 @@ def _read_all(mnt: Path) -> tuple[float, int]:
     return time.perf_counter() - t0, total
 
 
+def read_ahead_knob(mnt: Path) -> Path:
+    """The sysfs file of the kernel's read-ahead (KiB) of the filesystem mounted at ``mnt``."""
+    st = os.stat(mnt)
+    return Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb")
+
+
 def set_read_ahead(mnt: Path, kb: int) -> None:
     """The kernel's read-ahead of the filesystem mounted at ``mnt`` (root only)."""
-    st = os.stat(mnt)
-    knob = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb")
-    knob.write_text(f"{kb}\n")
+    read_ahead_knob(mnt).write_text(f"{kb}\n")
 
 
 def measure(count: int, size: int, rounds: int = 3, read_ahead_kb: int = 0) -> list[float]:
