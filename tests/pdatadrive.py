@@ -6,7 +6,6 @@ the Python fast path and pynetdicom make of the same bytes."""
 from __future__ import annotations
 
 import socket
-from io import BytesIO
 from typing import Any
 
 from mdm.dicom.fast import compiled
@@ -59,8 +58,8 @@ def drive(
                 continue
             if code == m.MESSAGE:
                 cx, fields, data = r.take()
-                assert isinstance(data, BytesIO)
-                value = data.getvalue()
+                value = bytes(memoryview(data))
+                assert memoryview(data).readonly and len(data) == len(value)
                 assert value.startswith(PREFIX)
                 events.append(("message", cx, fields, value[len(PREFIX) :]))
                 continue

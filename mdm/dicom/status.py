@@ -58,3 +58,4 @@ STORE_NOT_SUPPORTED = 0x0122  # "Refused: SOP Class not supported" - not on its 
 STORE_CANNOT_UNDERSTAND = 0xC000  # PS3.4 B.2.3: no data set, or not a well-formed copy
 STORE_OUT_OF_RESOURCES = 0xA700  # the cache is full
 STORE_PROCESSING_FAILURE = 0x0110  # the sink failed for another reason
+STORE_HANDLER_FAILED = 0xC211  # pynetdicom's answer when the C-STORE handler raises

@@ -1,7 +1,5 @@
 """Type stub of the compiled receive loop (``_pdata.pyx``)."""
 
-from io import BytesIO
-
 CONTINUE: int
 MESSAGE: int
 COMMAND: int
@@ -13,6 +11,11 @@ CLOSED: int
 VIOLATION: int
 
 CommandFields = tuple[str, str, int, int | None, str | None, int | None]
+
+class Message:
+    """A received data set as a read-only buffer (its Part-10 prefix first)."""
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
 
 class Reader:
     head: bytes
@@ -29,7 +32,7 @@ class Reader:
     def pump(self, fd: int, wake_fd: int, wait: float, stall: float) -> int: ...
     def begin(self, prefix: bytes) -> int: ...
     def decline(self) -> bytes: ...
-    def take(self) -> tuple[int, CommandFields, BytesIO]: ...
+    def take(self) -> tuple[int, CommandFields, Message]: ...
 
 def store_response_pdu(
     context_id: int, sop_class: str, sop_instance: str, message_id: int, status: int

@@ -4,18 +4,25 @@
 presentation data value items reassembled and the C-STORE-RQ command set read in C, so that
 Python sees one call per received object instead of several per PDU.
 
+Within an object the loop runs without the GIL (Python runs when a message starts and when it
+is complete), and the data set is reassembled into one buffer handed over as a
+:class:`Message`, without a copy.
+
 Every byte read here comes from a peer that may be hostile. Every access to a received byte
-goes through the checked helpers below (``_u8``, ``_le16``, ``_le32``, ``_be32``), which
-raise on an offset outside the data read (a bug here becomes an aborted association, never a
-read out of bounds); the limits are those of the Python fast path (docs/DICOM.md, Limits).
+is bounds-checked: with the GIL held through the helpers below (``_u8``, ``_le16``,
+``_le32``, ``_be32``), which raise on an offset outside the data read; without it, by a
+``_within`` check before the read, which ends the message as a violation (a bug here becomes
+an aborted association, never a read out of bounds). The limits are those of the Python fast
+path (docs/DICOM.md, Limits).
 Anything this loop does not handle is handed back to the Python fast path unchanged: a PDU
 that is not a P-DATA-TF (its header, already read, is in ``Reader.head``), a P-DATA-TF whose
 first item is not a whole C-STORE-RQ command set with a data set (its body, in
 ``Reader.body``), and any state but data transfer (the caller checks that).
 """
 
-from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
-from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
+from cpython.buffer cimport PyBuffer_FillInfo
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy
 from libc.stdint cimport uint8_t, uint32_t, int64_t
 from libc.errno cimport errno, EINTR
@@ -64,27 +71,26 @@ cdef extern from *:
     void mdm_quickack(int fd) nogil
     int mdm_would_block(int e) nogil
 
-from io import BytesIO
-
-# Results of Reader.pump / Reader.begin
-CONTINUE = 0
-"""begin(): the object goes on in the next PDUs (call pump)."""
-MESSAGE = 1
-"""A C-STORE-RQ and its whole data set: ``take()``."""
-COMMAND = 2
-"""A C-STORE-RQ command set was read (``command``): ``begin(part10_header)`` or ``decline()``."""
-OTHER = 3
-"""The next PDU is not a P-DATA-TF: its 6-byte header is in ``head``, its body unread."""
-FALLBACK = 4
-"""A P-DATA-TF this loop does not handle, no object in progress: its body is in ``body``."""
-IDLE = 5
-"""Nothing more arrived at a PDU boundary within the wait."""
-WAKE = 6
-"""Another thread woke the reactor (its wake-up pipe is readable) at a PDU boundary."""
-CLOSED = 7
-"""The connection ended or stalled (``problem`` says which, with no peer byte)."""
-VIOLATION = 8
-"""The peer broke a limit or the protocol (``problem``, with no peer byte): abort."""
+# Results of Reader.pump / Reader.begin (C constants, also the module's Python names).
+cpdef enum:
+    # begin(): the object goes on in the next PDUs (call pump).
+    CONTINUE = 0
+    # A C-STORE-RQ and its whole data set: ``take()``.
+    MESSAGE = 1
+    # A C-STORE-RQ command set was read (``command``): ``begin(part10_header)`` or ``decline()``.
+    COMMAND = 2
+    # The next PDU is not a P-DATA-TF: its 6-byte header is in ``head``, its body unread.
+    OTHER = 3
+    # A P-DATA-TF this loop does not handle, no object in progress: its body is in ``body``.
+    FALLBACK = 4
+    # Nothing more arrived at a PDU boundary within the wait.
+    IDLE = 5
+    # Another thread woke the reactor (its wake-up pipe is readable) at a PDU boundary.
+    WAKE = 6
+    # The connection ended or stalled (``problem`` says which, with no peer byte).
+    CLOSED = 7
+    # The peer broke a limit or the protocol (``problem``, with no peer byte): abort.
+    VIOLATION = 8
 
 cdef uint32_t NO_DATA_SET = 0x0101
 cdef size_t FIRST_CHUNK = 1 << 16
@@ -108,8 +114,70 @@ cdef double _now() noexcept nogil:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
+# Why a read stopped, set where the GIL is not held and turned into ``Reader.problem`` after.
+cdef enum:
+    WHY_NONE = 0
+    WHY_CLOSED_MID_PDU = 1
+    WHY_CONNECTION = 2
+    WHY_STALLED = 3
+    WHY_PDU_SIZE = 4
+    WHY_ITEMS = 5
+    WHY_COMMAND_IN_DATA = 6
+    WHY_MESSAGE_SIZE = 7
+    WHY_AFTER_END = 8
+    WHY_BOUNDS = 9
+    WHY_MEMORY = 10
+
+cdef enum:
+    _NEED_COMMAND = 100
+"""Internal: a P-DATA-TF that starts a message was read (its command set is parsed with the
+GIL held)."""
+
+cdef size_t HINT_CAP = 64 << 20
+"""The largest first allocation for a data set (the size of the previous one, at most this)."""
+
+
+cdef inline bint _within(size_t off, size_t n, size_t length) noexcept nogil:
+    """``[off, off + n)`` lies inside ``length`` bytes (no overflow)."""
+    return off + n >= off and off + n <= length
+
+
+cdef inline uint32_t _be32_at(const uint8_t *p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef class Message:
+    """A data set received whole by the loop (the Part-10 header given to ``begin`` ahead of
+    it), as a read-only buffer: the memory the PDUs were reassembled into, handed over without
+    a copy and freed with this object."""
+
+    cdef uint8_t *data
+    cdef Py_ssize_t length
+
+    def __cinit__(self):
+        self.data = NULL
+        self.length = 0
+
+    def __dealloc__(self):
+        free(self.data)
+        self.data = NULL
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getbuffer__(self, Py_buffer *buffer, int flags):
+        PyBuffer_FillInfo(buffer, self, <void *>self.data, self.length, 1, flags)
+
+    def __releasebuffer__(self, Py_buffer *buffer):
+        pass
+
+
 cdef class Reader:
-    """The compiled receive state of one inbound association (used by its DUL thread only)."""
+    """The compiled receive state of one inbound association (used by its DUL thread only).
+
+    Within an object, PDUs are read, checked and reassembled without the GIL: Python runs
+    once when a message starts (its command set) and once when it is complete, and the
+    threads that store earlier objects are not made to hand the GIL over for every PDU."""
 
     cdef uint8_t *buf
     cdef size_t cap
@@ -121,8 +189,13 @@ cdef class Reader:
     cdef int64_t message_bytes
     cdef int64_t max_message
     cdef bint in_message
-    cdef object data
-    cdef object _write
+    cdef uint8_t *msg
+    """The message being received: the Part-10 prefix, then the data set fragments."""
+    cdef size_t msg_len
+    cdef size_t msg_cap
+    cdef size_t msg_hint
+    cdef int why
+    cdef uint32_t why_value
     cdef public bytes head
     cdef public object command
     cdef public int context_id
@@ -142,8 +215,12 @@ cdef class Reader:
         self.max_message = max_message
         self.in_message = False
         self.message_bytes = 0
-        self.data = None
-        self._write = None
+        self.msg = NULL
+        self.msg_len = 0
+        self.msg_cap = 0
+        self.msg_hint = 0
+        self.why = WHY_NONE
+        self.why_value = 0
         self.head = b""
         self.command = None
         self.context_id = 0
@@ -152,9 +229,10 @@ cdef class Reader:
         self.pdus = 0
 
     def __dealloc__(self):
-        if self.buf != NULL:
-            PyMem_Free(self.buf)
-            self.buf = NULL
+        free(self.buf)
+        self.buf = NULL
+        free(self.msg)
+        self.msg = NULL
 
     @property
     def in_progress(self) -> bool:
@@ -166,25 +244,24 @@ cdef class Reader:
         """The body of the last PDU read (for FALLBACK and ``decline``)."""
         return PyBytes_FromStringAndSize(<char *>self.buf, self.length) if self.buf else b""
 
-    # ------------------------------------------------------------ checked access
+    # ------------------------------------------------------------ checked access (GIL held)
     cdef inline uint8_t _u8(self, size_t off) except? 0xFF:
         if off >= self.length:
             raise IndexError("PDU body offset")
         return self.buf[off]
 
     cdef inline uint32_t _be32(self, size_t off) except? 0xFFFFFFFF:
-        if off + 4 > self.length or off + 4 < off:
+        if not _within(off, 4, self.length):
             raise IndexError("PDU body offset")
-        return ((<uint32_t>self.buf[off] << 24) | (<uint32_t>self.buf[off + 1] << 16)
-                | (<uint32_t>self.buf[off + 2] << 8) | self.buf[off + 3])
+        return _be32_at(self.buf + off)
 
     cdef inline uint32_t _le16(self, size_t off) except? 0xFFFFFFFF:
-        if off + 2 > self.length or off + 2 < off:
+        if not _within(off, 2, self.length):
             raise IndexError("PDU body offset")
         return self.buf[off] | (<uint32_t>self.buf[off + 1] << 8)
 
     cdef inline uint32_t _le32(self, size_t off) except? 0xFFFFFFFF:
-        if off + 4 > self.length or off + 4 < off:
+        if not _within(off, 4, self.length):
             raise IndexError("PDU body offset")
         return (self.buf[off] | (<uint32_t>self.buf[off + 1] << 8)
                 | (<uint32_t>self.buf[off + 2] << 16) | (<uint32_t>self.buf[off + 3] << 24))
@@ -213,22 +290,54 @@ cdef class Reader:
                 return None
         return PyBytes_FromStringAndSize(<char *>self.buf + start, end - start).decode("ascii")
 
-    # ------------------------------------------------------------ socket reads
-    cdef int _fill(self, int fd, size_t want, double stall, bint boundary) except -2:
+    cdef int _result(self, int code) except -2:
+        """After a stretch without the GIL: ``problem`` from ``why``; MemoryError raised."""
+        cdef int why = self.why
+        self.why = WHY_NONE
+        if why == WHY_MEMORY:
+            self._drop_message()
+            raise MemoryError()
+        if code == VIOLATION:
+            self.command = None
+        if why == WHY_NONE:
+            if code == CLOSED:
+                self.problem = ""
+            return code
+        if why == WHY_CLOSED_MID_PDU:
+            self.problem = "connection closed mid-PDU"
+        elif why == WHY_CONNECTION:
+            self.problem = "connection error"
+        elif why == WHY_STALLED:
+            self.problem = "stalled mid-PDU"
+        elif why == WHY_PDU_SIZE:
+            self.problem = (
+                f"P-DATA-TF of {self.why_value} bytes, over the maximum of {self.max_pdu}"
+            )
+        elif why == WHY_ITEMS:
+            self.problem = "P-DATA-TF with malformed presentation data value items"
+        elif why == WHY_COMMAND_IN_DATA:
+            self.problem = "a command set where a data set was expected"
+        elif why == WHY_MESSAGE_SIZE:
+            self.problem = f"DIMSE message over {self.max_message >> 20} MiB"
+        elif why == WHY_AFTER_END:
+            self.problem = "presentation data values after the end of a message"
+        else:
+            self.problem = "a presentation data value item out of the PDU's bounds"
+        return code
+
+    # ------------------------------------------------------------ socket reads (no GIL)
+    cdef int _fill(self, int fd, size_t want, int wait_ms, bint boundary) noexcept nogil:
         """Read ``want`` bytes into ``buf[0:want]``, growing it as the data arrives (so a
         large announced PDU costs memory only as it is sent). 0: done; -1: the connection
-        ended or stalled for ``stall`` seconds (``problem`` says which)."""
+        ended, stalled for ``wait_ms``, or memory ran out (``why`` says which)."""
         cdef size_t got = 0, grow
         cdef ssize_t n
         cdef int rc, err
         cdef pollfd p
         cdef uint8_t *nb
-        cdef int wait_ms = <int>(stall * 1000) if stall > 0 else -1
-        if wait_ms == 0:
-            wait_ms = 1
         if boundary and self.cap > FIRST_CHUNK * 16:
             # Not held between PDUs once over a MiB: 64 idle associations must not keep 4 MiB each.
-            PyMem_Free(self.buf)
+            free(self.buf)
             self.buf = NULL
             self.cap = 0
         while got < want:
@@ -238,42 +347,41 @@ cdef class Reader:
                     grow = want
                 if grow < 6:
                     grow = 6
-                nb = <uint8_t *>PyMem_Realloc(self.buf, grow)
+                nb = <uint8_t *>realloc(self.buf, grow)
                 if nb == NULL:
-                    raise MemoryError()
+                    self.why = WHY_MEMORY
+                    return -1
                 self.buf = nb
                 self.cap = grow
-            with nogil:
-                n = recv(fd, self.buf + got, (self.cap if self.cap < want else want) - got,
-                         MSG_DONTWAIT)
-                err = errno
+            n = recv(fd, self.buf + got, (self.cap if self.cap < want else want) - got,
+                     MSG_DONTWAIT)
+            err = errno
             if n > 0:
                 got += <size_t>n
                 continue
             if n == 0:
                 # At a PDU boundary the peer may close (no problem to report).
-                self.problem = "" if got == 0 and boundary else "connection closed mid-PDU"
+                self.why = WHY_NONE if got == 0 and boundary else WHY_CLOSED_MID_PDU
                 return -1
             if err == EINTR:
                 continue
             if not mdm_would_block(err):
-                self.problem = "connection error"
+                self.why = WHY_CONNECTION
                 return -1
             p.fd = fd
             p.events = POLLIN
             p.revents = 0
-            with nogil:
-                rc = poll(&p, 1, wait_ms)
-                err = errno
+            rc = poll(&p, 1, wait_ms)
+            err = errno
             if rc == 0:
-                self.problem = "stalled mid-PDU"
+                self.why = WHY_STALLED
                 return -1
             if rc < 0 and err != EINTR:
-                self.problem = "connection error"
+                self.why = WHY_CONNECTION
                 return -1
         return 0
 
-    cdef int _wait(self, int fd, int wake_fd, int wait_ms) except -2:
+    cdef int _wait(self, int fd, int wake_fd, int wait_ms) noexcept nogil:
         """Wait for the socket at a PDU boundary: 0 readable, IDLE, WAKE or CLOSED."""
         cdef pollfd p[2]
         cdef int rc, err, nfds = 1
@@ -286,21 +394,20 @@ cdef class Reader:
             p[1].revents = 0
             nfds = 2
         while True:
-            with nogil:
-                rc = poll(p, nfds, wait_ms)
-                err = errno
+            rc = poll(p, nfds, wait_ms)
+            err = errno
             if rc < 0 and err == EINTR:
                 continue
             break
         if rc < 0:
-            self.problem = "connection error"
+            self.why = WHY_CONNECTION
             return CLOSED
         if rc == 0:
             return IDLE
         if p[0].revents & (POLLIN | POLLERR | POLLHUP):
             return 0
         if p[0].revents & POLLNVAL:
-            self.problem = "connection error"
+            self.why = WHY_CONNECTION
             return CLOSED
         return WAKE
 
@@ -310,17 +417,32 @@ cdef class Reader:
         complete or something needs Python. At a PDU boundary with no data yet, waits up to
         ``wait`` seconds (on ``fd`` and ``wake_fd``); within a PDU, up to ``stall`` seconds
         without a byte."""
-        cdef int rc, code
-        cdef uint32_t pdu_len
-        cdef size_t limit = self.max_pdu
-        cdef uint8_t pdu_type
+        cdef int code
         cdef int wait_ms = <int>(wait * 1000)
+        cdef int stall_ms = <int>(stall * 1000) if stall > 0 else -1
+        if stall_ms == 0:
+            stall_ms = 1
         if self.command is not None and not self.in_message:
             raise RuntimeError("begin() or decline() first")
         if self.in_message and self.pos < self.length:
-            code = self._items()
+            code = self._result(self._items())
             if code != CONTINUE:
                 return code
+        with nogil:
+            code = self._loop(fd, wake_fd, wait_ms, stall_ms)
+        if code == OTHER:
+            self.head = PyBytes_FromStringAndSize(<char *>self.buf, 6)
+            self.length = 0
+            return OTHER
+        if code == _NEED_COMMAND:
+            return self._command()
+        return self._result(code)
+
+    cdef int _loop(self, int fd, int wake_fd, int wait_ms, int stall_ms) noexcept nogil:
+        """PDUs, until a message completes or starts, or something needs Python."""
+        cdef int rc, code
+        cdef uint32_t pdu_len
+        cdef uint8_t pdu_type
         while True:
             # A PDU boundary: is anything there?
             rc = self._wait(fd, wake_fd, wait_ms)
@@ -328,21 +450,17 @@ cdef class Reader:
                 return rc
             self.length = 0
             self.pos = 0
-            if self._fill(fd, 6, stall, True) < 0:
+            if self._fill(fd, 6, stall_ms, True) < 0:
                 return CLOSED
-            self.length = 6
-            pdu_type = self._u8(0)
-            pdu_len = self._be32(2)
+            pdu_type = self.buf[0]
+            pdu_len = _be32_at(self.buf + 2)
             if pdu_type != 0x04:
-                self.head = PyBytes_FromStringAndSize(<char *>self.buf, 6)
-                self.length = 0
-                return OTHER
-            if pdu_len > limit:
-                self.problem = f"P-DATA-TF of {pdu_len} bytes, over the maximum of {limit}"
-                self.length = 0
+                return OTHER  # its header stays in buf[0:6]
+            if pdu_len > self.max_pdu:
+                self.why = WHY_PDU_SIZE
+                self.why_value = pdu_len
                 return VIOLATION
-            self.length = 0
-            if self._fill(fd, pdu_len, stall, False) < 0:
+            if self._fill(fd, pdu_len, stall_ms, False) < 0:
                 return CLOSED
             self.length = pdu_len
             mdm_quickack(fd)
@@ -352,25 +470,25 @@ cdef class Reader:
             if code != CONTINUE:
                 return code
             if not self.in_message:
-                return self._command()
+                return _NEED_COMMAND
             code = self._items()
             if code != CONTINUE:
                 return code
 
-    cdef int _check_items(self) except -2:
+    cdef int _check_items(self) noexcept nogil:
         """The items must exactly fill the body (PS3.8 9.3.5.1), each with data."""
         cdef size_t off = 0, end = self.length
         cdef uint32_t n
         if end == 0:
-            self.problem = "P-DATA-TF with malformed presentation data value items"
+            self.why = WHY_ITEMS
             return VIOLATION
         while off < end:
             if end - off < 6:
-                self.problem = "P-DATA-TF with malformed presentation data value items"
+                self.why = WHY_ITEMS
                 return VIOLATION
-            n = self._be32(off)
+            n = _be32_at(self.buf + off)
             if n < 2 or n > end - off - 4:
-                self.problem = "P-DATA-TF with malformed presentation data value items"
+                self.why = WHY_ITEMS
                 return VIOLATION
             off += 4 + n
         return CONTINUE
@@ -480,11 +598,19 @@ cdef class Reader:
         ``prefix`` (its Part-10 header); handles the rest of the PDU (MESSAGE or CONTINUE)."""
         if self.command is None:
             raise RuntimeError("no command set read")
-        self.data = BytesIO()
-        self._write = self.data.write
-        self._write(prefix)
+        cdef size_t n = <size_t>PyBytes_GET_SIZE(prefix)
+        cdef size_t first = self.msg_hint + (self.msg_hint >> 3)
+        if first < n + FIRST_CHUNK:
+            first = n + FIRST_CHUNK
+        self._drop_message()
+        self.msg = <uint8_t *>malloc(first)
+        if self.msg == NULL:
+            raise MemoryError()
+        self.msg_cap = first
+        memcpy(self.msg, PyBytes_AS_STRING(prefix), n)
+        self.msg_len = n
         self.in_message = True
-        return self._items()
+        return self._result(self._items())
 
     def decline(self) -> bytes:
         """Leave the message just read to the Python path: the body of its first PDU."""
@@ -495,35 +621,77 @@ cdef class Reader:
         return body
 
     def take(self) -> tuple:
-        """The object just completed: (context ID, command fields, data set buffer)."""
-        out = (self.context_id, self.command, self.data)
+        """The object just completed: (context ID, command fields, :class:`Message`)."""
+        if self.in_message or self.command is None or self.msg == NULL:
+            raise RuntimeError("no message received")
+        cdef Message m = Message.__new__(Message)
+        # Not shrunk to fit: glibc then serves the next allocation of this size from memory
+        # freed by the last one (its mmap threshold rises to the size of a freed mapping),
+        # instead of mapping and faulting in fresh pages for every object.
+        m.data = self.msg
+        m.length = <Py_ssize_t>self.msg_len
+        self.msg_hint = self.msg_len if self.msg_len < HINT_CAP else HINT_CAP
+        self.msg = NULL
+        self.msg_len = self.msg_cap = 0
+        out = (self.context_id, self.command, m)
         self.command = None
-        self.data = None
-        self._write = None
         return out
 
-    cdef int _items(self) except -2:
+    cdef void _drop_message(self) noexcept nogil:
+        free(self.msg)
+        self.msg = NULL
+        self.msg_len = self.msg_cap = 0
+
+    cdef int _append(self, const uint8_t *src, size_t n) noexcept nogil:
+        """Add ``n`` bytes to the message (doubling its buffer as needed); -1: no memory."""
+        cdef size_t need = self.msg_len + n, cap = self.msg_cap
+        cdef uint8_t *nb
+        if need < self.msg_len:
+            self.why = WHY_MEMORY
+            return -1
+        if need > cap:
+            if cap < FIRST_CHUNK:
+                cap = FIRST_CHUNK
+            while cap < need:
+                cap *= 2
+            nb = <uint8_t *>realloc(self.msg, cap)
+            if nb == NULL:
+                self.why = WHY_MEMORY
+                return -1
+            self.msg = nb
+            self.msg_cap = cap
+        memcpy(self.msg + self.msg_len, src, n)
+        self.msg_len = need
+        return 0
+
+    cdef int _items(self) noexcept nogil:
         """Data set fragments of the message in progress, from ``pos`` to the body's end."""
         cdef size_t off = self.pos, end = self.length
         cdef uint32_t n
         cdef uint8_t control
         while off < end:
-            n = self._be32(off)
-            control = self._u8(off + 5)
+            if not _within(off, 6, end):
+                self.why = WHY_BOUNDS
+                return self._fail()
+            n = _be32_at(self.buf + off)
+            control = self.buf[off + 5]
             if control & 1:
-                self.problem = "a command set where a data set was expected"
+                self.why = WHY_COMMAND_IN_DATA
+                return self._fail()
+            # Checked by _check_items; kept as the bound of the copy.
+            if n < 2 or not _within(off + 4, n, end):
+                self.why = WHY_BOUNDS
                 return self._fail()
             self.message_bytes += n - 1
             if self.message_bytes > self.max_message:
-                self.problem = f"DIMSE message over {self.max_message >> 20} MiB"
+                self.why = WHY_MESSAGE_SIZE
                 return self._fail()
-            if off + 4 + n > end:  # checked by _check_items; kept as the bound of the copy
-                raise IndexError("PDU body offset")
-            self._write(PyBytes_FromStringAndSize(<char *>self.buf + off + 6, n - 2))
+            if self._append(self.buf + off + 6, n - 2) < 0:
+                return self._fail()
             off += 4 + n
             if control & 2:
                 if off != end:
-                    self.problem = "presentation data values after the end of a message"
+                    self.why = WHY_AFTER_END
                     return self._fail()
                 self.pos = self.length = 0
                 self.in_message = False
@@ -531,11 +699,9 @@ cdef class Reader:
         self.pos = self.length = 0
         return CONTINUE
 
-    cdef int _fail(self) except -2:
+    cdef int _fail(self) noexcept nogil:
         self.in_message = False
-        self.command = None
-        self.data = None
-        self._write = None
+        self._drop_message()
         self.pos = self.length = 0
         return VIOLATION
 

@@ -190,29 +190,39 @@ class FastDIMSE(DIMSEServiceProvider):
             and primitive.OffendingElement is None
             and primitive.AffectedSOPClassUID
             and primitive.AffectedSOPInstanceUID
+            and self.send_store_response(
+                context_id,
+                str(primitive.AffectedSOPClassUID),
+                str(primitive.AffectedSOPInstanceUID),
+                int(primitive.MessageIDBeingRespondedTo),
+                int(primitive.Status),
+            )
         ):
-            sop_class = str(primitive.AffectedSOPClassUID)
-            sop_instance = str(primitive.AffectedSOPInstanceUID)
-            message_id = int(primitive.MessageIDBeingRespondedTo)
-            status = int(primitive.Status)
-            pdu = b""
-            try:
-                if compiled.available() and getattr(self.dul, "compiled", False):
-                    pdu = compiled.module().store_response_pdu(
-                        context_id, sop_class, sop_instance, message_id, status
-                    )
-                else:
-                    cmd = encode_store_response(sop_class, sop_instance, message_id, status)
-                    pdu = encode_pdata_tf(context_id, b"\x03" + cmd)  # last command fragment
-            except (ValueError, struct.error):
-                pdu = b""
-            if pdu and (not self.maximum_pdu_size or len(pdu) - 6 <= self.maximum_pdu_size):
-                if not self._send_now(pdu):
-                    pdata = P_DATA()
-                    pdata.presentation_data_value_list.append((context_id, pdu[11:]))
-                    self.dul.send_pdu(pdata)
-                return
+            return
         super().send_msg(primitive, context_id)
+
+    def send_store_response(
+        self, context_id: int, sop_class: str, sop_instance: str, message_id: int, status: int
+    ) -> bool:
+        """Send a C-STORE-RSP carrying only its mandatory fields, packed directly; False if it
+        cannot be (a value out of range, a PDU over the peer's maximum): nothing was sent."""
+        try:
+            if compiled.available() and getattr(self.dul, "compiled", False):
+                pdu = compiled.module().store_response_pdu(
+                    context_id, sop_class, sop_instance, message_id, status
+                )
+            else:
+                cmd = encode_store_response(sop_class, sop_instance, message_id, status)
+                pdu = encode_pdata_tf(context_id, b"\x03" + cmd)  # last command fragment
+        except (ValueError, struct.error):
+            return False
+        if self.maximum_pdu_size and len(pdu) - 6 > self.maximum_pdu_size:
+            return False
+        if not self._send_now(pdu):
+            pdata = P_DATA()
+            pdata.presentation_data_value_list.append((context_id, pdu[11:]))
+            self.dul.send_pdu(pdata)
+        return True
 
     def _send_now(self, pdu: bytes) -> bool:
         """Write a one-PDV P-DATA-TF PDU straight to the socket when called on the DUL thread
@@ -292,6 +302,10 @@ class InlineStoreQueue(queue.Queue):  # type: ignore[type-arg]
             and not assoc._sent_release
             and self.empty()
         ):
-            assoc._serve_request(msg, context_id)
+            serve = getattr(assoc, "serve_store", None)
+            if serve is not None and msg.is_valid_request:
+                serve(msg, context_id)
+            else:
+                assoc._serve_request(msg, context_id)
             return
         super().put(item, block, timeout)

@@ -6,6 +6,7 @@ read, and P-DATA-TF PDUs handed straight to DIMSE in the data-transfer state.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import queue
@@ -55,6 +56,63 @@ class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
         super().put(item, block, timeout)
         if threading.current_thread() is not self._dul:
             self._dul.wake()
+
+
+class ReceivedDataSet(io.BytesIO):
+    """The data set of a C-STORE-RQ the compiled loop received whole (its Part-10 header
+    first), as pynetdicom's ``C_STORE.DataSet`` must be a BytesIO.
+
+    ``getbuffer()`` is a read-only view of the loop's own buffer: the object is never copied
+    on its way to the store. The first use as a file (read, seek, ...) copies it into this
+    BytesIO once, so pynetdicom's decoders see an ordinary stream."""
+
+    def __init__(self, message: Any) -> None:
+        super().__init__()
+        self._message: Any = message
+
+    def _as_file(self) -> None:
+        message, self._message = self._message, None
+        if message is not None:
+            super().write(memoryview(message))
+            super().seek(0)
+
+    def getbuffer(self) -> memoryview:
+        if self._message is not None:
+            return memoryview(self._message)
+        return super().getbuffer()
+
+    def getvalue(self) -> bytes:
+        if self._message is not None:
+            return bytes(memoryview(self._message))
+        return super().getvalue()
+
+    def read(self, size: int | None = -1) -> bytes:
+        self._as_file()
+        return super().read(size)
+
+    def read1(self, size: int | None = -1) -> bytes:
+        self._as_file()
+        return super().read1(size)
+
+    def readinto(self, buffer: Any) -> int:
+        self._as_file()
+        return super().readinto(buffer)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        self._as_file()
+        return super().readline(size)
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._as_file()
+        return super().seek(pos, whence)
+
+    def tell(self) -> int:
+        self._as_file()
+        return super().tell()
+
+    def write(self, data: Any) -> int:
+        self._as_file()
+        return super().write(data)
 
 
 _PDU_TYPES = frozenset(range(0x01, 0x08))
@@ -383,7 +441,7 @@ class FastDUL(DULServiceProvider):
         store, self._store = self._store, None
         assert store is not None
         req = store[0]
-        req.DataSet = data
+        req.DataSet = ReceivedDataSet(data)
         req._context_id = context_id
         req._dataset_path = None
         req._dataset_file = None
