@@ -67,6 +67,7 @@ def test_good_config(tmp_path: Path) -> None:
         (GOOD.replace("port = 11112", 'port = 11112\nfast_dicom = "no"'), "bridge.fast_dicom"),
         (GOOD.replace("port = 11112", 'port = 11112\nread_ahead = "1GiB"'), "bridge.read_ahead"),
         (GOOD.replace("port = 11112", 'port = 11112\nread_ahead = "fast"'), "bridge.read_ahead"),
+        (GOOD.replace('max_bytes = "2GiB"', 'max_bytes = "2GiB"\nfsync = "yes"'), "cache.fsync"),
     ],
 )
 def test_errors_name_file_and_key(tmp_path: Path, text: str, key: str) -> None:
@@ -82,6 +83,12 @@ def test_read_ahead_default_and_off(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, GOOD)).bridge.read_ahead == 2**20
     off = GOOD.replace("port = 11112", 'port = 11112\nread_ahead = "0"')
     assert load_config(write(tmp_path, off)).bridge.read_ahead == 0
+
+
+def test_cache_fsync_is_off_unless_asked(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, GOOD)).cache.fsync is False
+    on = GOOD.replace('max_bytes = "2GiB"', 'max_bytes = "2GiB"\nfsync = true')
+    assert load_config(write(tmp_path, on)).cache.fsync is True
 
 
 def test_fast_dicom_is_on_unless_the_file_or_the_environment_says_otherwise(

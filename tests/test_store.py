@@ -161,20 +161,104 @@ def _blob(cache: Env, ref: ObjectRef) -> Path:
     return cache.root / "objects" / n[:2] / n
 
 
+def _flip(path: Path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 1
+    path.write_bytes(bytes(raw))
+
+
 def test_flipped_byte_detected_in_read_and_verify(cache: Env) -> None:
     ref = ObjectRef("1.2.4.1")
     data = os.urandom(3 * CS)
     cache.store.put(ref, SCOPE, data)
-    path = _blob(cache, ref)
-    raw = bytearray(path.read_bytes())
-    raw[HEADER_LEN + (CS + TAG_LEN) + 5] ^= 1  # inside chunk 1
-    path.write_bytes(bytes(raw))
+    _flip(_blob(cache, ref), HEADER_LEN + (CS + TAG_LEN) + 5)  # inside chunk 1
     with cache.store.open(ref, LOCAL_ADMIN) as r:
         assert r.read(0, CS) == data[:CS]  # chunk 0 is intact and readable
         with pytest.raises(IntegrityError, match="chunk 1 of 3"):
             r.read(CS, 10)
+    # The read that met the damage dropped the object: the next open retrieves it again.
+    assert cache.store.info(ref) is None and not _blob(cache, ref).exists()
+    assert cache.store.verify(LOCAL_ADMIN) == []
+
+    other = ObjectRef("1.2.4.11")
+    cache.store.put(other, SCOPE, data)
+    _flip(_blob(cache, other), HEADER_LEN + 2 * (CS + TAG_LEN) + 1)  # inside chunk 2
     problems = cache.store.verify(LOCAL_ADMIN)
-    assert [p.ref for p in problems] == [ref] and "chunk 1" in problems[0].reason
+    assert [p.ref for p in problems] == [other] and "chunk 2" in problems[0].reason
+    assert cache.store.info(other) is None  # verify drops what it finds damaged, too
+
+
+@pytest.mark.parametrize("transient", [False, True])
+def test_a_torn_blob_is_never_served_and_is_fetched_again(cache: Env, transient: bool) -> None:
+    """A power cut without fsync may leave a blob of the right size whose last bytes never
+    reached the disk (zeros, on a filesystem that does not order data before metadata):
+    no byte of a damaged chunk is served, and the object is dropped so it is stored again."""
+    ref = ObjectRef("1.2.4.12")
+    data = os.urandom(4 * CS)
+    cache.store.put(ref, SCOPE, data)
+    path = _blob(cache, ref)
+    raw = bytearray(path.read_bytes())
+    start = HEADER_LEN + 2 * (CS + TAG_LEN)
+    raw[start:] = bytes(len(raw) - start)  # chunks 2 and 3 lost
+    path.write_bytes(bytes(raw))
+    with cache.store.open(ref, LOCAL_ADMIN) as r:
+        read = r.read_transient if transient else r.read_view
+        with pytest.raises(IntegrityError, match="chunk 2 of 4"):
+            bytes(read(0, 4 * CS))
+        assert cache.store.info(ref) is None
+        with pytest.raises(IntegrityError):  # still refused on the handle already open
+            bytes(read(3 * CS, CS))
+    assert cache.store.stats().pinned == 0
+    with pytest.raises(NotFound):
+        cache.store.open(ref, LOCAL_ADMIN)
+    cache.store.put(ref, SCOPE, data)  # the re-fetch
+    assert read_all(cache.store, ref) == data
+
+
+def test_a_damaged_copy_replaced_meanwhile_is_kept(cache: Env) -> None:
+    """Only the record a reader opened is dropped: a copy stored again since stays."""
+    ref = ObjectRef("1.2.4.13")
+    data = os.urandom(2 * CS)
+    old = cache.store.put(ref, SCOPE, data)
+    assert cache.store.evict([ref]) == 1
+    new = cache.store.put(ref, SCOPE, data)
+    assert new.sealed_key != old.sealed_key
+    err = cache.store.corrupt(old, "chunk 1 of 2 failed authentication")
+    assert isinstance(err, IntegrityError) and ref.sop_uid in str(err)
+    assert cache.store.info(ref) == new
+    assert read_all(cache.store, ref) == data
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_blobs_are_fsynced_only_when_configured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: bool
+) -> None:
+    env = open_env(tmp_path / "cache")
+    store = ObjectStore(
+        tmp_path / "cache",
+        env,
+        LocalKeyring.load(tmp_path / "k.json", create=True),
+        10**9,
+        chunk_size=CS,
+        fsync=fsync,
+    )
+    synced: list[int] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        # A blob being written (not the keyring, on a scope's first use, nor a directory).
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path / "cache" / "tmp")):
+            synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    try:
+        for i in range(3):
+            store.put(ObjectRef(f"1.2.4.2{i}"), SCOPE, os.urandom(CS + 1))
+    finally:
+        store.close()
+        env.close()
+    assert len(synced) == (3 if fsync else 0)
 
 
 def test_truncated_blob_detected(cache: Env) -> None:
@@ -182,10 +266,13 @@ def test_truncated_blob_detected(cache: Env) -> None:
     cache.store.put(ref, SCOPE, os.urandom(3 * CS))
     path = _blob(cache, ref)
     path.write_bytes(path.read_bytes()[: -(CS + TAG_LEN)])
+    assert [p.ref for p in cache.store.verify(LOCAL_ADMIN)] == [ref]
+    cache.store.put(ref, SCOPE, os.urandom(3 * CS))
+    path.write_bytes(path.read_bytes()[: -(CS + TAG_LEN)])
     with pytest.raises(IntegrityError, match="wrong size"):
         cache.store.open(ref, LOCAL_ADMIN)
     assert cache.store.stats().pinned == 0
-    assert [p.ref for p in cache.store.verify(LOCAL_ADMIN)] == [ref]
+    assert cache.store.info(ref) is None  # dropped: the next open retrieves it again
 
 
 def test_swapped_chunks_detected(cache: Env) -> None:

@@ -96,7 +96,9 @@ def keys_rotate(scope: str, config_path: Path, admin_key: Path | None) -> None:
     env = open_env(config.cache.dir)
     try:
         provider = KeyServiceProvider.from_settings(ks)
-        store = ObjectStore(config.cache.dir, env, provider, config.cache.max_bytes)
+        store = ObjectStore(
+            config.cache.dir, env, provider, config.cache.max_bytes, fsync=config.cache.fsync
+        )
         try:
             rep = rotate_scope(store, sc, ks, admin)
         finally:

@@ -599,7 +599,8 @@ def _open_store(config: Config, token_file: Path | None = None) -> Any:
         config.keys.keyring, create=True
     )
     env = open_env(config.cache.dir)
-    return ObjectStore(config.cache.dir, env, keys, config.cache.max_bytes, config.cache.chunk_size)
+    c = config.cache
+    return ObjectStore(c.dir, env, keys, c.max_bytes, c.chunk_size, fsync=c.fsync)
 
 
 @cache.command("stats")
@@ -640,13 +641,14 @@ def _human(n: float) -> str:
 @config_option
 @token_file_option("With a key service or [identity]: the JWT whose keys are released.")
 def cache_verify(config_path: Path, token_file: Path | None) -> None:
-    """Decrypt and authenticate every chunk of every cached object."""
+    """Decrypt and authenticate every chunk of every cached object; a damaged one is dropped
+    (the next open retrieves it again)."""
     config = _load(config_path)
     store = _open_store(config, token_file)
-    problems = store.verify(_principal(config, token_file))
     n = store.stats().objects
+    problems = store.verify(_principal(config, token_file))
     for p in problems:
-        click.echo(f"CORRUPT {p.ref.sop_uid}: {p.reason}")
+        click.echo(f"CORRUPT {p.ref.sop_uid}: {p.reason} (dropped)")
     click.echo(f"{n} object(s) checked, {len(problems)} corrupt")
     if problems:
         sys.exit(1)

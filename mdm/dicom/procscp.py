@@ -54,6 +54,8 @@ class StoreParams:
     keys: Any = None
     """The ``[keys]`` settings (a key service seals without a server; see mdm.keyservice)."""
     token_file: Path | None = None
+    fsync: bool = False
+    """``[cache] fsync``."""
 
 
 class ProcessStorageSCP(StorageSCP):
@@ -331,7 +333,12 @@ def _child_main(
         keys: Any = params.keys is not None and provider_for(params.keys, params.token_file)
         keys = keys or LocalKeyring.load(params.keyring, create=True)
         store = ObjectStore(
-            params.cache_dir, open_env(params.cache_dir), keys, params.max_bytes, params.chunk_size
+            params.cache_dir,
+            open_env(params.cache_dir),
+            keys,
+            params.max_bytes,
+            params.chunk_size,
+            fsync=params.fsync,
         )
         scp = StorageSCP(bridge, allowed)
         scp.start()

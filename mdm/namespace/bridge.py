@@ -237,7 +237,12 @@ async def open_bridge(
     env = open_env(config.cache.dir)
     try:
         store = ObjectStore(
-            config.cache.dir, env, keys, config.cache.max_bytes, config.cache.chunk_size
+            config.cache.dir,
+            env,
+            keys,
+            config.cache.max_bytes,
+            config.cache.chunk_size,
+            fsync=config.cache.fsync,
         )
         report = store.recover()
         log.info("cache recovered: %s", report)
@@ -262,6 +267,7 @@ async def open_bridge(
                     config.cache.chunk_size,
                     config.keys,
                     session.token_file,
+                    config.cache.fsync,
                 ),
                 log_level=logging.getLogger().getEffectiveLevel(),
             )

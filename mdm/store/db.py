@@ -34,9 +34,10 @@ def open_env(cache_dir: Path, *, readonly: bool = False) -> lmdb.Environment:
         # One writer at a time; readers run in threads of the same process.
         max_readers=256,
         mode=0o600,
-        # No fsync per commit: the store writes and fsyncs each blob before its record is
-        # committed, and start-up recovery drops records whose blob is missing and removes
-        # blobs without a record. A power loss can undo the last commits (LMDB stays
+        # No fsync per commit: the store writes each blob before its record is committed,
+        # start-up recovery drops records whose blob is missing or short and removes blobs
+        # without a record, and a blob that fails authentication is dropped when read
+        # (docs/STORE.md, Power cut). A power loss can undo the last commits (LMDB stays
         # consistent), which recovery turns into at most a few re-fetches; a killed process
         # loses nothing, the commits are in the page cache.
         sync=False,

@@ -12,11 +12,14 @@ LMDB named databases (in the shared ``index.lmdb`` environment):
     b"lru"         u64 access time (µs) || blob name -> b""   (eviction order)
     b"store-meta"  b"stored_bytes" -> u64 sum of the blob sizes of all records
 
-Write order (crash-safe): encrypt into ``tmp/``, fsync, rename into ``objects/``, fsync the
-directory, and only then commit the record. Eviction runs the other way round: drop the record,
-commit, then unlink the blob. A kill -9 at any point therefore leaves at worst a blob without a
-record (an orphan, removed by :meth:`ObjectStore.recover`) and never a record without its blob.
-See docs/STORE.md for the whole protocol.
+Write order (crash-safe): encrypt into ``tmp/`` (fsync only with ``[cache] fsync``), rename
+into ``objects/``, and only then commit the record. Eviction runs the other way round: drop the
+record, commit, then unlink the blob. A kill -9 at any point therefore leaves at worst a blob
+without a record (an orphan, removed by :meth:`ObjectStore.recover`) and never a record without
+its blob. A power cut may leave a record whose blob is short (dropped by ``recover``) or, on a
+filesystem that does not order data before metadata, one whose chunks fail authentication:
+the read that meets it fails (EIO) and drops the object (:meth:`ObjectStore.corrupt`), so the
+next open retrieves it again. See docs/STORE.md for the whole protocol.
 """
 
 from __future__ import annotations
@@ -137,7 +140,7 @@ class ObjectReader:
                     self._dek, self._identity, self._fd, self._header, a, b - a, self._cipher
                 )
             except IntegrityError as e:
-                raise IntegrityError(f"cached object {self.info.ref.sop_uid}: {e}") from None
+                raise self._store.corrupt(self.info, str(e)) from None
             self._span = start_c, data_c = (a, span)
         return memoryview(data_c)[offset - start_c : end - start_c]
 
@@ -173,7 +176,7 @@ class ObjectReader:
             try:
                 n = decrypt_span(self._cipher, self._fd, h, first, last, bufs)
             except IntegrityError as e:
-                raise IntegrityError(f"cached object {self.info.ref.sop_uid}: {e}") from None
+                raise self._store.corrupt(self.info, str(e)) from None
             self._tspan = start_t, end_t = (first * cs, first * cs + n)
         return memoryview(bufs.plain)[offset - start_t : end - start_t].toreadonly()
 
@@ -219,6 +222,8 @@ class ObjectStore:
         keys: KeyProvider,
         max_bytes: int,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        *,
+        fsync: bool = False,
     ) -> None:
         BlobHeader.for_plaintext(0, chunk_size)  # validates chunk_size
         if max_bytes <= 0:
@@ -228,6 +233,8 @@ class ObjectStore:
         self.keys = keys
         self.max_bytes = max_bytes
         self.chunk_size = chunk_size
+        self.fsync = fsync
+        """fsync each blob before placing it (``[cache] fsync``; docs/STORE.md)."""
         self.objects_dir = self.root / "objects"
         self._objects_str = str(self.objects_dir)
         self.tmp_dir = self.root / "tmp"
@@ -389,14 +396,15 @@ class ObjectStore:
             mine.set()
 
     def _write_blob(self, name: str, cipher: ChunkCipher, data: bytes | memoryview) -> Path:
-        """Encrypt into tmp/ and fsync; the caller places it (``_commit``)."""
+        """Encrypt into tmp/ (and fsync if :attr:`fsync`); the caller places it (``_commit``)."""
         tmp = self.tmp_dir / f"{name}.{secrets.token_hex(8)}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 for piece in cipher.iter_blob(data):
                     _write_all(fd, piece)
-                os.fsync(fd)
+                if self.fsync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
         except BaseException as e:
@@ -516,13 +524,17 @@ class ObjectStore:
                 # A string, not blob_path's Path: pathlib costs more than the open itself.
                 fd = os.open(f"{self._objects_str}/{name[:2]}/{name}", os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
-                raise IntegrityError(f"blob of cached object {ref.sop_uid} is missing") from None
-            header = read_header(fd)
+                raise self.corrupt(info, "its blob is missing") from None
+            try:
+                header = read_header(fd)
+            except IntegrityError as e:
+                raise self.corrupt(info, str(e)) from None
             on_disk = os.fstat(fd).st_size
             if header.size != info.size or not on_disk == header.blob_size == info.stored_bytes:
-                raise IntegrityError(
-                    f"blob of cached object {ref.sop_uid} has the wrong size "
-                    f"({on_disk} bytes on disk, {info.stored_bytes} recorded)"
+                raise self.corrupt(
+                    info,
+                    f"its blob has the wrong size ({on_disk} bytes on disk, "
+                    f"{info.stored_bytes} recorded)",
                 )
             return ObjectReader(self, info, fd, header, dek)
         except BaseException:
@@ -530,6 +542,32 @@ class ObjectStore:
                 os.close(fd)
             self._unpin(name)
             raise
+
+    def corrupt(self, info: ObjectInfo, reason: str) -> IntegrityError:
+        """``info``'s blob is missing, of the wrong size, or a chunk of it failed
+        authentication (torn by a power cut, or altered on disk): drop its record and blob, so
+        that the next open retrieves the object again, and return the error to raise (this
+        open or read fails: EIO, no byte of it served)."""
+        name = info.ref.blob_name()
+        dropped = False
+        with self._lock:
+            with self.env.begin(write=True) as txn:
+                current = self.index.get(txn, name)
+                # Only the record this reader opened: a re-fetched copy stored since is kept.
+                if current is not None and current.sealed_key == info.sealed_key:
+                    self.index.delete(txn, name, current)
+                    dropped = True
+            if dropped:
+                self._unlink_blobs((name,))
+        log.error(
+            "cached object %s is damaged (%s): %s",
+            info.ref.sop_uid,
+            reason,
+            "dropped; the next open retrieves it again"
+            if dropped
+            else "already dropped or replaced",
+        )
+        return IntegrityError(f"cached object {info.ref.sop_uid}: {reason}")
 
     def evict(
         self, refs: Iterable[ObjectRef] | None = None, *, target_bytes: int | None = None

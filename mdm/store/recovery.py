@@ -94,7 +94,8 @@ def sweep(store: ObjectStore, exclusive: bool) -> RecoveryReport:
 
 
 def verify(store: ObjectStore, principal: Principal) -> list[VerifyProblem]:
-    """Authenticate every chunk of every object and check its sizes; list the failures.
+    """Authenticate every chunk of every object and check its sizes; list the failures
+    (each damaged object is dropped, as any read that meets it does: ObjectStore.corrupt).
 
     Does not count as an access for the LRU order.
     """
