@@ -434,3 +434,40 @@ def test_fuzz_generated_and_mutated_streams() -> None:
     )
     assert kinds.get("message", 0) > cases // 20
     assert kinds.get("violation", 0) > cases // 20
+
+
+def test_a_received_data_set_is_the_loops_buffer_and_reads_as_a_file() -> None:
+    """``ReceivedDataSet`` hands the store the compiled loop's own buffer (read-only, no copy)
+    and still behaves as the BytesIO pynetdicom's decoders expect once used as a file."""
+    from mdm.dicom.fast.dul import ReceivedDataSet
+
+    payload = bytes(range(256)) * 300
+    p = _store_rq()
+    p.DataSet = BytesIO(payload)
+    m = compiled.module()
+    r = m.Reader(LIMIT)
+    a, b = socket.socketpair()
+    try:
+        b.setblocking(False)
+        a.sendall(_pdus(p, 16384))
+        code = r.pump(b.fileno(), -1, 1.0, 1.0)
+        assert code == m.COMMAND
+        code = r.begin(b"P10")
+        while code == m.CONTINUE:
+            code = r.pump(b.fileno(), -1, 1.0, 1.0)
+        assert code == m.MESSAGE
+        message = r.take()[2]
+    finally:
+        a.close()
+        b.close()
+    assert len(message) == 3 + len(payload)
+    ds = ReceivedDataSet(message)
+    view = ds.getbuffer()
+    assert view.readonly and bytes(view) == b"P10" + payload
+    with pytest.raises(TypeError):
+        view[0] = 0
+    assert ds.getvalue() == b"P10" + payload
+    assert ds.read(3) == b"P10" and ds.tell() == 3  # now a file: a copy, read from 0
+    ds.seek(0)
+    assert ds.read() == b"P10" + payload
+    assert ds.getvalue() == b"P10" + payload and bytes(ds.getbuffer()) == b"P10" + payload

@@ -49,6 +49,10 @@ COPIED: dict[str, str] = {
     "pynetdicom.dimse.DIMSEServiceProvider.get_msg": (
         "the requestor reactor and InlineStoreQueue depend on its queue protocol"
     ),
+    "pynetdicom.service_class.StorageServiceClass.SCP": (
+        "FastAssociation.serve_store answers a C-STORE as this SCP does"
+    ),
+    "pynetdicom.service_class.attempt": "FastAssociation.serve_store's 0xC211 on a raise",
 }
 """Upstream functions the fast path replicates or depends on without overriding them."""
 

@@ -523,6 +523,40 @@ def test_a_failing_sink_gives_the_pacs_a_failure_status(scp: StorageSCP, data: l
     assert status is not None and status != 0 and status >> 12 != 0xF
 
 
+def test_a_c_store_handler_that_raises_answers_0xc211_and_the_association_goes_on(
+    scp: StorageSCP, data: list[Inst], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As pynetdicom answers when its handler raises (0xC211), on either path; the next
+    C-STORE on the same association is served."""
+    from mdm.dicom.receiver import Expectation
+
+    first, second = data[3], data[4]
+    real = Expectation._claim
+
+    def claim(self: Expectation, sop_uid: str) -> bool:
+        if sop_uid == first.sop_uid:
+            raise RuntimeError("injected fault in the handler")
+        return real(self, sop_uid)
+
+    monkeypatch.setattr(Expectation, "_claim", claim)
+    got = Collector()
+    ae = AE(PACS_AET)
+    ae.add_requested_context(first.sop_class_uid, ExplicitVRLittleEndian)
+    with scp.expect([first.sop_uid, second.sop_uid], got):
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title=BRIDGE_AET)
+        assert assoc.is_established
+        try:
+            statuses = [
+                int(assoc.send_c_store(pydicom.dcmread(io.BytesIO(i.part10))).Status)
+                for i in (first, second)
+            ]
+        finally:
+            assoc.release()
+    assert statuses == [0xC211, 0x0000]
+    assert set(got.objects) == {second.sop_uid}
+    check_pixels(got.objects, [second])
+
+
 @pytest.mark.fast_only
 def test_inbound_store_is_served_on_the_thread_that_read_it(
     scp: StorageSCP, data: list[Inst]

@@ -77,54 +77,6 @@ class FastRequestorAssociation(Association):
 
     IDLE_WAIT = 0.02
 
-    def serve_store(self, req: C_STORE, context_id: int) -> None:
-        """A valid C-STORE-RQ on an accepted context, served as pynetdicom's
-        ``_serve_request`` and ``StorageServiceClass.SCP`` would (the EVT_C_STORE handler's
-        status answers it; 0xC211 if the handler raises; nothing if it aborted), without
-        their per-object lookups and validated response primitive: the response is packed
-        directly. Anything unusual takes pynetdicom's path."""
-        class_uid = req.AffectedSOPClassUID
-        cx = self._accepted_cx[context_id]
-        if (
-            _config.UNRESTRICTED_STORAGE_SERVICE
-            or str(cx.abstract_syntax) != class_uid  # refused by the handler, as pynetdicom's
-            or class_uid in self.acceptor.accepted_common_extended
-            or _service_class(str(class_uid)) is not StorageServiceClass
-        ):
-            self._serve_request(req, context_id)
-            return
-        self.dimse.cancel_req = {}
-        self._is_paused = True
-        status: Any
-        try:
-            status = evt.trigger(self, evt.EVT_C_STORE, {"request": req, "context": cx.as_tuple})
-        except Exception:
-            log.exception("the C-STORE handler failed; answering 0x%04X", STORE_HANDLER_FAILED)
-            status = STORE_HANDLER_FAILED
-        finally:
-            self._is_paused = False
-            self.dimse.cancel_req = {}
-        if not self.is_established:  # the handler aborted or released
-            return
-        if (
-            type(status) is int
-            and req.MessageID is not None
-            and cast(FastDIMSE, self.dimse).send_store_response(
-                context_id,
-                str(class_uid),
-                str(req.AffectedSOPInstanceUID),
-                int(req.MessageID),
-                status,
-            )
-        ):
-            return
-        rsp = C_STORE()
-        rsp.MessageIDBeingRespondedTo = req.MessageID
-        rsp.AffectedSOPInstanceUID = req.AffectedSOPInstanceUID
-        rsp.AffectedSOPClassUID = class_uid
-        rsp = StorageServiceClass(self).validate_status(status, rsp)
-        self.dimse.send_msg(rsp, context_id)
-
     def _run_reactor(self) -> None:
         self._is_paused = False
         while not self._kill:
