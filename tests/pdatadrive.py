@@ -32,7 +32,8 @@ def drive(
 ) -> list[tuple[Any, ...]]:
     """Feed ``stream`` (then end of file) to a Reader until it stops; the events, in order:
     ("command", context, fields), ("message", context, fields, data), ("fallback", body),
-    ("other", head), ("closed", problem), ("violation", problem), ("idle",), ("wake",).
+    ("other", head), ("closed", problem), ("violation", problem), ("idle",), ("wake",),
+    ("pending", context, message ID, body).
     ``accept=False``: decline every command set (the Python path takes the message)."""
     m = compiled.module()
     r = reader(max_pdu, max_message)
@@ -65,6 +66,9 @@ def drive(
                 continue
             if code == m.FALLBACK:
                 events.append(("fallback", r.body))
+                continue
+            if code == m.PENDING:
+                events.append(("pending", r.context_id, r.pending_id, r.decline()))
                 continue
             if code == m.OTHER:
                 assert len(r.head) == 6

@@ -149,6 +149,52 @@ def test_leaves_everything_else_to_the_python_path() -> None:
     assert drive(odd)[0][0] == "fallback"
 
 
+def _move_rsp(status: int, **fields: Any) -> Any:
+    from pynetdicom.dimse_primitives import C_GET, C_MOVE
+
+    p = C_GET() if fields.pop("get", False) else C_MOVE()
+    p.MessageIDBeingRespondedTo = 5
+    p.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.2"
+    p.Status = status
+    for k, v in fields.items():
+        setattr(p, k, v)
+    return p
+
+
+def test_pending_retrieve_responses_are_read_and_nothing_else() -> None:
+    """A pending C-MOVE/C-GET response with nothing but its counts is read here (PENDING,
+    with its message ID); a final one, or one with an error comment, an offending element
+    or an identifier, goes to the Python path."""
+    from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP
+
+    counts = dict(
+        NumberOfRemainingSuboperations=3,
+        NumberOfCompletedSuboperations=1,
+        NumberOfFailedSuboperations=0,
+        NumberOfWarningSuboperations=0,
+    )
+    for status in (0xFF00, 0xFF01):
+        for get in (False, True):
+            stream = _pdus(
+                _move_rsp(status, get=get, **counts), 0, (C_GET_RSP if get else C_MOVE_RSP)()
+            )
+            assert drive(stream)[0] == ("pending", 1, 5, stream[6:])
+    bare = _pdus(_move_rsp(0xFF00), 0, C_MOVE_RSP())
+    assert drive(bare)[0][:3] == ("pending", 1, 5)
+    for p in (
+        _move_rsp(0x0000, **counts),
+        _move_rsp(0xA702, **counts),
+        _move_rsp(0xFF00, ErrorComment="odd", **counts),
+        _move_rsp(0xFF00, OffendingElement=[0x00100010]),
+    ):
+        stream = _pdus(p, 0, C_MOVE_RSP())
+        assert drive(stream)[0] == ("fallback", stream[6:]), p.Status
+    with_identifier = _move_rsp(0xFF00, **counts)
+    with_identifier.Identifier = BytesIO(b"\x08\x00\x58\x00\x00\x00\x00\x00")
+    events = drive(_pdus(with_identifier, 0, C_MOVE_RSP()))
+    assert events[0][0] == "fallback"
+
+
 def _item(cx: int, control: int, data: bytes) -> bytes:
     return struct.pack(">LBB", len(data) + 2, cx, control) + data
 
@@ -293,6 +339,59 @@ def _random_command(rng: random.Random) -> bytes:
     return el(0x0000, struct.pack("<I", len(body))) + body
 
 
+def _random_pending(rng: random.Random) -> bytes:
+    """A pending C-MOVE/C-GET response command set, most often as PACS send it."""
+
+    def el(e: int, v: bytes) -> bytes:
+        return struct.pack("<HHI", 0, e, len(v)) + v
+
+    def us(v: int) -> bytes:
+        return struct.pack("<H", v)
+
+    parts = [
+        el(0x0002, rng.choice(UIDS).encode() if rng.random() < 0.1 else CT.encode() + b"\x00"),
+        el(0x0100, us(rng.choice([0x8021, 0x8010]) if rng.random() < 0.9 else 0x8001)),
+        el(0x0120, us(rng.randrange(65536))),
+        el(0x0800, us(0x0101 if rng.random() < 0.9 else 0x0001)),
+        el(0x0900, us(rng.choice([0xFF00, 0xFF01]) if rng.random() < 0.9 else 0xA702)),
+    ]
+    for e in range(0x1020, 0x1024):
+        if rng.random() < 0.8:
+            parts.append(el(e, us(rng.randrange(65536))))
+    if rng.random() < 0.05:
+        parts.append(el(rng.choice([0x0902, 0x0901, 0x1000]), b"ab"))
+    if rng.random() < 0.05:
+        rng.shuffle(parts)
+    if rng.random() < 0.05:
+        parts.append(rng.choice(parts))
+    if rng.random() < 0.1:
+        parts = [p for p in parts if rng.random() < 0.8]
+    body = b"".join(parts)
+    return el(0x0000, struct.pack("<I", len(body))) + body
+
+
+def _python_pending(raw: bytes) -> int | None:
+    """The message ID if the Python path would take ``raw`` for a pending response that
+    ProgressQueue reports without queueing it, else None."""
+    d = decode_command(raw)
+    allowed = {
+        "CommandGroupLength", "AffectedSOPClassUID", "CommandField", "Status",
+        "MessageIDBeingRespondedTo", "CommandDataSetType", "NumberOfRemainingSuboperations",
+        "NumberOfCompletedSuboperations", "NumberOfFailedSuboperations",
+        "NumberOfWarningSuboperations",
+    }  # fmt: skip
+    if (
+        d is None
+        or not d.keys() <= allowed
+        or d.get("CommandField") not in (0x8021, 0x8010)
+        or d.get("Status") not in (0xFF00, 0xFF01)
+        or d.get("CommandDataSetType") != 0x0101
+        or "MessageIDBeingRespondedTo" not in d
+    ):
+        return None
+    return int(d["MessageIDBeingRespondedTo"])
+
+
 def _random_stream(rng: random.Random) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """PDUs of 1-3 C-STOREs fragmented at random, and what each should read as."""
     out = b""
@@ -428,10 +527,28 @@ def test_fuzz_generated_and_mutated_streams() -> None:
             assert events[0][0] in ("fallback", "violation"), (n, raw.hex())
         else:
             assert events[0] == ("command", 1, fields), (n, raw.hex())
+    # pending responses alone, mutated: read here only if the Python path would report them
+    pending = 0
+    for n in range(cases // 10):
+        raw = _random_pending(rng)
+        mutated = rng.random() < 0.7
+        if mutated:
+            raw = _mutate(rng, raw)
+        events = drive(_pdu(_item(1, 3, raw)))
+        want = _python_pending(raw)
+        if events[0][0] == "pending":
+            pending += 1
+            assert want is not None and events[0][2] == want, (n, raw.hex())
+        elif not mutated and want is not None:
+            d = decode_command(raw) or {}
+            uid = d.get("AffectedSOPClassUID", "1")
+            assert not uid.strip() or not uid.isprintable(), (n, raw.hex())
     took = time.monotonic() - t0
     print(
-        f"compiled loop fuzz: {cases} streams + {cases // 5} command sets in {took:.1f}s: {kinds}"
+        f"compiled loop fuzz: {cases} streams + {cases // 5} command sets + {cases // 10} "
+        f"pending responses ({pending} read as such) in {took:.1f}s: {kinds}"
     )
+    assert pending > cases // 100
     assert kinds.get("message", 0) > cases // 20
     assert kinds.get("violation", 0) > cases // 20
 

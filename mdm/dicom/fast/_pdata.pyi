@@ -9,6 +9,7 @@ IDLE: int
 WAKE: int
 CLOSED: int
 VIOLATION: int
+PENDING: int
 
 CommandFields = tuple[str, str, int, int | None, str | None, int | None]
 
@@ -24,6 +25,7 @@ class Reader:
     problem: str
     last_pdu: float
     pdus: int
+    pending_id: int
     def __init__(self, max_pdu: int, max_message: int = ...) -> None: ...
     @property
     def in_progress(self) -> bool: ...

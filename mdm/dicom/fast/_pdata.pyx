@@ -91,6 +91,9 @@ cpdef enum:
     CLOSED = 7
     # The peer broke a limit or the protocol (``problem``, with no peer byte): abort.
     VIOLATION = 8
+    # A pending C-MOVE/C-GET response holding nothing but its sub-operation counts, alone in
+    # its PDU (``pending_id``): ``decline()`` to drop it, or to hand its PDU to Python.
+    PENDING = 9
 
 cdef uint32_t NO_DATA_SET = 0x0101
 cdef size_t FIRST_CHUNK = 1 << 16
@@ -203,6 +206,8 @@ cdef class Reader:
     cdef public double last_pdu
     """Monotonic time the last whole PDU was read here."""
     cdef public long pdus
+    cdef public int pending_id
+    """The message ID a PENDING response answers."""
 
     def __cinit__(self, size_t max_pdu, int64_t max_message=1 << 30):
         """``max_pdu``: the largest P-DATA-TF body accepted (our announced maximum and its
@@ -227,6 +232,7 @@ cdef class Reader:
         self.problem = ""
         self.last_pdu = 0.0
         self.pdus = 0
+        self.pending_id = -1
 
     def __dealloc__(self):
         free(self.buf)
@@ -502,6 +508,11 @@ cdef class Reader:
             return FALLBACK
         fields = self._parse_command(6, n - 2)
         if fields is None:
+            # A command set alone in its PDU: a pending C-MOVE/C-GET response (one per
+            # object a PACS sends), whose Python decoding costs more than the object's own.
+            if n + 4 == self.length and self._parse_pending(6, n - 2):
+                self.context_id = self._u8(4)
+                return PENDING
             return FALLBACK
         self.context_id = self._u8(4)
         self.command = fields
@@ -592,6 +603,73 @@ cdef class Reader:
             move_ae,
             move_id if seen & E_MOVE_ID else None,
         )
+
+    cdef bint _parse_pending(self, size_t off, size_t n) except -1:
+        """True for the command set of a pending (0xFF00/0xFF01) C-MOVE-RSP or C-GET-RSP
+        without a data set, made only of its group length, affected SOP class, message ID
+        responded to and sub-operation counts, each once with its fixed length (sets
+        ``pending_id``); anything else (an error comment, an offending element, an identifier)
+        is for the Python path."""
+        cdef size_t end = off + n
+        cdef uint32_t element, vlen, value
+        cdef unsigned seen = 0, bit
+        cdef uint32_t field = 0, msg_id = 0, dstype = 0, status = 0
+        if end > self.length or end < off:
+            return False
+        while off < end:
+            if end - off < 8:
+                return False
+            if self._le16(off) != 0:
+                return False
+            element = self._le16(off + 2)
+            vlen = self._le32(off + 4)
+            off += 8
+            if vlen > end - off:
+                return False
+            if element == 0x0000:
+                bit = 1
+                if vlen != 4:
+                    return False
+            elif element == 0x0002:
+                bit = 2
+                if self._text(off, vlen, True) is None:
+                    return False
+            else:
+                if element == 0x0100:
+                    bit = 4
+                elif element == 0x0120:
+                    bit = 8
+                elif element == 0x0800:
+                    bit = 16
+                elif element == 0x0900:
+                    bit = 32
+                elif 0x1020 <= element <= 0x1023:  # remaining, completed, failed, warning
+                    bit = 64 << (element - 0x1020)
+                else:
+                    return False
+                if vlen != 2:
+                    return False
+                value = self._le16(off)
+                if element == 0x0100:
+                    field = value
+                elif element == 0x0120:
+                    msg_id = value
+                elif element == 0x0800:
+                    dstype = value
+                elif element == 0x0900:
+                    status = value
+            if seen & bit:
+                return False
+            seen |= bit
+            off += vlen
+        if seen & (4 | 8 | 16 | 32) != (4 | 8 | 16 | 32):
+            return False
+        if field not in (0x8021, 0x8010) or dstype != NO_DATA_SET:
+            return False
+        if status != 0xFF00 and status != 0xFF01:
+            return False
+        self.pending_id = msg_id
+        return True
 
     def begin(self, bytes prefix) -> int:
         """Receive the data set of the C-STORE-RQ just read into a buffer that starts with

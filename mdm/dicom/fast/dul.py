@@ -391,6 +391,16 @@ class FastDUL(DULServiceProvider):
                 if code == pdata.CONTINUE:
                     code = reader.pump(fd, self._wake_r, self.PUMP_WAIT, stall)
                 continue
+            if code == pdata.PENDING:
+                body = reader.decline()
+                report = getattr(self.assoc.dimse.msg_queue, "on_pending", None)
+                if report is None or not self.assoc.is_requestor:
+                    self._python_pdata(body)
+                    return b""
+                # What ProgressQueue does with it, without decoding it in Python first.
+                report()
+                code = reader.pump(fd, self._wake_r, self.PUMP_WAIT, stall)
+                continue
             if code == pdata.MESSAGE:
                 self._deliver(reader)
             elif code == pdata.OTHER:
