@@ -348,6 +348,39 @@ def test_retrieve_series_delivers_decodable_identical_pixels(
         check_pixels(got.objects, want)
 
 
+@pytest.mark.fast_only
+def test_c_get_stores_are_served_on_the_thread_that_read_them(
+    pacs: LocalOrthanc, retriever: Retriever, data: list[Inst]
+) -> None:
+    """The C-STOREs of our C-GET are handled by the DUL thread that decoded them, as inbound
+    ones are, not handed to the thread waiting for the C-GET's responses; two C-GETs in a
+    row on the pooled association (the second waits for the reactor to count as paused)."""
+    from mdm.dicom.fast import FastDUL
+
+    series = sorted({i.series_uid for i in data})[0]
+    want = [i for i in data if i.series_uid == series]
+    for _ in range(2):
+        threads: list[threading.Thread] = []
+        got = Collector()
+
+        def sink(obj: ReceivedObject, got: Collector = got, threads: list = threads) -> None:
+            threads.append(threading.current_thread())
+            got(obj)
+
+        out = retriever.retrieve(
+            site_of(pacs, "PACS-inline-get", retrieve="get"),
+            level="SERIES",
+            study_uid=want[0].study_uid,
+            series_uid=series,
+            expected={i.sop_uid for i in want},
+            sink=sink,
+            sop_classes={i.sop_class_uid for i in want},
+        )
+        assert out.received == {i.sop_uid for i in want}
+        assert threads and all(isinstance(t, FastDUL) for t in threads)
+        check_pixels(got.objects, want)
+
+
 def retrieve_one(retriever: Retriever, site: SiteSettings, inst: Inst, sink: Collector) -> None:
     """Retrieve one instance alone (IMAGE level, as a reader's first byte does)."""
     out = retriever.retrieve(

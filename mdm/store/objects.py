@@ -276,6 +276,11 @@ class ObjectStore:
 
     def _make_room(self, need: int, exclude: set[str]) -> None:
         """Evict LRU objects so that committed + reserved + need <= max_bytes (lock held)."""
+        with self.env.begin() as txn:
+            if self.index.committed(txn) + self._reserved + need <= self.max_bytes:
+                # Room enough: no write transaction (a commit per object received). The cap
+                # is checked again in the transaction that commits the record (_commit).
+                return
         with self.env.begin(write=True) as txn:
             self.index.flush_touched(txn)
             over = self.index.committed(txn) + self._reserved + need - self.max_bytes

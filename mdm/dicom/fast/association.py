@@ -32,7 +32,7 @@ def install_fast_layers(assoc: Association) -> None:
     :class:`InlineStoreQueue` for a PACS's (inbound C-STOREs)."""
     assoc.dul = FastDUL(assoc)
     assoc.dimse = FastDIMSE(assoc)
-    assoc.dimse.msg_queue = ProgressQueue() if assoc.is_requestor else InlineStoreQueue(assoc)
+    assoc.dimse.msg_queue = ProgressQueue(assoc) if assoc.is_requestor else InlineStoreQueue(assoc)
 
 
 def _reactor_should_stop(assoc: Association) -> bool:
@@ -64,7 +64,63 @@ def _ended(assoc: Association, event: Any) -> bool:
     return True
 
 
-class FastRequestorAssociation(Association):
+class _StoreServer:
+    """``serve_store`` for both kinds of association (inbound C-STOREs, and those of our
+    C-GETs)."""
+
+    def serve_store(self: Any, req: C_STORE, context_id: int) -> None:
+        """A valid C-STORE-RQ on an accepted context, served as pynetdicom's
+        ``_serve_request`` and ``StorageServiceClass.SCP`` would (the EVT_C_STORE handler's
+        status answers it; 0xC211 if the handler raises; nothing if it aborted), without
+        their per-object lookups and validated response primitive: the response is packed
+        directly. Anything unusual takes pynetdicom's path."""
+        class_uid = req.AffectedSOPClassUID
+        cx = self._accepted_cx[context_id]
+        if (
+            _config.UNRESTRICTED_STORAGE_SERVICE
+            or str(cx.abstract_syntax) != class_uid  # refused by the handler, as pynetdicom's
+            or class_uid in self.acceptor.accepted_common_extended
+            or _service_class(str(class_uid)) is not StorageServiceClass
+        ):
+            self._serve_request(req, context_id)
+            return
+        self.dimse.cancel_req = {}
+        # Paused while the handler runs (it may send), as pynetdicom's _serve_request does;
+        # then as it was: a requestor's reactor, parked on its checkpoint during our C-GET,
+        # must still count as paused for the next request (send_c_* waits for that).
+        paused, self._is_paused = self._is_paused, True
+        status: Any
+        try:
+            status = evt.trigger(self, evt.EVT_C_STORE, {"request": req, "context": cx.as_tuple})
+        except Exception:
+            log.exception("the C-STORE handler failed; answering 0x%04X", STORE_HANDLER_FAILED)
+            status = STORE_HANDLER_FAILED
+        finally:
+            self._is_paused = paused
+            self.dimse.cancel_req = {}
+        if not self.is_established:  # the handler aborted or released
+            return
+        if (
+            type(status) is int
+            and req.MessageID is not None
+            and cast(FastDIMSE, self.dimse).send_store_response(
+                context_id,
+                str(class_uid),
+                str(req.AffectedSOPInstanceUID),
+                int(req.MessageID),
+                status,
+            )
+        ):
+            return
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo = req.MessageID
+        rsp.AffectedSOPInstanceUID = req.AffectedSOPInstanceUID
+        rsp.AffectedSOPClassUID = class_uid
+        rsp = StorageServiceClass(self).validate_status(status, rsp)
+        self.dimse.send_msg(rsp, context_id)
+
+
+class FastRequestorAssociation(_StoreServer, Association):
     """A requestor association whose idle reactor sleeps instead of polling every 1 ms.
 
     pynetdicom's ``send_c_*`` methods pause the reactor (clear ``_reactor_checkpoint`` and
@@ -93,7 +149,7 @@ class FastRequestorAssociation(Association):
                 return
 
 
-class FastAssociation(Association):
+class FastAssociation(_StoreServer, Association):
     """An acceptor association whose reactor waits on its message queue instead of polling.
 
     pynetdicom's reactor sleeps 1 ms between polls of the DIMSE message queue; a C-MOVE sends
@@ -125,54 +181,6 @@ class FastAssociation(Association):
             self.dimse.send_msg(rsp, context_id)
             return
         super()._serve_request(msg, context_id)
-
-    def serve_store(self, req: C_STORE, context_id: int) -> None:
-        """A valid C-STORE-RQ on an accepted context, served as pynetdicom's
-        ``_serve_request`` and ``StorageServiceClass.SCP`` would (the EVT_C_STORE handler's
-        status answers it; 0xC211 if the handler raises; nothing if it aborted), without
-        their per-object lookups and validated response primitive: the response is packed
-        directly. Anything unusual takes pynetdicom's path."""
-        class_uid = req.AffectedSOPClassUID
-        cx = self._accepted_cx[context_id]
-        if (
-            _config.UNRESTRICTED_STORAGE_SERVICE
-            or str(cx.abstract_syntax) != class_uid  # refused by the handler, as pynetdicom's
-            or class_uid in self.acceptor.accepted_common_extended
-            or _service_class(str(class_uid)) is not StorageServiceClass
-        ):
-            self._serve_request(req, context_id)
-            return
-        self.dimse.cancel_req = {}
-        self._is_paused = True
-        status: Any
-        try:
-            status = evt.trigger(self, evt.EVT_C_STORE, {"request": req, "context": cx.as_tuple})
-        except Exception:
-            log.exception("the C-STORE handler failed; answering 0x%04X", STORE_HANDLER_FAILED)
-            status = STORE_HANDLER_FAILED
-        finally:
-            self._is_paused = False
-            self.dimse.cancel_req = {}
-        if not self.is_established:  # the handler aborted or released
-            return
-        if (
-            type(status) is int
-            and req.MessageID is not None
-            and cast(FastDIMSE, self.dimse).send_store_response(
-                context_id,
-                str(class_uid),
-                str(req.AffectedSOPInstanceUID),
-                int(req.MessageID),
-                status,
-            )
-        ):
-            return
-        rsp = C_STORE()
-        rsp.MessageIDBeingRespondedTo = req.MessageID
-        rsp.AffectedSOPInstanceUID = req.AffectedSOPInstanceUID
-        rsp.AffectedSOPClassUID = class_uid
-        rsp = StorageServiceClass(self).validate_status(status, rsp)
-        self.dimse.send_msg(rsp, context_id)
 
     def _run_reactor(self) -> None:
         self._is_paused = False

@@ -257,9 +257,23 @@ class ProgressQueue(queue.Queue):  # type: ignore[type-arg]
 
     on_pending: Callable[[], None] | None = None
 
+    def __init__(self, assoc: Association | None = None) -> None:
+        super().__init__()
+        self._assoc = assoc
+
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         report = self.on_pending
         msg = item[1]
+        # A C-STORE of a C-GET: served here, on the DUL thread, as an inbound one is
+        # (InlineStoreQueue), not by the thread that waits for the C-GET's responses.
+        if (
+            type(msg) is C_STORE
+            and self._assoc is not None
+            and msg.is_valid_request
+            and _can_serve_inline(self._assoc, self, item[0])
+        ):
+            self._assoc.serve_store(msg, item[0])  # type: ignore[attr-defined]
+            return
         if (
             report is not None
             and type(msg) in (C_MOVE, C_GET)
@@ -296,11 +310,8 @@ class InlineStoreQueue(queue.Queue):  # type: ignore[type-arg]
         assoc = self._assoc
         if (
             type(msg) is C_STORE
-            and assoc.is_established
             and (msg.is_valid_request or msg.MessageID is not None)
-            and context_id in assoc._accepted_cx
-            and not assoc._sent_release
-            and self.empty()
+            and _can_serve_inline(assoc, self, context_id)
         ):
             serve = getattr(assoc, "serve_store", None)
             if serve is not None and msg.is_valid_request:
@@ -309,3 +320,14 @@ class InlineStoreQueue(queue.Queue):  # type: ignore[type-arg]
                 assoc._serve_request(msg, context_id)
             return
         super().put(item, block, timeout)
+
+
+def _can_serve_inline(assoc: Association, q: queue.Queue, context_id: int) -> bool:  # type: ignore[type-arg]
+    """A C-STORE can be served on the thread putting it: the association established, its
+    context accepted, no release under way, nothing queued before it."""
+    return (
+        assoc.is_established
+        and context_id in assoc._accepted_cx
+        and not assoc._sent_release
+        and q.empty()
+    )
