@@ -309,6 +309,14 @@ def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
 UIDS = ["1.2.3.4.5", "1.2.3.4", CT, "1.2." + "9" * 60, "1.2 ", " 1", "1.2\x00\x00", ""]
 
 
+def _scramble(rng: random.Random, parts: list[bytes]) -> None:
+    """Now and then the elements of a command set out of order, or one of them twice."""
+    if rng.random() < 0.05:
+        rng.shuffle(parts)
+    if rng.random() < 0.05:
+        parts.append(rng.choice(parts))
+
+
 def _random_command(rng: random.Random) -> bytes:
     """A C-STORE-RQ command set, most often well formed, sometimes with odd elements."""
 
@@ -331,10 +339,7 @@ def _random_command(rng: random.Random) -> bytes:
         parts.append(el(0x1031, struct.pack("<H", rng.randrange(65536))))
     if rng.random() < 0.05:
         parts.append(el(rng.choice([0x0900, 0x0902, 0x1020]), b"\x00\x00"))
-    if rng.random() < 0.05:
-        rng.shuffle(parts)
-    if rng.random() < 0.05:
-        parts.append(rng.choice(parts))
+    _scramble(rng, parts)
     body = b"".join(parts)
     return el(0x0000, struct.pack("<I", len(body))) + body
 
@@ -360,10 +365,7 @@ def _random_pending(rng: random.Random) -> bytes:
             parts.append(el(e, us(rng.randrange(65536))))
     if rng.random() < 0.05:
         parts.append(el(rng.choice([0x0902, 0x0901, 0x1000]), b"ab"))
-    if rng.random() < 0.05:
-        rng.shuffle(parts)
-    if rng.random() < 0.05:
-        parts.append(rng.choice(parts))
+    _scramble(rng, parts)
     if rng.random() < 0.1:
         parts = [p for p in parts if rng.random() < 0.8]
     body = b"".join(parts)
