@@ -564,14 +564,14 @@ class ObjectStore:
                     dropped = True
             if dropped:
                 self._unlink_blobs((name,))
-        log.error(
-            "cached object %s is damaged (%s): %s",
-            info.ref.sop_uid,
-            reason,
-            "dropped; the next open retrieves it again"
-            if dropped
-            else "already dropped or replaced",
-        )
+        if dropped:
+            log.error(
+                "cached object %s is damaged (%s): dropped; the next open retrieves it again",
+                info.ref.sop_uid,
+                reason,
+            )
+        else:  # evicted or stored again meanwhile (another process): nothing damaged is left
+            log.info("cached object %s changed while opened (%s)", info.ref.sop_uid, reason)
         return IntegrityError(f"cached object {info.ref.sop_uid}: {reason}")
 
     def evict(
