@@ -28,7 +28,14 @@ from typing import Any
 
 from mdm.config import BridgeSettings
 from mdm.deid import DeidMalformed, DeidRefused
-from mdm.dicom.receiver import Expectation, ReceivedObject, Sink, StorageSCP, StoredNotice
+from mdm.dicom.receiver import (
+    Expectation,
+    ReceivedObject,
+    RetrievalEnded,
+    Sink,
+    StorageSCP,
+    StoredNotice,
+)
 from mdm.errors import IntegrityError, MdmError, StoreFull
 
 log = logging.getLogger(__name__)
@@ -205,7 +212,10 @@ class ProcessStorageSCP(StorageSCP):
                 pass
 
     def sync(self, exp: Expectation) -> None:
-        """Wait until the child reported every object it received for ``exp``."""
+        """End ``exp`` in the child and wait until the child reported every object it
+        accepted for it. An object of ``exp`` that reaches the child after this is refused
+        with 0x0124 (as after a cancellation): none is answered as stored and then not
+        reported. Call it once the retrieval is over."""
         eid = getattr(exp, "proc_id", None)
         if eid is None or self._proc is None:
             return
@@ -351,10 +361,14 @@ def _child_main(
 
     # Objects of each expectation still being stored; the expectations whose flush waits
     # for them (answered by the writer that stores the last one, so the main loop never
-    # blocks and keeps answering other retrievals' requests); those cancelled meanwhile.
+    # blocks and keeps answering other retrievals' requests); those cancelled meanwhile;
+    # those still accepting objects (not flushed or cancelled: their sink refuses what comes
+    # after, under the same lock as the count, so no object is answered as stored and then
+    # not reported to a retrieval that has ended).
     outstanding: dict[int, int] = {}
     flushing: set[int] = set()
     cancelled: set[int] = set()
+    accepting: set[int] = set()
     cv = threading.Condition()
     writer = Writer(store)
 
@@ -388,6 +402,8 @@ def _child_main(
 
         def sink(obj: Any) -> None:
             with cv:
+                if eid not in accepting:
+                    raise RetrievalEnded(obj.sop_uid)
                 outstanding[eid] = outstanding.get(eid, 0) + 1
             writer.submit(obj, spec, report)
 
@@ -403,7 +419,9 @@ def _child_main(
             kind = msg[0]
             if kind == "expect":
                 _, eid, uids, spec, source = msg
-                outstanding.setdefault(eid, 0)
+                with cv:
+                    outstanding.setdefault(eid, 0)
+                    accepting.add(eid)
                 exps[eid] = scp.expect(uids, make_sink(eid, spec), spec, source=source)
                 send(("expected", eid))
             elif kind == "cancel":
@@ -411,6 +429,7 @@ def _child_main(
                 if exp is not None:
                     exp.cancel()
                 with cv:  # forget its count once nothing of it is being stored
+                    accepting.discard(msg[1])
                     if outstanding.get(msg[1], 0) == 0 and msg[1] not in flushing:
                         outstanding.pop(msg[1], None)
                     else:
@@ -418,6 +437,7 @@ def _child_main(
             elif kind == "flush":
                 eid = msg[1]
                 with cv:
+                    accepting.discard(eid)
                     now = outstanding.get(eid, 0) == 0
                     if not now:
                         flushing.add(eid)

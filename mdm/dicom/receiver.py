@@ -117,6 +117,11 @@ def source_of(site: Any) -> Source:
     return Source(str(site.ae_title).strip(), _addresses(str(site.host)))
 
 
+class RetrievalEnded(Exception):
+    """Raised by a sink for an object that arrived after its retrieval stopped waiting for
+    objects (its C-STORE is refused with 0x0124, as one arriving after the cancellation)."""
+
+
 class Expectation:
     """A registration of SOP Instance UIDs that one retrieval is waiting for."""
 
@@ -467,6 +472,15 @@ class StorageSCP:
         )
         try:
             exp.sink(obj)
+        except RetrievalEnded:
+            exp._unclaim(sop_uid)
+            self.count("refused_unexpected")
+            log.warning(
+                "%s: C-STORE of %s refused: it arrived after its retrieval ended",
+                who,
+                printable_uid(sop_uid),
+            )
+            return STORE_NOT_AUTHORISED
         except StoreFull:
             exp._unclaim(sop_uid)
             return self._refuse(
