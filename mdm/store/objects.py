@@ -356,6 +356,7 @@ class ObjectStore:
             with self._lock:
                 with self.env.begin() as txn:
                     existing = self.index.get(txn, name)
+                    room = self.index.committed(txn) + self._reserved + need <= self.max_bytes
                 if existing is not None:
                     return existing
                 waiting = self._inflight.get(name)
@@ -365,7 +366,8 @@ class ObjectStore:
                             f"object of {need} bytes is larger than the cache "
                             f"(max_bytes={self.max_bytes})"
                         )
-                    self._make_room(need, exclude=set())
+                    if not room:  # (one read transaction per object when there is room)
+                        self._make_room(need, exclude=set())
                     self._reserved += need
                     mine = threading.Event()
                     self._inflight[name] = mine
