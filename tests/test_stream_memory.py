@@ -17,10 +17,14 @@ checks:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import queue
 import shutil
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -80,6 +84,36 @@ def _orthanc_storage(tmp_path: Path) -> dict[str, object]:
     raise AssertionError(f"{free / 1e9:.1f} GB free on {tmp_path}: too little for {GB:g} GB")
 
 
+def _generated(count: int, depth: int = 4) -> Iterator[tuple[bytes, str, str]]:
+    """The series' instances (Part-10 bytes, study and series UIDs), made in a thread."""
+    q: queue.Queue[tuple[bytes, str, str] | BaseException | None] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for inst in iter_series(None, count=count, rows=SIDE, cols=SIDE, site_tag="stream"):
+                if stop.is_set():
+                    return
+                q.put((inst.read(), inst.study_uid, inst.series_uid))
+        except BaseException as e:  # raised in the test's thread
+            q.put(e)
+            return
+        q.put(None)
+
+    t = threading.Thread(target=run, name="generate", daemon=True)
+    t.start()
+    try:
+        while (item := q.get(timeout=120)) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():  # let a producer blocked on a full queue see stop
+            with contextlib.suppress(queue.Empty):
+                q.get(timeout=0.1)
+
+
 def test_streaming_far_more_than_the_cache_holds_in_bounded_memory(tmp_path: Path) -> None:
     port = free_port()
     pacs = LocalOrthanc(
@@ -95,9 +129,11 @@ def test_streaming_far_more_than_the_cache_holds_in_bounded_memory(tmp_path: Pat
         one = SIDE * SIDE * 2
         count = max(2, int(GB * 1e9 / one))
         study = series = ""
-        for inst in iter_series(None, count=count, rows=SIDE, cols=SIDE, site_tag="stream"):
-            pacs.upload([inst.read()])  # one at a time: the test's own memory stays flat
-            study, series = inst.study_uid, inst.series_uid
+        # One at a time (the test's own memory stays flat), generated in a thread while the
+        # one before is uploaded: loading took most of the test.
+        for data, st, se in _generated(count):
+            pacs.upload([data])
+            study, series = st, se
         loaded = time.monotonic() - t0
 
         cache = tmp_path / "cache"

@@ -229,9 +229,7 @@ class Names:
         ``_``-separated part (UIDs hold digits and dots only), so it is recoverable."""
         uid = self.name(v, rec.uid)
         if kind == "instance":
-            num = rec.attrs.get("InstanceNumber", "")
-            head = f"{int(num):05d}" if num.strip().lstrip("-").isdigit() else "00000"
-            return f"{head}_{uid}.dcm"
+            return f"{instance_number_head(rec)}_{uid}.dcm"
         level = "STUDY" if kind == "study" else "SERIES"
         shown = v.attrs(level, rec.attrs, NON_PHI)
         if kind == "study":
@@ -242,6 +240,12 @@ class Names:
             parts = [head, shown.get("Modality", ""), shown.get("SeriesDescription", "")]
         words = [readable_part(x) for x in parts]
         return "_".join([w for w in words if w] + [uid])
+
+
+def instance_number_head(rec: Record) -> str:
+    """The start of an instance's ``/browse`` file name: its InstanceNumber, zero-padded."""
+    num = rec.attrs.get("InstanceNumber", "")
+    return f"{int(num):05d}" if num.strip().lstrip("-").isdigit() else "00000"
 
 
 def uid_of_readable(name: str) -> str:

@@ -114,11 +114,14 @@ class Reads:
             raise AccessDenied(f"{who().label()} may see but not read {node.instance.uid}")
         principal = who()
         inst, study, series = node.instance, node.study, node.series
+        store_view = v.store_view
+        # A series read ahead moves its window with each open, cached or not.
+        self.targets.opened(series.uid, store_view, inst.uid)
 
         async def get() -> tuple[ObjectReader, bool]:
             # One index lookup when the object is cached (the open itself); retrieve otherwise.
             try:
-                reader = await self._open_cached(ObjectRef(inst.uid, v.store_view), principal)
+                reader = await self._open_cached(ObjectRef(inst.uid, store_view), principal)
                 _HIT.inc()
                 return reader, True
             except NotFound:

@@ -5,7 +5,16 @@ values (which sites hold the object, in which store view it is wanted, how to de
 and hands them to the :class:`~mdm.retrieval.fetcher.Fetcher` (single-flight per object and
 view, fail-over, per-site limits). It decides when a reader wants a whole series: the second
 distinct object of a series opened cold within ``PREFETCH_WINDOW`` seconds starts the
-background prefetch of the rest, unless the series would take more than half the cache.
+background prefetch of the rest.
+
+A series that would take more than half the cache is not prefetched whole (its objects would
+evict each other before the reader gets to them): it is read ahead instead, in a window of
+``max_bytes / 4`` that moves with a reader going through it in order (a training job streaming
+a series far larger than the cache). A reader is in order when each object it opens follows
+the one before, at most ``READ_AHEAD_SKIP`` files on, in the order of either listing
+(``studies/``: by file name; ``browse/``: by InstanceNumber); once it has passed the middle of
+what was asked for, the next half window is asked for, in one retrieval. A reader jumping
+about asks for nothing ahead.
 
 ``targets_for`` serves ``mdm fetch`` (and a gateway's retrieve): a study, series or instance
 UID, for the principal named in the call, NotFound for what it may not see.
@@ -28,7 +37,7 @@ from mdm.catalog.records import Record
 from mdm.catalog.sync import CatalogSync
 from mdm.config import Config
 from mdm.errors import AccessDenied, MdmError, NotFound, RetrieveTimeout
-from mdm.namespace.naming import Names
+from mdm.namespace.naming import Names, instance_number_head
 from mdm.retrieval.fetcher import Fetcher, Target
 from mdm.store.objects import ObjectStore
 from mdm.store.records import ObjectInfo, ObjectRef
@@ -38,6 +47,38 @@ log = logging.getLogger(__name__)
 PREFETCH_WINDOW = 60.0
 """A second object of a series opened cold within this many seconds starts its prefetch."""
 COLD_OPENS_MAX = 1000
+READ_AHEAD_SHARE = 4
+"""A read-ahead window holds at most ``max_bytes / READ_AHEAD_SHARE`` (module docstring)."""
+READ_AHEAD_MAX = 1024
+"""... and at most this many objects."""
+READ_AHEAD_SKIP = 2
+"""An open at most this many files after the previous one (in a listing's order) is in order."""
+READ_AHEADS_MAX = 64
+"""Read-ahead windows remembered (the series read most recently)."""
+
+
+@dataclasses.dataclass
+class _ReadAhead:
+    """The read-ahead window of one series in one store view (module docstring)."""
+
+    study: Record
+    series: Record
+    prefer: str | None
+    view: View | None
+    orders: tuple[list[Record], ...]
+    """The series' objects in each listing's order."""
+    positions: tuple[dict[str, int], ...]
+    size: int
+    """Objects in a window."""
+    last: str
+    """The object opened last."""
+    ahead: list[int] = dataclasses.field(default_factory=list)
+    """Per order: the end (exclusive) of what has been asked for."""
+    order: int = -1
+    """The order the reader followed last (-1: none yet)."""
+
+    def __post_init__(self) -> None:
+        self.ahead = [0] * len(self.orders)
 
 
 class Targets:
@@ -58,8 +99,54 @@ class Targets:
         self.names = names
         self.store = store
         self.fetcher = fetcher
-        # (series, store view) -> (first cold open, objects opened cold): the prefetch signal.
-        self._cold_opens: OrderedDict[tuple[str, str], tuple[float, set[str]]] = OrderedDict()
+        # (series, store view) -> (first cold open, objects opened cold in order): the
+        # prefetch signal.
+        self._cold_opens: OrderedDict[tuple[str, str], tuple[float, dict[str, None]]] = (
+            OrderedDict()
+        )
+        # (series, store view) -> its read-ahead window, for series too large to prefetch.
+        self._read_aheads: OrderedDict[tuple[str, str], _ReadAhead] = OrderedDict()
+
+    def opened(self, series_uid: str, store_view: str, sop_uid: str) -> None:
+        """A reader opened ``sop_uid`` (cached or not): move its series' read-ahead window
+        if it has one and the reader goes through it in order. Called on every open: one
+        dictionary test when no series is read ahead."""
+        if not self._read_aheads:
+            return
+        w = self._read_aheads.get((series_uid, store_view))
+        if w is not None:
+            self._advance(w, sop_uid)
+
+    def _advance(self, w: _ReadAhead, sop_uid: str) -> None:
+        last, w.last = w.last, sop_uid
+        in_order = []
+        for n, pos in enumerate(w.positions):
+            i, j = pos.get(sop_uid), pos.get(last)
+            if i is not None and j is not None and 0 < i - j <= READ_AHEAD_SKIP:
+                in_order.append((n, i))
+        if len(in_order) > 1:
+            # In order in both listings: the one the reader followed so far, else wait and see.
+            in_order = [(n, i) for n, i in in_order if n == w.order]
+        if len(in_order) != 1:
+            return
+        n, i = in_order[0]
+        w.order = n
+        if i + w.size // 2 < w.ahead[n]:
+            return  # still well inside what was asked for
+        start, end = max(w.ahead[n], i + 1), min(len(w.orders[n]), i + 1 + w.size)
+        w.ahead[n] = end
+        if start < end:
+            wanted = [
+                self.target(w.study, w.series, rec, w.prefer, w.view)
+                for rec in w.orders[n][start:end]
+            ]
+            asked = self.fetcher.prefetch(wanted)
+            log.debug(
+                "read-ahead of series %s: %d object(s) asked for, %d already there",
+                w.series.uid,
+                asked,
+                len(wanted) - asked,
+            )
 
     def target(
         self,
@@ -124,11 +211,11 @@ class Targets:
         key = (series_uid, view)
         seen = self._cold_opens.get(key)
         if seen is None or now - seen[0] > PREFETCH_WINDOW:
-            seen = (now, set())
+            seen = (now, {})
             self._cold_opens[key] = seen
             if len(self._cold_opens) > COLD_OPENS_MAX:
                 self._cold_opens.popitem(last=False)
-        seen[1].add(sop_uid)
+        seen[1][sop_uid] = None
         return len(seen[1]) == 2
 
     async def _prefetch_series(
@@ -157,22 +244,74 @@ class Targets:
             ]
             # A series the cache cannot hold comfortably is not prefetched: its objects would
             # evict each other (LRU) before the reader gets to them, and be fetched again.
-            # Within half the cap, what a prefetch evicts is older than the series.
+            # Within half the cap, what a prefetch evicts is older than the series. Beyond,
+            # a reader going through it in order is read ahead (module docstring).
             one = self.store.info(ObjectRef(first, store_view))
             need = (one.stored_bytes if one is not None else 0) * len(rest)
-            if one is not None and need > self.store.max_bytes // 2:
-                log.info(
-                    "prefetch of series %s skipped: about %d bytes for %d object(s), "
-                    "cache.max_bytes is %d",
-                    series.uid,
-                    need,
+            if one is None or need > self.store.max_bytes // 2:
+                size = min(
+                    READ_AHEAD_MAX,
                     len(rest),
-                    self.store.max_bytes,
+                    self.store.max_bytes // READ_AHEAD_SHARE // max(one.stored_bytes, 1)
+                    if one is not None
+                    else 16,  # its size unknown yet (the first object is slow): a few
                 )
+                if size < 2:
+                    log.info(
+                        "prefetch of series %s skipped: about %d bytes for %d object(s), "
+                        "cache.max_bytes is %d",
+                        series.uid,
+                        need,
+                        len(rest),
+                        self.store.max_bytes,
+                    )
+                    return
+                self._start_read_ahead(study, series, members, first, prefer, view, size)
                 return
             self.fetcher.prefetch(rest)
         except MdmError as e:
             log.info("prefetch of series %s not started: %s", series.uid, e)
+
+    def _start_read_ahead(
+        self,
+        study: Record,
+        series: Record,
+        members: list[Record],
+        first: str,
+        prefer: str | None,
+        view: View | None,
+        size: int,
+    ) -> None:
+        v = view or View("identified")
+        by_name = sorted(members, key=lambda r: v.uid_name(r.uid))
+        by_number = sorted(members, key=lambda r: (instance_number_head(r), v.uid_name(r.uid)))
+        orders = (by_name, by_number)
+        key = (series.uid, v.store_view)
+        opened = list(self._cold_opens.get(key, (0.0, {}))[1])
+        w = _ReadAhead(
+            study,
+            series,
+            prefer,
+            view,
+            orders,
+            tuple({r.uid: n for n, r in enumerate(o)} for o in orders),
+            size,
+            last=opened[0] if opened else first,
+        )
+        self._read_aheads[key] = w
+        self._read_aheads.move_to_end(key)
+        if len(self._read_aheads) > READ_AHEADS_MAX:
+            self._read_aheads.popitem(last=False)
+        log.info(
+            "series %s is read ahead, %d object(s) at a time: %d object(s) would not fit in "
+            "half of cache.max_bytes (%d)",
+            series.uid,
+            size,
+            len(members),
+            self.store.max_bytes,
+        )
+        # The two cold opens that started it: the second follows the first in order or not.
+        self._advance(w, first)
 
     async def targets_for(self, principal: Principal, uid: str) -> list[Target]:
         """What to retrieve for a study, series or instance UID ``principal`` may see

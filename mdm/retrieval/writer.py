@@ -35,6 +35,9 @@ WRITERS = 2
 """Writer threads per process: encryption and disk writes overlap with receiving."""
 WRITE_QUEUE = 48
 """Objects (about 25 MB of 512x512 CT) waiting to be written, at most, per process."""
+WRITE_QUEUE_BYTES = 32 << 20
+"""Bytes of objects queued or being written, at most, per process (larger objects fill it
+with fewer): one object larger than this is taken alone."""
 
 Report = Callable[[ReceivedObject, ObjectInfo | None, MdmError | None], None]
 """Called once per submitted object, in a writer thread: the stored object, or why not
@@ -91,10 +94,19 @@ class Writer:
     """``threads`` writer threads storing what the sinks submit, in a bounded queue."""
 
     def __init__(
-        self, store: ObjectStore, *, threads: int = WRITERS, depth: int = WRITE_QUEUE
+        self,
+        store: ObjectStore,
+        *,
+        threads: int = WRITERS,
+        depth: int = WRITE_QUEUE,
+        max_bytes: int = WRITE_QUEUE_BYTES,
     ) -> None:
         self.store = store
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=depth)
+        self.max_bytes = max_bytes
+        self._held = 0
+        """Bytes of the objects queued or being written."""
+        self._room = threading.Condition()
         self._threads = [
             threading.Thread(target=self._run, name=f"mdm-writer-{i}", daemon=True)
             for i in range(threads)
@@ -103,9 +115,19 @@ class Writer:
             t.start()
 
     def submit(self, obj: ReceivedObject, spec: Mapping[str, Any], report: Report) -> None:
-        """Queue ``obj`` for storing (any thread; blocks while the queue is full).
-        ``report`` is called exactly once, from a writer thread."""
+        """Queue ``obj`` for storing (any thread; blocks while the queue is full, in objects
+        or in bytes). ``report`` is called exactly once, from a writer thread."""
+        n = len(obj.data)
+        with self._room:
+            while self._held and self._held + n > self.max_bytes:
+                self._room.wait()
+            self._held += n
         self._queue.put((obj, spec, report))
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the objects queued or being written (for tests and status output)."""
+        return self._held
 
     def close(self) -> None:
         """Stop the writer threads after they have stored what is queued. Idempotent."""
@@ -121,6 +143,7 @@ class Writer:
             if job is None:
                 return
             obj, spec, report = job
+            n = len(obj.data)
             info: ObjectInfo | None = None
             error: MdmError | None = None
             try:
@@ -138,3 +161,6 @@ class Writer:
                 log.exception("reporting a stored object failed")
             # A 200 MB object must not stay alive while this thread waits for the next one.
             del obj, job, spec, report
+            with self._room:
+                self._held -= n
+                self._room.notify_all()
