@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -447,6 +448,47 @@ def test_a_series_streams_before_its_last_object_has_arrived(
     finally:
         stop_gateway(proc)
     assert "Traceback" not in (tmp_path / "gateway.log").read_text()
+
+
+def test_a_series_larger_than_half_the_cache_is_not_retrieved_whole(
+    orthanc_pair: PacsPair, idp: Path, tmp_path: Path
+) -> None:
+    """A series retrieval whose series would take more than half the gateway's cache does not
+    prefetch it whole (its objects would evict each other before they are streamed, and be
+    retrieved again): each object is retrieved once, the stream whole and in order."""
+    pair = orthanc_pair
+    on_a = [i for i in pair.instances if pair.sites_holding(i.sop_uid) == {"SiteA"}]
+    series = max({i.series_uid for i in on_a}, key=lambda s: len(pair.series(s)))
+    members = sorted(pair.series(series), key=lambda i: i.sop_uid)
+    assert len(members) >= 4
+    one = max(len(i.read()) for i in members)
+    cfg = identity_config(pair, tmp_path, idp, POLICY.replace('"@COHORT@"', '"nobody"'))
+    port = free_port()
+    # Room for 3 objects (a stored object is its file and a few hundred bytes more).
+    text = cfg.read_text().replace('max_bytes = "1GiB"', f'max_bytes = "{int(one * 3.2)}"', 1)
+    assert text != cfg.read_text()
+    cfg.write_text(text + f'\n[gateway]\nlisten = "127.0.0.1:{port}"\n')
+    log = tmp_path / "gateway.log"
+    proc = start_gateway(cfg, port, log)
+    try:
+        tok = token(idp, tmp_path / "r.jwt", "drad", "radiologists").read_text().strip()
+        headers = {
+            "Authorization": f"Bearer {tok}",
+            "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*',
+        }
+        base = f"http://127.0.0.1:{port}/dicom-web/studies/{members[0].study_uid}"
+        r = httpx.get(f"{base}/series/{series}", headers=headers, timeout=60)
+        assert r.status_code == 200
+        parts = r.content.split(b"Content-Type: application/dicom")[1:]
+        assert len(parts) == len(members)
+        for part, inst in zip(parts, members, strict=True):
+            same_dataset(part.partition(b"\r\n\r\n")[2].rsplit(b"\r\n--", 1)[0], inst)
+    finally:
+        stop_gateway(proc)
+    text = log.read_text()
+    assert "not retrieved whole" in text
+    retrieved = re.findall(rf"retrieving (\d+) object\(s\) of series {re.escape(series)} ", text)
+    assert sum(int(n) for n in retrieved) == len(members), retrieved
 
 
 def test_a_gateway_over_key_servers(orthanc_pair: PacsPair, idp: Path, tmp_path: Path) -> None:

@@ -106,8 +106,12 @@ class Federation:
 
     async def warm(self, p: Principal, study: str, series: str) -> None:
         """Start retrieving a whole series for ``p`` (one C-MOVE/C-GET) before its objects
-        are streamed one by one; objects already cached are not asked again."""
+        are streamed one by one; objects already cached are not asked again. A series of
+        more than half the cache is read ahead as it streams instead
+        (:meth:`~mdm.retrieval.targets.Targets.warm_series`)."""
         b = self.bridge_for(p)
         node = await b.resolve(("studies", study, series))
         assert node.study is not None and node.series is not None and node.view is not None
-        self.base.fetcher.prefetch(await b.series_targets(node.study, node.series))
+        await self.base.services.targets.warm_series(
+            await b.series_targets(node.study, node.series)
+        )

@@ -23,6 +23,7 @@ UID, for the principal named in the call, NotFound for what it may not see.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from collections import OrderedDict
@@ -55,6 +56,8 @@ READ_AHEAD_SKIP = 2
 """An open at most this many files after the previous one (in a listing's order) is in order."""
 READ_AHEADS_MAX = 64
 """Read-ahead windows remembered (the series read most recently)."""
+SIZE_PROBES = 64
+"""Objects of a series looked up in the cache for its size (:meth:`Targets.warm_series`)."""
 
 
 @dataclasses.dataclass
@@ -370,6 +373,40 @@ class Targets:
             dataclasses.replace(self.target(study, series, i, None, v), series_size=len(members))
             for i in members
         ]
+
+    async def warm_series(self, targets: list[Target]) -> None:
+        """Start retrieving the whole series of ``targets`` (a gateway's series retrieval,
+        before its objects are streamed one by one), unless it would take more than half the
+        cache: then its reader, going through it in order, is read ahead as from a mount
+        (module docstring) instead of the series evicting itself. Its size is estimated from
+        an object of it already cached, else from its first object, retrieved first."""
+        if not targets:
+            return
+        one = next(
+            (
+                info
+                for t in itertools.islice(targets, SIZE_PROBES)
+                if (info := self.store.info(ObjectRef(t.sop_uid, t.view))) is not None
+            ),
+            None,
+        )
+        if one is None and len(targets) > 1:
+            try:
+                await self.fetcher.fetch(targets[0])
+            except MdmError:  # said to its reader when it is streamed; retrieve the rest
+                pass
+            one = self.store.info(ObjectRef(targets[0].sop_uid, targets[0].view))
+        if one is not None and one.stored_bytes * len(targets) > self.store.max_bytes // 2:
+            log.info(
+                "series %s not retrieved whole: about %d bytes for %d object(s), "
+                "cache.max_bytes is %d",
+                targets[0].series_uid,
+                one.stored_bytes * len(targets),
+                len(targets),
+                self.store.max_bytes,
+            )
+            return
+        self.fetcher.prefetch(targets)
 
     async def fetch_series(self, principal: Principal, study: Record, series: Record) -> None:
         """Retrieve every object of ``series`` not cached yet in ``principal``'s view."""
