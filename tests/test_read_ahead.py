@@ -3,9 +3,9 @@
 A real Orthanc holds one series of ``COUNT`` instances; the mount's cache holds 45 % of
 it, so the series is not prefetched whole. A reader going through it in order, in either
 listing's order (by file name, as ``studies/`` lists it, or by InstanceNumber, as ``browse/``
-does), gets its objects in a few retrievals of several objects each, each object retrieved
-once (nothing read ahead is evicted before it is read). A reader jumping about gets one
-retrieval per object read and nothing more.
+does; forwards or backwards), gets its objects in a few retrievals of several objects each,
+each object retrieved once (nothing read ahead is evicted before it is read). A reader
+jumping about gets one retrieval per object read and nothing more.
 """
 
 from __future__ import annotations
@@ -119,11 +119,13 @@ def read_in(order: list[str], tmp: Path, s: Series, cap: int) -> str:
         return m.log_text()
 
 
-@pytest.mark.parametrize("order", ["name", "number"])
+@pytest.mark.parametrize("order", ["name", "number", "number-backwards"])
 def test_a_reader_in_order_is_read_ahead(
     order: str, series: Series, cap: int, tmp_path: Path
 ) -> None:
     uids = series.by_name() if order == "name" else series.by_number()
+    if order.endswith("backwards"):
+        uids.reverse()
     log = read_in(uids, tmp_path, series, cap)
     sizes = retrievals(log, series.uid)
     assert "is read ahead" in log, log[-3000:]
@@ -134,7 +136,8 @@ def test_a_reader_in_order_is_read_ahead(
 
 
 def jumping(s: Series) -> list[str]:
-    """Objects in an order never within 3 files of the one before, in either listing."""
+    """Objects in an order never within 3 files of the one before, in either listing, in
+    either direction."""
     pos = [{u: n for n, u in enumerate(o)} for o in (s.by_name(), s.by_number())]
     left = s.by_name()
     out = [left.pop(0)]

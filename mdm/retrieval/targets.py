@@ -12,7 +12,8 @@ evict each other before the reader gets to them): it is read ahead instead, in a
 ``max_bytes / 4`` that moves with a reader going through it in order (a training job streaming
 a series far larger than the cache). A reader is in order when each object it opens follows
 the one before, at most ``READ_AHEAD_SKIP`` files on, in the order of either listing
-(``studies/``: by file name; ``browse/``: by InstanceNumber); once it has passed the middle of
+(``studies/``: by file name; ``browse/``: by InstanceNumber), forwards or backwards; once it
+has passed the middle of
 what was asked for, the next half window is asked for, in one retrieval. A reader jumping
 about asks for nothing ahead.
 
@@ -288,7 +289,8 @@ class Targets:
         v = view or View("identified")
         by_name = sorted(members, key=lambda r: v.uid_name(r.uid))
         by_number = sorted(members, key=lambda r: (instance_number_head(r), v.uid_name(r.uid)))
-        orders = (by_name, by_number)
+        # Either listing's order, forwards or backwards (slices read from the other end).
+        orders = (by_name, by_number, by_name[::-1], by_number[::-1])
         key = (series.uid, v.store_view)
         opened = list(self._cold_opens.get(key, (0.0, {}))[1])
         w = _ReadAhead(
