@@ -119,20 +119,25 @@ def read_in(order: list[str], tmp: Path, s: Series, cap: int) -> str:
         return m.log_text()
 
 
-@pytest.mark.parametrize("order", ["name", "number", "number-backwards"])
+@pytest.mark.parametrize("order", ["name", "number", "number-backwards", "name-twice"])
 def test_a_reader_in_order_is_read_ahead(
     order: str, series: Series, cap: int, tmp_path: Path
 ) -> None:
-    uids = series.by_name() if order == "name" else series.by_number()
+    uids = series.by_number() if order.startswith("number") else series.by_name()
     if order.endswith("backwards"):
         uids.reverse()
-    log = read_in(uids, tmp_path, series, cap)
+    passes = 2 if order.endswith("twice") else 1  # a job's second epoch, in the same mount
+    log = read_in(uids * passes, tmp_path, series, cap)
     sizes = retrievals(log, series.uid)
     assert "is read ahead" in log, log[-3000:]
-    # Every object retrieved once: nothing read ahead was evicted before its reader came.
-    assert sum(sizes) == COUNT, sizes
+    # Every object retrieved once a pass: nothing read ahead was evicted before its reader
+    # came (in a second pass, what the first left cached is evicted before it is reached).
+    if passes == 1:
+        assert sum(sizes) == COUNT, sizes
+    else:
+        assert sum(sizes) <= 2 * COUNT, sizes
     # In windows of several objects, not one retrieval per object read.
-    assert len(sizes) <= COUNT // 2, sizes
+    assert len(sizes) <= passes * COUNT // 2, sizes
 
 
 def jumping(s: Series) -> list[str]:

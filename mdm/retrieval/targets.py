@@ -13,8 +13,8 @@ evict each other before the reader gets to them): it is read ahead instead, in a
 a series far larger than the cache). A reader is in order when each object it opens follows
 the one before, at most ``READ_AHEAD_SKIP`` files on, in the order of either listing
 (``studies/``: by file name; ``browse/``: by InstanceNumber), forwards or backwards; once it
-has passed the middle of
-what was asked for, the next half window is asked for, in one retrieval. A reader jumping
+has passed the middle of what was asked for, the next half window is asked for, in one
+retrieval. A reader starting over (a job's next epoch) starts a new window; a reader jumping
 about asks for nothing ahead.
 
 ``targets_for`` serves ``mdm fetch`` (and a gateway's retrieve): a study, series or instance
@@ -55,8 +55,9 @@ READ_AHEAD_MAX = 1024
 """... and at most this many objects."""
 READ_AHEAD_SKIP = 2
 """An open at most this many files after the previous one (in a listing's order) is in order."""
-READ_AHEADS_MAX = 64
-"""Read-ahead windows remembered (the series read most recently)."""
+READ_AHEADS_MAX = 8
+"""Read-ahead windows remembered (the series read most recently; about 200 bytes per
+object of the series each)."""
 SIZE_PROBES = 64
 """Objects of a series looked up in the cache for its size (:meth:`Targets.warm_series`)."""
 
@@ -76,13 +77,10 @@ class _ReadAhead:
     """Objects in a window."""
     last: str
     """The object opened last."""
-    ahead: list[int] = dataclasses.field(default_factory=list)
-    """Per order: the end (exclusive) of what has been asked for."""
-    order: int = -1
-    """The order the reader followed last (-1: none yet)."""
-
-    def __post_init__(self) -> None:
-        self.ahead = [0] * len(self.orders)
+    ahead: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)
+    """Per (order, direction): how far, counted in that direction, was asked for."""
+    way: tuple[int, int] = (-1, 0)
+    """The (order, direction) the reader followed last ((-1, 0): none yet)."""
 
 
 class Targets:
@@ -123,26 +121,38 @@ class Targets:
 
     def _advance(self, w: _ReadAhead, sop_uid: str) -> None:
         last, w.last = w.last, sop_uid
+        # (order, direction, position counted in that direction) of each way it is in order
         in_order = []
         for n, pos in enumerate(w.positions):
             i, j = pos.get(sop_uid), pos.get(last)
-            if i is not None and j is not None and 0 < i - j <= READ_AHEAD_SKIP:
-                in_order.append((n, i))
+            if i is None or j is None:
+                continue
+            if 0 < i - j <= READ_AHEAD_SKIP:
+                in_order.append((n, 1, i))
+            elif 0 < j - i <= READ_AHEAD_SKIP:  # backwards: from the other end
+                in_order.append((n, -1, len(w.orders[n]) - 1 - i))
         if len(in_order) > 1:
-            # In order in both listings: the one the reader followed so far, else wait and see.
-            in_order = [(n, i) for n, i in in_order if n == w.order]
+            # In order several ways: the one the reader followed so far, else wait and see.
+            in_order = [x for x in in_order if x[:2] == w.way]
         if len(in_order) != 1:
             return
-        n, i = in_order[0]
-        w.order = n
-        if i + w.size // 2 < w.ahead[n]:
+        n, d, i = in_order[0]
+        w.way = (n, d)
+        order = w.orders[n]
+        done = w.ahead.get(w.way, 0)
+        if done - i > w.size:
+            done = 0  # far behind what was asked for: a new pass (the next epoch of a job)
+        if i + w.size // 2 < done:
             return  # still well inside what was asked for
-        start, end = max(w.ahead[n], i + 1), min(len(w.orders[n]), i + 1 + w.size)
-        w.ahead[n] = end
+        start, end = max(done, i + 1), min(len(order), i + 1 + w.size)
+        w.ahead[w.way] = end
         if start < end:
+            last_index = len(order) - 1
             wanted = [
-                self.target(w.study, w.series, rec, w.prefer, w.view)
-                for rec in w.orders[n][start:end]
+                self.target(
+                    w.study, w.series, order[k if d > 0 else last_index - k], w.prefer, w.view
+                )
+                for k in range(start, end)
             ]
             asked = self.fetcher.prefetch(wanted)
             log.debug(
@@ -289,8 +299,8 @@ class Targets:
         v = view or View("identified")
         by_name = sorted(members, key=lambda r: v.uid_name(r.uid))
         by_number = sorted(members, key=lambda r: (instance_number_head(r), v.uid_name(r.uid)))
-        # Either listing's order, forwards or backwards (slices read from the other end).
-        orders = (by_name, by_number, by_name[::-1], by_number[::-1])
+        # Either listing's order, forwards or backwards (_advance: slices read from the end).
+        orders = (by_name, by_number)
         key = (series.uid, v.store_view)
         opened = list(self._cold_opens.get(key, (0.0, {}))[1])
         w = _ReadAhead(
