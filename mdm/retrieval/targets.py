@@ -297,12 +297,15 @@ class Targets:
         size: int,
     ) -> None:
         v = view or View("identified")
-        by_name = sorted(members, key=lambda r: v.uid_name(r.uid))
-        by_number = sorted(members, key=lambda r: (instance_number_head(r), v.uid_name(r.uid)))
+        names = {r.uid: v.uid_name(r.uid) for r in members}  # (a keyed hash each, when remapped)
+        by_name = sorted(members, key=lambda r: names[r.uid])
+        by_number = sorted(members, key=lambda r: (instance_number_head(r), names[r.uid]))
         # Either listing's order, forwards or backwards (_advance: slices read from the end).
         orders = (by_name, by_number)
         key = (series.uid, v.store_view)
+        # The cold open before ``first`` (the reader may have opened more since).
         opened = list(self._cold_opens.get(key, (0.0, {}))[1])
+        at = opened.index(first) if first in opened else 0
         w = _ReadAhead(
             study,
             series,
@@ -311,7 +314,7 @@ class Targets:
             orders,
             tuple({r.uid: n for n, r in enumerate(o)} for o in orders),
             size,
-            last=opened[0] if opened else first,
+            last=opened[at - 1] if at > 0 else first,
         )
         self._read_aheads[key] = w
         self._read_aheads.move_to_end(key)
