@@ -14,6 +14,7 @@ C-GET is unchanged: its objects arrive on the parent's own association (``handle
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import multiprocessing
@@ -288,6 +289,24 @@ PARENT_POLL = 0.2
 """Seconds between checks that the parent (the mount) is alive."""
 
 
+MMAP_THRESHOLD = 1 << 20
+"""Allocations of at least this many bytes get their own mapping in the receiver process."""
+
+
+def _map_large_objects() -> None:
+    """Give each allocation of MMAP_THRESHOLD bytes or more (a received object over 1 MiB, its
+    receive buffer) its own mapping, returned to the kernel when freed. glibc otherwise raises
+    its mmap threshold to the largest block freed (up to 32 MiB), and objects of a few MB then
+    come from the heaps of the threads that receive and write them, which fragment: streaming
+    2.1 MB objects, the receiver's peak RSS was 144 MB with the default and 114 MB with this
+    (README, memory while streaming). Objects under 1 MiB (a 512x512 CT) are unaffected."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (fixed: no dynamic threshold)
+    except (OSError, AttributeError):  # not glibc: its own policy stands
+        log.debug("mallopt unavailable: the allocator's mmap threshold stands")
+
+
 def _watch_parent(parent_pid: int) -> None:
     def watch() -> None:
         while True:
@@ -315,6 +334,7 @@ def _child_main(
     notice), so the listening port is free for the next mount at once.
     """
     _watch_parent(parent_pid or os.getppid())
+    _map_large_objects()
     from mdm.ops import logs
 
     # The command's format ($MDM_LOG_FORMAT, inherited); pydicom's warnings quote patient data.
