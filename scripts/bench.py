@@ -31,8 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 from mdm_demo.localpacs import DcmtkStoreSCP, LocalOrthanc, free_port, movescu_command  # noqa: E402
 from mdm_demo.synth import iter_series  # noqa: E402
+from scripts.bench_nullfs import Reading, read_ahead_knob, read_files  # noqa: E402
 from scripts.bench_nullfs import measure as measure_nullfs  # noqa: E402
-from scripts.bench_nullfs import read_ahead_knob  # noqa: E402
+from scripts.bench_nullfs import measure_readings as measure_nullfs_readings  # noqa: E402
 from tests.mountutil import Mount  # noqa: E402
 
 BRIDGE_AET = "MDMBENCH"
@@ -116,14 +117,14 @@ ROUNDS = 3
 
 def read_series(sdir: Path) -> tuple[float, int]:
     """``ls`` the series directory and read every file in order: (seconds, bytes)."""
-    t0 = time.perf_counter()
-    names = sorted(n for n in os.listdir(sdir) if n.endswith(".dcm"))
-    total = 0
-    for n in names:
-        with open(sdir / n, "rb") as f:
-            while chunk := f.read(1 << 20):
-                total += len(chunk)
-    return time.perf_counter() - t0, total
+    got = read_files(sdir)
+    return got.seconds, got.total
+
+
+def _per_file(readings: list[Reading]) -> tuple[float, float]:
+    """Medians over rounds of the (open, read) µs per file."""
+    parts = [r.per_file_us() for r in readings]
+    return statistics.median(p[0] for p in parts), statistics.median(p[1] for p in parts)
 
 
 def bench_one(
@@ -205,6 +206,7 @@ retrieve = "{retrieve}"
         moves: list[float] = []
         colds: list[float] = []
         warms: list[float] = []
+        warm_parts: list[Reading] = []
         peak = 0.0
         served: set[int] = set()
         read_ahead_kb = 0
@@ -242,7 +244,9 @@ retrieve = "{retrieve}"
             # Warm: remount (empty kernel cache), same read from the bridge's cache.
             with Mount(cfg, mnt, strict=False) as m:
                 read_ahead_kb = mount_read_ahead_kb(mnt)
-                t_warm, total2 = read_series(sdir)
+                got = read_files(sdir)
+                t_warm, total2 = got.seconds, got.total
+                warm_parts.append(got)
                 served.add(total2)
                 peak = max(peak, peak_rss_mb(m.proc.pid))  # type: ignore[union-attr]
             warms.append(t_warm)
@@ -253,8 +257,15 @@ retrieve = "{retrieve}"
         size = round(mb * 1e6 / len(files))
         t_floor = statistics.median(measure_nullfs(len(files), size))
         # And at the read-ahead the mount runs with ([bridge] read_ahead): like for like.
-        t_floor_ra = statistics.median(
-            measure_nullfs(len(files), size, read_ahead_kb=read_ahead_kb)
+        floor_parts = measure_nullfs_readings(len(files), size, read_ahead_kb=read_ahead_kb)
+        t_floor_ra = statistics.median(r.seconds for r in floor_parts)
+        # Where the warm read's time goes, per file, against the same floor: the open (the
+        # bridge: policy, audit record, index, key unwrap) and the read (decryption).
+        w_open, w_read = _per_file(warm_parts)
+        f_open, f_read = _per_file(floor_parts)
+        print(
+            f"  {name}: warm per file (µs, medians): open {w_open:.0f} (null {f_open:.0f}), "
+            f"read {w_read:.0f} (null {f_read:.0f})"
         )
         t_cold, t_warm = statistics.median(colds), statistics.median(warms)
         print(

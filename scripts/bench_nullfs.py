@@ -11,6 +11,7 @@ in a child process, so the reader and the filesystem use separate cores as with 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing
 import os
 import stat
@@ -75,14 +76,45 @@ def _serve(
         pyfuse3.close()
 
 
-def _read_all(mnt: Path) -> tuple[float, int]:
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """One read of every file of a directory: the whole time, and its open and read parts."""
+
+    seconds: float
+    total: int
+    """Bytes read."""
+    files: int
+    opening: float
+    """Seconds in ``open`` (the kernel's lookup, if any, and the filesystem's open)."""
+    reading: float
+    """Seconds in ``read`` (every read of every file, to EOF)."""
+
+    def per_file_us(self) -> tuple[float, float]:
+        """(open, read) per file, in µs."""
+        n = max(self.files, 1)
+        return 1e6 * self.opening / n, 1e6 * self.reading / n
+
+
+def read_files(d: Path) -> Reading:
+    """``ls`` ``d``, then read each of its ``.dcm`` files in name order in 1 MiB reads (as
+    a job reads a series), timing the opens and the reads apart."""
     t0 = time.perf_counter()
+    names = sorted(n for n in os.listdir(d) if n.endswith(".dcm"))
     total = 0
-    for n in sorted(os.listdir(mnt)):
-        with open(mnt / n, "rb") as f:
-            while chunk := f.read(1 << 20):
+    opening = reading = 0.0
+    for n in names:
+        a = time.perf_counter()
+        fd = os.open(d / n, os.O_RDONLY)
+        b = time.perf_counter()
+        try:
+            while chunk := os.read(fd, 1 << 20):
                 total += len(chunk)
-    return time.perf_counter() - t0, total
+        finally:
+            c = time.perf_counter()
+            os.close(fd)
+        opening += b - a
+        reading += c - b
+    return Reading(time.perf_counter() - t0, total, len(names), opening, reading)
 
 
 def read_ahead_knob(mnt: Path) -> Path:
@@ -100,7 +132,14 @@ def measure(count: int, size: int, rounds: int = 3, read_ahead_kb: int = 0) -> l
     """Seconds to read the null filesystem's COUNT files, once per fresh mount; with
     ``read_ahead_kb``, at that kernel read-ahead (as ``[bridge] read_ahead`` gives the mount)
     instead of the kernel's default (128 KiB)."""
-    times = []
+    return [r.seconds for r in measure_readings(count, size, rounds, read_ahead_kb)]
+
+
+def measure_readings(
+    count: int, size: int, rounds: int = 3, read_ahead_kb: int = 0
+) -> list[Reading]:
+    """:func:`measure`, with the open and read parts of each round."""
+    times: list[Reading] = []
     with tempfile.TemporaryDirectory(prefix="mdm-nullfs-") as tmp:
         mnt = Path(tmp) / "mnt"
         mnt.mkdir()
@@ -115,9 +154,9 @@ def measure(count: int, size: int, rounds: int = 3, read_ahead_kb: int = 0) -> l
                 time.sleep(0.5)
                 if read_ahead_kb:
                     set_read_ahead(mnt, read_ahead_kb)
-                t, total = _read_all(mnt)
-                assert total == count * size, total
-                times.append(t)
+                got = read_files(mnt)
+                assert got.total == count * size, got.total
+                times.append(got)
             finally:
                 subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
                 proc.join(10)
