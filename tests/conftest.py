@@ -80,6 +80,39 @@ def _toml_table(header: str, values: Mapping[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_one_site_config(
+    directory: Path,
+    pacs: LocalOrthanc,
+    *,
+    site: str,
+    bridge_aet: str,
+    bridge_port: int,
+    max_bytes: str = "1GiB",
+    timeout: str = "30s",
+) -> Path:
+    """Write ``directory/mdm.toml`` for a bridge on one Orthanc (named ``site``), its cache and
+    keyring under ``directory``; return its path. The two-PACS fixture has
+    :meth:`PacsPair.write_config`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = directory / "mdm.toml"
+    cfg.write_text(
+        _toml_table("[bridge]", {"ae_title": bridge_aet, "host": LOOPBACK, "port": bridge_port})
+        + _toml_table("[cache]", {"dir": directory / "cache", "max_bytes": max_bytes})
+        + _toml_table("[keys]", {"keyring": directory / "keyring.json"})
+        + _toml_table(
+            "[[site]]",
+            {
+                "name": site,
+                "ae_title": pacs.aet,
+                "host": LOOPBACK,
+                "port": pacs.dicom_port,
+                "timeout": timeout,
+            },
+        )
+    )
+    return cfg
+
+
 @dataclass
 class PacsPair:
     """Two running Orthancs and the inventory of which generated UIDs are where."""

@@ -21,6 +21,7 @@ import pytest
 
 from mdm_demo.localpacs import LocalOrthanc, free_port
 from mdm_demo.synth import iter_series
+from tests.conftest import write_one_site_config
 from tests.mountutil import Mount, mdm
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -67,26 +68,9 @@ def series(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Series]:
 
 
 def config(tmp: Path, s: Series, max_bytes: str = "1GiB") -> Path:
-    cfg = tmp / "mdm.toml"
-    cfg.write_text(
-        f"""[bridge]
-ae_title = "{AET}"
-host = "127.0.0.1"
-port = {PORT}
-[cache]
-dir = "{tmp / "cache"}"
-max_bytes = "{max_bytes}"
-[keys]
-keyring = "{tmp / "keyring.json"}"
-[[site]]
-name = "AHEAD"
-ae_title = "{s.pacs.aet}"
-host = "127.0.0.1"
-port = {s.pacs.dicom_port}
-timeout = "30s"
-"""
+    return write_one_site_config(
+        tmp, s.pacs, site="AHEAD", bridge_aet=AET, bridge_port=PORT, max_bytes=max_bytes
     )
-    return cfg
 
 
 def retrievals(log: str, series_uid: str) -> list[int]:

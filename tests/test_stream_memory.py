@@ -31,6 +31,7 @@ import pytest
 
 from mdm_demo.localpacs import LocalOrthanc, free_port
 from mdm_demo.synth import iter_series
+from tests.conftest import write_one_site_config
 from tests.mountutil import Mount
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -137,24 +138,8 @@ def test_streaming_far_more_than_the_cache_holds_in_bounded_memory(tmp_path: Pat
         loaded = time.monotonic() - t0
 
         cache = tmp_path / "cache"
-        cfg = tmp_path / "mdm.toml"
-        cfg.write_text(
-            f"""[bridge]
-ae_title = "{AET}"
-host = "127.0.0.1"
-port = {port}
-[cache]
-dir = "{cache}"
-max_bytes = "1GiB"
-[keys]
-keyring = "{tmp_path / "keyring.json"}"
-[[site]]
-name = "STREAM"
-ae_title = "{pacs.aet}"
-host = "127.0.0.1"
-port = {pacs.dicom_port}
-timeout = "60s"
-"""
+        cfg = write_one_site_config(
+            tmp_path, pacs, site="STREAM", bridge_aet=AET, bridge_port=port, timeout="60s"
         )
         mnt = tmp_path / "mnt"
         t1 = time.monotonic()
